@@ -1,0 +1,151 @@
+"""`boa quantize | eval | prepare`: parse arguments, build a QuantConfig, call the same functions `import boa` offers."""
+from __future__ import annotations
+
+import argparse
+import logging
+import shutil
+import sys
+from pathlib import Path
+
+from boa.config import BITS, GRIDS, METHODS, QuantConfig
+from boa.errors import BoaError
+
+
+def _add_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--corpora", default="wikipedia,austen", help="evaluation corpora, comma-separated ('' for none)")
+    p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
+    p.add_argument("--eval-windows", type=int, default=64, help="windows per corpus (0: the whole held-out text)")
+    p.add_argument("--tasks", default="", help="lm-eval-harness tasks, comma-separated (needs boa[eval] and network)")
+    p.add_argument("--json", type=Path, help="also write the report here as JSON")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boa", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every layer's loss")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    q = sub.add_parser("quantize", help="quantize a model and save it")
+    q.add_argument("model", help="built-in name (smollm2-135m), model folder or hub id")
+    q.add_argument("--method", choices=METHODS, default="gptq")
+    q.add_argument("--bits", type=int, default=4, help=f"one of {BITS}")
+    q.add_argument("--group-size", type=int, default=128, help="-1 for per-channel grids")
+    q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
+    q.add_argument("--grid", choices=GRIDS, default="minmax")
+    q.add_argument("--act-order", action="store_true")
+    q.add_argument("--static-groups", action="store_true")
+    q.add_argument("--percdamp", type=float, default=0.01)
+    q.add_argument("--calib", default="wikipedia", help="corpus: wikipedia, a .txt/.jsonl file, wikitext2, c4")
+    q.add_argument("--nsamples", type=int, default=128)
+    q.add_argument("--seqlen", type=int, default=512)
+    q.add_argument("--seed", type=int, default=0)
+    q.add_argument("--hessian-dtype", choices=("float32", "float64"), default="float32")
+    q.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    q.add_argument("--out", type=Path, help="save the quantized model here")
+    q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    q.add_argument("--eval-fp", action="store_true", help="also evaluate the unquantized model")
+    _add_eval_args(q)
+
+    e = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or a boa-quantized folder")
+    e.add_argument("model", help="built-in name, model folder, hub id, or a folder written by `boa quantize`")
+    _add_eval_args(e)
+
+    p = sub.add_parser("prepare", help="convert the built-in model and fetch the offline corpora into the cache")
+    p.add_argument("--model", default="smollm2-135m")
+    return parser
+
+
+def _evaluate(name, model, tokenizer, args, report) -> None:
+    from boa.eval import evaluate_perplexity
+    from boa.eval.harness import lm_eval_tasks
+
+    row = {"model": name}
+    corpora = [c for c in args.corpora.split(",") if c]
+    with report.phase("eval"):
+        row.update(evaluate_perplexity(model, tokenizer, corpora, args.eval_seqlen, args.eval_windows or None,
+                                       progress=True))
+        if args.tasks:
+            for task, metrics in lm_eval_tasks(model, tokenizer, args.tasks.split(",")).items():
+                row.update({f"{task}/{k}": v for k, v in metrics.items()})
+    report.rows.append(row)
+
+
+def _quantize(args, report) -> None:
+    from boa import data
+    from boa.algorithms import needs_statistics
+    from boa.export import check_output_dir, save
+    from boa.models import load_model
+    from boa.pipeline import quantize, run_fingerprint
+
+    config = QuantConfig(
+        method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, grid=args.grid,
+        act_order=args.act_order, static_groups=args.static_groups, percdamp=args.percdamp, nsamples=args.nsamples,
+        seqlen=args.seqlen, seed=args.seed, hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype,
+    )
+    with report.phase("load"):
+        model, tokenizer, adapter = load_model(args.model)
+    calib = None
+    if needs_statistics(config):
+        with report.phase("calibration data"):
+            calib = data.calibration_windows(tokenizer, args.calib, config.nsamples, config.seqlen, config.seed)
+    checkpoint = None
+    if args.out:
+        check_output_dir(args.out, run_fingerprint(model, config, calib))
+        checkpoint = Path(f"{args.out}.partial")
+        if checkpoint.exists() and not args.resume:
+            shutil.rmtree(checkpoint)
+    if args.eval_fp:
+        _evaluate("fp", model, tokenizer, args, report)
+    with report.phase("quantize"):
+        result = quantize(model, config, calib, adapter=adapter, checkpoint_dir=checkpoint, resume=args.resume)
+    if args.out:
+        with report.phase("save"):
+            save(result, args.out, tokenizer)
+        shutil.rmtree(checkpoint, ignore_errors=True)
+        print(f"saved to {args.out}", file=sys.stderr)
+    report.info["config"] = config.to_dict()
+    tag = f"{config.method} w{config.bits}" + (f"g{config.group_size}" if config.group_size != -1 else "")
+    _evaluate(tag, model, tokenizer, args, report)
+
+
+def _eval(args, report) -> None:
+    from boa.export import load, read_manifest
+    from boa.models import load_model
+
+    with report.phase("load"):
+        if Path(args.model).is_dir() and read_manifest(args.model) is not None:
+            model, tokenizer, _ = load(args.model)
+        else:
+            model, tokenizer, _ = load_model(args.model)
+    _evaluate(args.model, model, tokenizer, args, report)
+
+
+def _prepare(args, report) -> None:
+    from boa.data import corpus_text
+    from boa.models import model_folder
+
+    with report.phase("prepare"):
+        print(f"model {args.model}: {model_folder(args.model)}")
+        for corpus, split in (("wikipedia", "calib"), ("wikipedia", "eval"), ("austen", "eval")):
+            print(f"corpus {corpus}/{split}: {len(corpus_text(corpus, split)):,} characters")
+
+
+def main(argv=None) -> int:
+    from boa.eval import Report
+
+    args = _parser().parse_args(argv)
+    logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
+    report = Report()
+    try:
+        {"quantize": _quantize, "eval": _eval, "prepare": _prepare}[args.command](args, report)
+    except BoaError as err:
+        print(f"boa: error: {err}", file=sys.stderr)
+        return 2
+    if args.command != "prepare":
+        report.print()
+        if args.json:
+            report.write(args.json)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

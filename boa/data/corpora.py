@@ -1,0 +1,147 @@
+"""Text corpora. Offline and packaged: `wikipedia` (gensim's 106 articles; the last 30 are held out for evaluation
+and never used for calibration), `austen` (Jane Austen's six novels from Debian's r-cran-janeaustenr; evaluation
+only) and local .txt/.jsonl files. Online only: the `datasets` names wikitext2 and c4."""
+from __future__ import annotations
+
+import bz2
+import glob
+import gzip
+import json
+import os
+import re
+import struct
+import subprocess
+import tempfile
+import warnings
+import zlib
+from pathlib import Path
+
+from boa.errors import BoaError
+from boa.io import atomic_file, cache_dir
+
+WIKIPEDIA_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
+WIKIPEDIA_HELDOUT_ARTICLES = 30
+AUSTEN_DEB = "r-cran-janeaustenr"
+AUSTEN_NOVELS = ("sensesensibility", "prideprejudice", "mansfieldpark", "emma", "northangerabbey", "persuasion")
+ONLINE_CORPORA = ("wikitext2", "c4")
+OFFLINE_CORPORA = ("wikipedia", "austen", "a local .txt or .jsonl file")
+SPLITS = ("calib", "eval")
+
+
+def _cached_text(name: str, build) -> str:
+    path = cache_dir("data") / f"{name}.txt"
+    if not path.exists():
+        text = build()
+        with atomic_file(path) as tmp:
+            tmp.write_text(text, encoding="utf-8")
+    return path.read_text(encoding="utf-8")
+
+
+def _wikipedia_articles() -> list[str]:
+    from gensim.corpora.wikicorpus import extract_pages, filter_wiki
+    from gensim.test.utils import datapath
+
+    articles = []
+    with bz2.open(datapath(WIKIPEDIA_FILE), "rb") as dump:
+        for title, markup, _ in extract_pages(dump):
+            if markup.lstrip().lower().startswith("#redirect"):
+                continue
+            text = filter_wiki(markup).replace("'''", "").replace("''", "")
+            text = re.sub(r"\n{3,}", "\n\n", text).strip()
+            if text:
+                articles.append(f"{title}\n\n{text}")
+    return articles
+
+
+def _wikipedia(split: str) -> str:
+    def build(split=split):
+        articles = _wikipedia_articles()
+        held = articles[-WIKIPEDIA_HELDOUT_ARTICLES:]
+        return "\n\n".join(held if split == "eval" else articles[:-WIKIPEDIA_HELDOUT_ARTICLES])
+
+    return _cached_text(f"wikipedia-{split}", build)
+
+
+def _read_r_lazyload(data_dir: Path) -> dict:
+    """R's lazy-load database: Rdata.rdx (gzip) indexes Rdata.rdb, whose entries are a 4-byte length and zlib."""
+    import rdata
+
+    def parse(raw: bytes):
+        with warnings.catch_warnings():  # rdata names the headerless stream "unknown file type"; it is one
+            warnings.simplefilter("ignore", UserWarning)
+            return rdata.conversion.convert(rdata.parser.parse_data(raw, expand_altrep=True))
+
+    index = parse(gzip.decompress((data_dir / "Rdata.rdx").read_bytes()))
+    rdb = (data_dir / "Rdata.rdb").read_bytes()
+    objects = {}
+    for name, (offset, length) in index["variables"].items():
+        chunk = rdb[int(offset) : int(offset) + int(length)]
+        (expected,) = struct.unpack(">I", chunk[:4])
+        raw = zlib.decompress(chunk[4:])
+        assert len(raw) == expected, f"corrupt R database entry {name}"
+        objects[str(name)] = parse(raw)
+    return objects
+
+
+def _austen_text() -> str:
+    deb = os.environ.get("BOA_AUSTEN_DEB")
+    with tempfile.TemporaryDirectory() as tmp:
+        if not deb:
+            result = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=tmp, capture_output=True, text=True)
+            found = glob.glob(os.path.join(tmp, f"{AUSTEN_DEB}_*.deb"))
+            if result.returncode != 0 or not found:
+                raise BoaError(
+                    f"could not fetch Debian's {AUSTEN_DEB} for the austen corpus ({result.stderr.strip()[-200:]}). "
+                    f"Run `apt-get update` and retry, or download the .deb and set BOA_AUSTEN_DEB=/path/to/it"
+                )
+            deb = found[0]
+        subprocess.run(["dpkg", "-x", deb, os.path.join(tmp, "x")], check=True)
+        (data_dir,) = glob.glob(os.path.join(tmp, "x", "usr", "lib", "R", "site-library", "janeaustenr", "data"))
+        books = _read_r_lazyload(Path(data_dir))
+    return "\n\n".join("\n".join(str(line) for line in books[name]) for name in AUSTEN_NOVELS)
+
+
+def _local_file(path: Path) -> str:
+    if path.suffix == ".jsonl":
+        with path.open(encoding="utf-8") as f:
+            return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
+    return path.read_text(encoding="utf-8")
+
+
+def _hub_dataset(name: str, split: str) -> str:
+    try:
+        import datasets
+
+        if name == "wikitext2":
+            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
+        else:
+            shard = "en/c4-train.00000-of-01024.json.gz" if split == "calib" else "en/c4-validation.00000-of-00008.json.gz"
+            rows = datasets.load_dataset("allenai/c4", data_files={"x": shard}, split="x")
+    except Exception as err:  # ImportError, or any of the hub's network errors
+        raise BoaError(
+            f"corpus {name!r} needs the `datasets` package and the Hugging Face Hub, which failed here ({err}). "
+            f"Offline corpora: {', '.join(OFFLINE_CORPORA)}"
+        ) from err
+    return "\n\n".join(rows["text"])
+
+
+def corpus_text(name: str, split: str = "calib") -> str:
+    """The text of a corpus: `calib` for calibration windows, `eval` for perplexity."""
+    if split not in SPLITS:
+        raise BoaError(f"split {split!r}: use one of {SPLITS}")
+    if name == "wikipedia":
+        return _wikipedia(split)
+    if name == "austen":
+        if split == "calib":
+            raise BoaError("austen is an evaluation-only corpus (out of domain); calibrate on wikipedia or a file")
+        return _cached_text("austen", _austen_text)
+    if name in ONLINE_CORPORA:
+        return _hub_dataset(name, split)
+    path = Path(name).expanduser()
+    if path.suffix in (".txt", ".jsonl"):
+        if not path.is_file():
+            raise BoaError(f"calibration file {name!r} does not exist")
+        return _local_file(path)
+    raise BoaError(
+        f"unknown corpus {name!r}; offline: {', '.join(OFFLINE_CORPORA)}; online: {', '.join(ONLINE_CORPORA)}"
+    )

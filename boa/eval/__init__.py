@@ -1,0 +1,18 @@
+"""Evaluation: perplexity on the packaged corpora, lm-eval-harness tasks, and run reports."""
+from boa.eval.perplexity import perplexity
+from boa.eval.report import Report, peak_memory_mb
+
+__all__ = ["Report", "evaluate_perplexity", "peak_memory_mb", "perplexity"]
+
+EVAL_CORPORA = ("wikipedia", "austen")
+
+
+def evaluate_perplexity(model, tokenizer, corpora=EVAL_CORPORA, seqlen: int = 512, max_windows: int | None = 64,
+                        progress: bool = False) -> dict[str, float]:
+    """{"ppl_<corpus>": perplexity} on each corpus's evaluation split."""
+    from boa.data import eval_tokens
+
+    return {
+        f"ppl_{corpus}": perplexity(model, eval_tokens(tokenizer, corpus), seqlen, max_windows, progress=progress)
+        for corpus in corpora
+    }

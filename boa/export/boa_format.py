@@ -1,0 +1,120 @@
+"""boa's own checkpoint format: one folder that `boa.load` turns back into a model.
+
+    config.json, tokenizer files      the base model's, as transformers writes them
+    quantization.json                 {"format": "boa", "version", "config": QuantConfig, "fingerprint", "layers"}
+    model.safetensors                 every tensor that is not quantized (embeddings, norms, biases, lm_head) under
+                                      its state-dict name, and per quantized layer NAME:
+                                      NAME.codes uint8 (out, in), NAME.scale and NAME.zero (out, n_groups) in the
+                                      model's dtype, NAME.g_idx int32 (in,): W = scale[:, g_idx]·(codes − zero[:, g_idx])
+
+No pickle: tensors go through safetensors, everything else through JSON.
+"""
+from __future__ import annotations
+
+import json
+from operator import attrgetter
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+from boa.config import QuantConfig
+from boa.errors import BoaError
+from boa.io import atomic_dir
+from boa.nn.quant_linear import QuantLinear
+from boa.quant.quantizer import QuantizedWeight
+
+FORMAT_VERSION = 1
+MANIFEST = "quantization.json"
+WEIGHTS = "model.safetensors"
+
+
+def read_manifest(folder) -> dict | None:
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_output_dir(folder, fingerprint: str) -> None:
+    """An output folder may be new, empty, or hold this very run's model; anything else is not ours to overwrite."""
+    folder = Path(folder)
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    manifest = read_manifest(folder)
+    if manifest is None or manifest.get("fingerprint") != fingerprint:
+        raise BoaError(
+            f"output folder {folder} already holds a different model; choose another --out or delete it first"
+        )
+
+
+def save(result, folder, tokenizer=None) -> Path:
+    """Writes a QuantResult (see boa.quantize) to `folder`, atomically."""
+    folder = Path(folder)
+    check_output_dir(folder, result.fingerprint)
+    model = result.model
+    quantized = set(result.layers)
+    tensors, seen = {}, {}
+    for name, tensor in model.state_dict().items():
+        if name.rsplit(".", 1)[0] in quantized and name.endswith(".weight"):
+            continue
+        if tensor.data_ptr() in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
+            continue
+        seen[tensor.data_ptr()] = name
+        tensors[name] = tensor.detach().contiguous()
+    for name, q in result.layers.items():
+        tensors.update({f"{name}.codes": q.codes, f"{name}.scale": q.scale, f"{name}.zero": q.zero,
+                        f"{name}.g_idx": q.g_idx})
+    manifest = {
+        "format": "boa",
+        "version": FORMAT_VERSION,
+        "config": result.config.to_dict(),
+        "fingerprint": result.fingerprint,
+        "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
+        "layers": {name: {"bits": q.bits} for name, q in result.layers.items()},
+    }
+    with atomic_dir(folder) as tmp:
+        model.config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def load(folder, device: str = "cpu"):
+    """(model with QuantLinear layers, tokenizer or None, QuantConfig) from a folder written by `save`."""
+    folder = Path(folder)
+    manifest = read_manifest(folder)
+    if manifest is None:
+        raise BoaError(f"{folder} is not a boa-quantized model (no {MANIFEST}); quantize it first with `boa quantize`")
+    if manifest.get("version") != FORMAT_VERSION:
+        raise BoaError(f"{folder} was written by format version {manifest.get('version')}; this boa reads {FORMAT_VERSION}")
+    config = AutoConfig.from_pretrained(folder)
+    dtype = getattr(torch, manifest["dtype"])
+    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    tensors = load_file(str(folder / WEIGHTS))
+    for name, info in manifest["layers"].items():
+        parent_name, child = name.rsplit(".", 1)
+        parent = attrgetter(parent_name)(model)
+        old = getattr(parent, child)
+        q = QuantizedWeight(*(tensors.pop(f"{name}.{k}") for k in ("codes", "scale", "zero", "g_idx")), info["bits"])
+        bias = tensors.pop(f"{name}.bias", None)
+        if bias is None and old.bias is not None:
+            raise BoaError(f"{folder} is missing the bias of {name}; the file is damaged")
+        setattr(parent, child, QuantLinear(q, bias))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    if unexpected:
+        raise BoaError(f"{folder} holds tensors this architecture does not have: {unexpected[:5]}")
+    model.tie_weights()
+    still_missing = [k for k in missing if not k.startswith(tuple(manifest["layers"]))]
+    tied = {k for k in still_missing if _is_tied(model, k)}
+    if set(still_missing) - tied:
+        raise BoaError(f"{folder} is missing tensors {sorted(set(still_missing) - tied)[:5]}; the file is damaged")
+    tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
+    return model.to(device).eval(), tokenizer, QuantConfig.from_dict(manifest["config"])
+
+
+def _is_tied(model, key: str) -> bool:
+    """Whether a state-dict key shares its storage with another key (so saving it once was enough)."""
+    state = model.state_dict()
+    return any(k != key and v.data_ptr() == state[key].data_ptr() for k, v in state.items())

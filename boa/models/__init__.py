@@ -1,0 +1,13 @@
+"""Loading models by built-in name, local folder or hub id, each with its family's Adapter."""
+from boa.models.adapter import Adapter, adapter_for, register, supported_model_types
+from boa.models.loader import BUILTIN_MODELS, load_model, model_folder
+
+__all__ = [
+    "Adapter",
+    "BUILTIN_MODELS",
+    "adapter_for",
+    "load_model",
+    "model_folder",
+    "register",
+    "supported_model_types",
+]

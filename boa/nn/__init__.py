@@ -1,0 +1,3 @@
+from boa.nn.quant_linear import QuantLinear
+
+__all__ = ["QuantLinear"]

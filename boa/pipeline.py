@@ -1,0 +1,257 @@
+"""The block loop: quantize a model one decoder block at a time on calibration windows.
+
+capture block 0's inputs once -> for each block: for each sequential group of layers ([q,k,v] -> [o] -> [gate,up]
+-> [down]): run the block on the *quantized* path up to that group, accumulate each layer's input Hessian with
+hooks, solve the layers, write their dequantized weights back -> the block's outputs are the next block's inputs
+-> checkpoint (codes + next inputs, atomically) so that an interrupted run resumes from the last finished block.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+from torch import nn
+from tqdm.auto import tqdm
+
+from boa.algorithms import needs_statistics, solve_layer
+from boa.config import QuantConfig
+from boa.errors import BoaError
+from boa.io import atomic_file, write_json
+from boa.models.adapter import Adapter, adapter_for
+from boa.models.loader import check_finite
+from boa.quant.hessian import HessianAccumulator, layer_loss
+from boa.quant.quantizer import QuantizedWeight
+
+log = logging.getLogger(__name__)
+
+FORWARD_BATCH = 8  # calibration windows per block forward
+
+
+@dataclass
+class QuantResult:
+    model: nn.Module
+    config: QuantConfig
+    layers: dict[str, QuantizedWeight] = field(default_factory=dict)  # full module name -> codes and grids
+    losses: dict[str, float] = field(default_factory=dict)             # tr(ΔW H ΔWᵀ) per layer
+    seconds: float = 0.0
+    fingerprint: str = ""
+
+
+class _StopForward(Exception):
+    """Raised by a hook once the layers it watches have seen their inputs: the rest of the block need not run."""
+
+
+def run_fingerprint(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None) -> str:
+    """Identifies (model weights, config, calibration windows), so a checkpoint or output folder is never mixed up."""
+    digest = hashlib.sha256(config.fingerprint().encode())
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    for name, param in model.state_dict().items():
+        digest.update(f"{name}{tuple(param.shape)}{param.double().sum().item():.12e}".encode())
+    if calib is not None:
+        digest.update(calib.cpu().numpy().tobytes())
+    return digest.hexdigest()[:16]
+
+
+def _block_output(out):
+    return out[0] if isinstance(out, tuple) else out
+
+
+def _capture_block_inputs(model, first_block, calib, dtype):
+    """Runs the model up to its first block on each batch of windows: (hidden states, that call's kwargs) per batch."""
+    captured = []
+
+    def catch(module, args, kwargs):
+        hidden = args[0] if args else kwargs.pop("hidden_states")
+        kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
+        kwargs["use_cache"] = False
+        captured.append((hidden.detach().to(dtype), kwargs))
+        raise _StopForward
+
+    handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
+    device = next(model.parameters()).device
+    try:
+        for batch in calib.split(FORWARD_BATCH):
+            try:
+                model(input_ids=batch.to(device), use_cache=False)
+            except _StopForward:
+                pass
+    finally:
+        handle.remove()
+    return [h for h, _ in captured], [kw for _, kw in captured]
+
+
+class _Checkpoint:
+    """Codes of finished blocks and the next block's inputs, written atomically into one folder."""
+
+    def __init__(self, folder: Path, fingerprint: str):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.progress = self.folder / "progress.json"
+
+    def next_block(self) -> int:
+        """Where a resumed run starts: 0 if there is no usable checkpoint."""
+        if not self.progress.exists():
+            return 0
+        state = json.loads(self.progress.read_text())
+        if state["fingerprint"] != self.fingerprint:
+            raise BoaError(
+                f"the checkpoint in {self.folder} belongs to a different run (model, settings or calibration "
+                "differ); drop --resume to start over, or delete that folder"
+            )
+        return state["next_block"]
+
+    def save(self, index: int, layers: dict[str, QuantizedWeight], losses: dict, inputs: list[torch.Tensor]) -> None:
+        self.folder.mkdir(parents=True, exist_ok=True)
+        tensors = {}
+        for name, q in layers.items():
+            tensors.update({f"{name}.codes": q.codes, f"{name}.scale": q.scale, f"{name}.zero": q.zero,
+                            f"{name}.g_idx": q.g_idx})
+        meta = {"losses": json.dumps(losses), "bits": json.dumps({n: q.bits for n, q in layers.items()})}
+        with atomic_file(self.folder / f"block_{index:04d}.safetensors") as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
+        with atomic_file(self.folder / "inputs.safetensors") as tmp:
+            save_file({f"batch_{i}": x.contiguous() for i, x in enumerate(inputs)}, str(tmp))
+        write_json(self.progress, {"fingerprint": self.fingerprint, "next_block": index + 1})
+
+    def load_block(self, index: int) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+        from safetensors import safe_open
+
+        path = self.folder / f"block_{index:04d}.safetensors"
+        with safe_open(str(path), "pt") as f:
+            meta = f.metadata()
+        tensors = load_file(str(path))
+        bits = json.loads(meta["bits"])
+        layers = {
+            name: QuantizedWeight(tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors[f"{name}.zero"],
+                                  tensors[f"{name}.g_idx"], b)
+            for name, b in bits.items()
+        }
+        return layers, json.loads(meta["losses"])
+
+    def load_inputs(self) -> list[torch.Tensor]:
+        tensors = load_file(str(self.folder / "inputs.safetensors"))
+        return [tensors[f"batch_{i}"] for i in range(len(tensors))]
+
+
+def _write_back(layer: nn.Linear, q: QuantizedWeight) -> None:
+    dtype = layer.weight.dtype
+    q.scale, q.zero = q.scale.to(dtype), q.zero.to(dtype)
+    layer.weight.data = q.dequantize().to(dtype).to(layer.weight.device)
+
+
+def _collect_hessians(block, layers: dict[str, nn.Linear], inputs, kwargs, dtype) -> dict[str, HessianAccumulator]:
+    """Runs the block on every batch, stopping once all `layers` have seen their inputs; returns their Hessians."""
+    hessians = {name: HessianAccumulator(layer.in_features, dtype, layer.weight.device) for name, layer in layers.items()}
+    seen: set[str] = set()
+
+    def hook(name):
+        def accumulate(module, args):
+            hessians[name].add(args[0].detach())
+            seen.add(name)
+            if len(seen) == len(layers):
+                raise _StopForward
+
+        return accumulate
+
+    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+    block_dtype = next(block.parameters()).dtype
+    try:
+        for x, kw in zip(inputs, kwargs):
+            seen.clear()
+            try:
+                block(x.to(block_dtype), **kw)
+            except _StopForward:
+                pass
+    finally:
+        for handle in handles:
+            handle.remove()
+    return hessians
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig,
+    calib: torch.Tensor | None = None,
+    *,
+    adapter: Adapter | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_block_done=None,
+) -> QuantResult:
+    """Quantizes `model` in place (its linear weights become their fake-quantized values) and returns the codes.
+
+    calib: LongTensor (nsamples, seqlen) of token ids (see boa.data.calibration_windows); RTN needs none.
+    checkpoint_dir: where each finished block is saved; with resume=True a run continues from there.
+    on_block_done(index): called after each block's checkpoint (used by tests to interrupt a run).
+    """
+    start = time.perf_counter()
+    adapter = adapter or adapter_for(model.config)
+    check_finite(model)
+    if needs_statistics(config) and calib is None:
+        raise BoaError(f"method {config.method!r} needs calibration windows: pass calib=boa.data.calibration_windows(...)")
+    if calib is not None and (calib.dim() != 2 or calib.dtype != torch.long):
+        raise BoaError("calib must be a LongTensor (nsamples, seqlen) of token ids")
+    fingerprint = run_fingerprint(model, config, calib if needs_statistics(config) else None)
+    result = QuantResult(model, config, fingerprint=fingerprint)
+    checkpoint = _Checkpoint(Path(checkpoint_dir), fingerprint) if checkpoint_dir else None
+    first = checkpoint.next_block() if (checkpoint and resume) else 0
+
+    blocks = adapter.blocks(model)
+    cache_dtype = getattr(torch, config.cache_dtype)
+    hessian_dtype = getattr(torch, config.hessian_dtype)
+    inputs = kwargs = None
+    if needs_statistics(config):
+        with torch.no_grad():
+            inputs, kwargs = _capture_block_inputs(model, blocks[0], calib, cache_dtype)
+        if first > 0:
+            inputs = checkpoint.load_inputs()
+
+    groups = adapter.sequential_groups() if config.true_sequential else [adapter.linear_names()]
+    bar = tqdm(range(len(blocks)), desc=f"{config.method} w{config.bits}", disable=not progress, unit="block")
+    for index in bar:
+        block = blocks[index]
+        modules = dict(block.named_modules())
+        prefix = f"{adapter.blocks_path}.{index}."
+        if index < first:  # finished before the interruption: restore its codes
+            layers, losses = checkpoint.load_block(index)
+            for name, q in layers.items():
+                _write_back(modules[name], q)
+            result.layers.update({prefix + n: q for n, q in layers.items()})
+            result.losses.update({prefix + n: v for n, v in losses.items()})
+            continue
+        block_layers, block_losses = {}, {}
+        with torch.no_grad():
+            for group in groups:
+                linears = {name: modules[name] for name in group}
+                hessians = (
+                    _collect_hessians(block, linears, inputs, kwargs, hessian_dtype) if needs_statistics(config) else {}
+                )
+                for name, layer in linears.items():
+                    H = hessians[name].H if name in hessians else None
+                    W = layer.weight.detach()
+                    q = solve_layer(W.to(hessian_dtype if H is not None else torch.float32), H, config)
+                    _write_back(layer, q)
+                    loss = layer_loss(W.to(H.dtype), layer.weight.to(H.dtype), H) if H is not None else float("nan")
+                    block_layers[name], block_losses[name] = q, loss
+                    log.info("block %d %s loss %.6g", index, name, loss)
+                    bar.set_postfix_str(f"{name.split('.')[-1]} loss {loss:.4g}")
+            if inputs is not None:
+                block_dtype = next(block.parameters()).dtype
+                inputs = [
+                    _block_output(block(x.to(block_dtype), **kw)).to(cache_dtype) for x, kw in zip(inputs, kwargs)
+                ]
+        result.layers.update({prefix + n: q for n, q in block_layers.items()})
+        result.losses.update({prefix + n: v for n, v in block_losses.items()})
+        if checkpoint:
+            checkpoint.save(index, block_layers, block_losses, inputs or [])
+        if on_block_done:
+            on_block_done(index)
+    result.seconds = time.perf_counter() - start
+    return result

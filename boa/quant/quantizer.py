@@ -1,0 +1,138 @@
+"""The uniform quantizer: grids (scale s, zero point z), integer codes and fake-quantization.
+
+    q = s · (clamp(round(w / s) + z, 0, 2^b − 1) − z)
+
+Shapes: weights are (..., rows, n); a grid holds one (s, z) per row, shaped (..., rows, 1) so it broadcasts over
+the n columns it covers (a whole row per-channel, or one group of columns).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from boa.errors import BoaError
+
+# Clip-ratio search: candidates p = 1 − i/100 for i = 0..CLIP_STEPS−1 (ALGORITHMS.md §3).
+CLIP_STEPS = 100
+# The "MMSE" grid search scores candidates by Σ|q − w|^NORM.
+MSE_NORM = 2.4
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    sym: bool = False
+    group_size: int = -1      # -1: per-channel
+    grid: str = "minmax"      # "minmax" | "mse" | "hessian"
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def n_groups(self, cols: int) -> int:
+        return 1 if self.group_size == -1 else -(-cols // self.group_size)
+
+    def group_width(self, cols: int) -> int:
+        return cols if self.group_size == -1 else self.group_size
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes in [0, maxq], as floats of w's dtype."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes - zero)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return dequantize(quantize(w, scale, zero, maxq), scale, zero)
+
+
+def _minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) covering [xmin, xmax] (which always contains 0)."""
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    flat = (xmin == 0) & (xmax == 0)  # an all-zero row: any grid works, keep the scale finite
+    xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(flat, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / spec.maxq
+    if spec.sym:
+        zero = torch.full_like(scale, (spec.maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+def find_grid(
+    w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (scale, zero) per row of w (..., rows, n), each shaped (..., rows, 1).
+
+    grid "minmax" covers each row's range; "mse" and "hessian" search clip ratios p = 1 − i/100 (and, asymmetric,
+    the zero point rounded down or up) for the lowest Σ|q − w|^2.4, or the lowest (q − w) H (q − w)ᵀ with H the
+    (n × n) input-Hessian block of these columns.
+    """
+    xmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
+    xmax = w.amax(dim=-1, keepdim=True).clamp(min=0)
+    if spec.grid == "minmax":
+        return _minmax_grid(xmin, xmax, spec)
+    if spec.grid == "hessian" and hessian is None:
+        raise BoaError("grid='hessian' needs the layer's input Hessian; use grid='mse' or 'minmax' for RTN")
+
+    def score(scale, zero):
+        err = fake_quantize(w, scale, zero, spec.maxq) - w
+        if spec.grid == "mse":
+            return err.abs().pow(MSE_NORM).sum(-1, keepdim=True)
+        return ((err @ hessian) * err).sum(-1, keepdim=True)
+
+    best_scale, best_zero = _minmax_grid(xmin, xmax, spec)
+    best = score(best_scale, best_zero)
+    for i in range(1, CLIP_STEPS):
+        p = 1 - i / 100
+        scale, zero = _minmax_grid(p * xmin, p * xmax, spec)
+        candidates = [zero] if spec.sym else [torch.floor(-p * xmin / scale), torch.ceil(-p * xmin / scale)]
+        for zero in candidates:
+            err = score(scale, zero)
+            better = err < best
+            best = torch.where(better, err, best)
+            best_scale = torch.where(better, scale, best_scale)
+            best_zero = torch.where(better, zero, best_zero)
+    return best_scale, best_zero
+
+
+def grids_by_group(
+    w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero), each (rows, n_groups): one grid per row and run of group_size columns of w (the last group
+    may be narrower). The Hessian-weighted search uses each group's diagonal block of H."""
+    cols = w.shape[-1]
+    width = spec.group_width(cols)
+    scales, zeros = [], []
+    for c0 in range(0, cols, width):
+        block = None if hessian is None else hessian[c0 : c0 + width, c0 : c0 + width]
+        scale, zero = find_grid(w[:, c0 : c0 + width], spec, block)
+        scales.append(scale)
+        zeros.append(zero)
+    return torch.cat(scales, dim=-1), torch.cat(zeros, dim=-1)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized weight: W ≈ scale[:, g_idx] · (codes − zero[:, g_idx]).
+
+    codes (rows, cols) uint8; scale, zero (rows, n_groups) in the weight's dtype; g_idx (cols,) int32 maps each
+    input column to its group (under act-order a group is a run of the *processing* order, so g_idx is stored).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx.long()
+        return dequantize(self.codes.to(self.scale.dtype), self.scale[:, g], self.zero[:, g])
