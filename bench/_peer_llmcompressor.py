@@ -68,10 +68,10 @@ def main():
     result = {"name": f"llm-compressor {version('llmcompressor')}"}
     start = time.perf_counter()
     try:
-        oneshot(model=model, dataset=loader, recipe=build_modifier(args),
-                num_calibration_samples=len(loader))
+        oneshot(model=model, dataset=loader, recipe=build_modifier(args))
     except Exception as exc:  # reported in the benchmark JSON instead of crashing it
-        result["error"] = f"{type(exc).__name__}: {exc}"
+        first_paragraph = str(exc).split("\n\n")[0]  # some errors then list every layer
+        result["error"] = f"{type(exc).__name__}: {first_paragraph}"
     else:
         result["seconds"] = time.perf_counter() - start
         # After oneshot each quantized Linear's .weight holds the dequantized values;

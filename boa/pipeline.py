@@ -146,24 +146,31 @@ def _write_back(layer: nn.Linear, q: QuantizedWeight) -> None:
 
 
 def _collect_hessians(block, layers: dict[str, nn.Linear], inputs, kwargs, dtype) -> dict[str, HessianAccumulator]:
-    """Runs the block on every batch, stopping once all `layers` have seen their inputs; returns their Hessians."""
-    hessians = {name: HessianAccumulator(layer.in_features, dtype, layer.weight.device) for name, layer in layers.items()}
-    seen: set[str] = set()
+    """Runs the block on every batch, stopping once all `layers` have seen their inputs; returns their Hessians.
+    Layers fed the same tensor (q/k/v, gate/up) share one accumulator, so each Hessian is computed once."""
+    hessians: dict[str, HessianAccumulator] = {}
+    fed: list[tuple[torch.Tensor, HessianAccumulator]] = []  # this batch's distinct inputs
 
     def hook(name):
         def accumulate(module, args):
-            hessians[name].add(args[0].detach())
-            seen.add(name)
-            if len(seen) == len(layers):
+            x = args[0]
+            shared = next((acc for seen, acc in fed if seen is x), None)
+            if shared is None:
+                shared = hessians.setdefault(name, HessianAccumulator(x.shape[-1], dtype, x.device))
+                shared.add(x.detach())
+                fed.append((x, shared))
+            hessians[name] = shared
+            if all(name in hessians for name in layers) and module is last:
                 raise _StopForward
 
         return accumulate
 
+    last = list(layers.values())[-1]
     handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
     block_dtype = next(block.parameters()).dtype
     try:
         for x, kw in zip(inputs, kwargs):
-            seen.clear()
+            fed.clear()
             try:
                 block(x.to(block_dtype), **kw)
             except _StopForward:
