@@ -247,8 +247,9 @@ def quantize(
                     _write_back(layer, q)
                     loss = layer_loss(W.to(H.dtype), layer.weight.to(H.dtype), H) if H is not None else float("nan")
                     block_layers[name], block_losses[name] = q, loss
-                    log.info("block %d %s loss %.6g", index, name, loss)
-                    bar.set_postfix_str(f"{name.split('.')[-1]} loss {loss:.4g}")
+                    if H is not None:
+                        log.info("block %d %s loss %.6g", index, name, loss)
+                        bar.set_postfix_str(f"{name.split('.')[-1]} loss {loss:.4g}")
             if inputs is not None:
                 block_dtype = next(block.parameters()).dtype
                 inputs = [
