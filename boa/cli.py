@@ -76,6 +76,8 @@ def _quantize(args, report) -> None:
     from boa.models import load_model
     from boa.pipeline import quantize, run_fingerprint
 
+    if args.resume and not args.out:
+        raise BoaError("--resume continues the run saved under --out; give the same --out as the interrupted run")
     config = QuantConfig(
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, grid=args.grid,
         act_order=args.act_order, static_groups=args.static_groups, percdamp=args.percdamp, nsamples=args.nsamples,

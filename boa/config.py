@@ -37,7 +37,7 @@ class QuantConfig:
     def validate(self) -> None:
         if self.method not in METHODS:
             raise BoaError(f"method={self.method!r} is not supported; choose one of {', '.join(METHODS)}")
-        if self.bits not in BITS:
+        if isinstance(self.bits, bool) or not isinstance(self.bits, int) or self.bits not in BITS:
             raise BoaError(f"bits={self.bits!r} is not supported; choose one of {', '.join(map(str, BITS))}")
         if isinstance(self.group_size, bool) or not isinstance(self.group_size, int) or (
             self.group_size != -1 and self.group_size <= 0
@@ -50,7 +50,7 @@ class QuantConfig:
             raise BoaError(f"grid={self.grid!r} is not supported; choose one of {', '.join(GRIDS)}")
         for name in ("block_size", "nsamples", "seqlen"):
             value = getattr(self, name)
-            if not isinstance(value, int) or value <= 0:
+            if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise BoaError(f"{name}={value!r} must be a positive integer")
         if not 0 <= self.percdamp < 1:
             raise BoaError(f"percdamp={self.percdamp!r} must be in [0, 1); 0.01 is the usual choice")

