@@ -13,13 +13,23 @@ import time
 import boa
 from boa.eval import Report, evaluate_perplexity
 
-SETTINGS = [(4, 128), (3, -1)]  # (bits, group size)
+
+
+def parse_settings(text: str) -> list[tuple[int, int]]:
+    """"w4g128,w3" -> [(4, 128), (3, -1)]: bits and group size (-1, per-channel, when no g)."""
+    settings = []
+    for item in text.split(","):
+        bits, _, group = item.strip().removeprefix("w").partition("g")
+        settings.append((int(bits), int(group) if group else -1))
+    return settings
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 tokens per corpus")
+    parser.add_argument("--settings", default="w4g128,w3", help="comma-separated wBITS[gGROUP]")
+    parser.add_argument("--methods", default="rtn,gptq", help="comma-separated methods")
     parser.add_argument("--json", help="also write the table as JSON")
     args = parser.parse_args()
 
@@ -38,8 +48,8 @@ def main() -> None:
               flush=True)
 
     evaluate("fp32", fp_model, 0.0)
-    for bits, group_size in SETTINGS:
-        for method in ("rtn", "gptq"):
+    for bits, group_size in parse_settings(args.settings):
+        for method in args.methods.split(","):
             model = copy.deepcopy(fp_model)
             config = boa.QuantConfig(method=method, bits=bits, group_size=group_size, nsamples=args.nsamples)
             start = time.perf_counter()
