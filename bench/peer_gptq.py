@@ -110,9 +110,9 @@ def run_peer(args, calib, eval_sets) -> dict:
             return peer
         model, _, _ = boa.load_model(args.model)
         weights = load_file(str(tmp / "weights.safetensors"))
-    missing = set(weights) - set(model.state_dict())
-    if missing:
-        raise RuntimeError(f"peer weights do not belong to this model: {sorted(missing)[:3]}")
+    unknown = set(weights) - set(model.state_dict())
+    if unknown:
+        raise RuntimeError(f"peer weights do not belong to this model: {sorted(unknown)[:3]}")
     model.load_state_dict(weights, strict=False)
     return {**peer, **ppl(model, eval_sets, args)}
 
