@@ -8,7 +8,16 @@ from dataclasses import dataclass
 
 from boa.errors import BoaError
 
-METHODS = ("rtn", "gptq")
+METHODS = ("rtn", "gptq", "boa", "turboboa")
+ATTENTION_AWARE = ("boa", "turboboa")
+V_ROW_FACTORS = ("exact", "identity")
+# What `method` sets for the knobs left at None (ALGORITHMS.md §4-5; the public TurboBoA defaults).
+METHOD_DEFAULTS = {
+    "rtn": {"rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0},
+    "gptq": {"rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0},
+    "boa": {"rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0},
+    "turboboa": {"rows_per_step": 16, "dx_alpha": 0.25, "refine_iters": 1},
+}
 BITS = (2, 3, 4, 8)
 GRIDS = ("minmax", "mse", "hessian")
 
@@ -28,11 +37,26 @@ class QuantConfig:
     seqlen: int = 512
     seed: int = 0
     true_sequential: bool = True   # collect a layer's statistics after the layers feeding it are quantized
+    # BoA / TurboBoA (None: the method's default, see METHOD_DEFAULTS)
+    rows_per_step: int | None = None   # N rows of a head quantized jointly (1 = BoA)
+    dx_alpha: float | None = None      # weight α of the earlier layers' error term D = α·2E[(X_fp − X_q)X_qᵀ]
+    refine_iters: int | None = None    # coordinate-descent sweeps refining the scales after rounding
+    v_row_factor: str = "exact"        # v_proj row factor: W_o,hᵀW_o,h ("exact") or I (the public code)
+    row_order: bool = False            # BoA: rows of each head by decreasing diag(H_out)
     hessian_dtype: str = "float32"  # or "float64"
     cache_dtype: str = "float32"   # dtype of the cached block activations ("float16" halves their memory)
 
     def __post_init__(self):
+        if self.method in METHOD_DEFAULTS:
+            for name, value in METHOD_DEFAULTS[self.method].items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
         self.validate()
+
+    @property
+    def attention_aware(self) -> bool:
+        """Whether q/k/v get Kronecker (row-factor) Hessians from the attention statistics."""
+        return self.method in ATTENTION_AWARE
 
     def validate(self) -> None:
         if self.method not in METHODS:
@@ -48,12 +72,20 @@ class QuantConfig:
             )
         if self.grid not in GRIDS:
             raise BoaError(f"grid={self.grid!r} is not supported; choose one of {', '.join(GRIDS)}")
-        for name in ("block_size", "nsamples", "seqlen"):
+        for name in ("block_size", "nsamples", "seqlen", "rows_per_step"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise BoaError(f"{name}={value!r} must be a positive integer")
         if not 0 <= self.percdamp < 1:
             raise BoaError(f"percdamp={self.percdamp!r} must be in [0, 1); 0.01 is the usual choice")
+        if isinstance(self.refine_iters, bool) or not isinstance(self.refine_iters, int) or self.refine_iters < 0:
+            raise BoaError(f"refine_iters={self.refine_iters!r} must be a non-negative integer (0: no refinement)")
+        if not isinstance(self.dx_alpha, (int, float)) or isinstance(self.dx_alpha, bool) or not (
+            0 <= self.dx_alpha <= 1
+        ):
+            raise BoaError(f"dx_alpha={self.dx_alpha!r} must be in [0, 1]; 0 turns the dX correction off, 0.25 is usual")
+        if self.v_row_factor not in V_ROW_FACTORS:
+            raise BoaError(f"v_row_factor={self.v_row_factor!r}: use one of {', '.join(V_ROW_FACTORS)}")
         if self.hessian_dtype not in ("float32", "float64"):
             raise BoaError(f"hessian_dtype={self.hessian_dtype!r}: use 'float32' or 'float64'")
         if self.cache_dtype not in ("float32", "float16", "bfloat16"):

@@ -1,14 +1,30 @@
-"""The OBS-family solver: GPTQ today; BoA / TurboBoA reuse its column pass with a row factor (ALGORITHMS.md §2, §4-5).
+"""One OBS-family solver for GPTQ, BoA and TurboBoA (ALGORITHMS.md §2, §4-5).
 
-GPTQ minimises tr(ΔW H ΔWᵀ), H = 2E[XXᵀ], one column at a time with U = chol(H⁻¹) (upper):
+A layer's weight W (rows, cols) is split into `heads` blocks W_h (d, cols) that are solved independently and in
+parallel (a batch dimension). Each minimises
 
-    q_j = Q(w_j),   e_j = (w_j − q_j) / U_jj,   W[:, j+1:] −= e_j · U_j,j+1:
+    tr(H_out ΔW H_in ΔWᵀ) − 2 tr(H_out W D ΔWᵀ),   ΔW = Q − W,
 
-Lazy batch updates: inside a block of B columns the update touches the block only; the block's errors E then reach
-the remaining columns through one GEMM, W[:, end:] −= E · U[blk, end:].
+with H_in = 2E[XXᵀ] (cols × cols, shared or per head), H_out the head's row factor (d × d; identity for GPTQ) and D
+the earlier layers' error term α·2E[(X_fp − X_q) X_qᵀ] (zero unless TurboBoA's dX correction is on).
 
-`_ColumnPass` is that loop over the columns of a set of rows. GPTQ runs it once over all rows; BoA (next) runs it
-over one row block at a time and then compensates the later rows through the row factor H_out.
+Since the objective is tr(H_out (Q − T) H_in (Q − T)ᵀ) + const with target T = W + W D H_in⁻¹, the dX term is
+handled exactly by solving for T. (The public code instead adds GPTAQ's incremental column term P = triu₁(D Uᵀ) U;
+on random problems folding the target gives a lower objective, and it equals the exact sequential minimiser — see
+tests/test_solver.py.)
+
+The Kronecker factorisation (H_out ⊗ H_in)⁻¹ = H_out⁻¹ ⊗ H_in⁻¹ makes the OBS solve two nested passes:
+- rows, N at a time: the N rows of a row block run GPTQ across their columns with U_in = chol(H_in⁻¹) (no coupling
+  inside the block), then the later rows take the closed-form update
+      W[r2:] −= P2 (W_B − Q_B),   P2 = U_outᵀ[r2:, B] U_out[B, B]⁻ᵀ   (= −H_out,NN⁻¹ H_out,NB ΔW_B).
+  N = 1 is BoA (exactly the dense OBS solve on H_out ⊗ H_in); N > 1 is TurboBoA; H_out = I is GPTQ (one block).
+- columns, with lazy batch updates: q_j = Q(w_j), e_j = (w_j − q_j)/U_jj, W[:, j+1:blk_end] −= e_j U_j,j+1:blk_end
+  inside a block of B columns, then one GEMM W[:, blk_end:] −= E U[blk, blk_end:].
+
+Grids: per-channel grids are chosen from each row block's weights when it starts (adaptive: already compensated
+for the rows before it), group grids when the column pass reaches the group; `static_groups` fixes all of them from
+the target before any update. After rounding, `refine_iters` sweeps of exact coordinate descent on the scales
+(zero points and integers fixed) lower the same objective further, per channel or per group.
 """
 from __future__ import annotations
 
@@ -22,19 +38,17 @@ from boa.quant.quantizer import QuantizedWeight, QuantSpec, dequantize, find_gri
 
 @dataclass
 class _ColumnPass:
-    """Quantizes W's columns in processing order with lazy-batch error compensation.
+    """Quantizes the columns of W (batch, rows, cols) in processing order with lazy-batch error compensation.
 
-    W (rows, cols) and U (cols, cols) are in processing order; H (processing order) serves the Hessian-weighted
-    grid search. With `static` grids, scale/zero are given and group_of[j] names column j's group; otherwise a
-    group's grid is chosen from the compensated weights when the pass reaches its first column.
+    U (1 or batch, cols, cols) is chol(H_in⁻¹), H (same shape) serves the Hessian-weighted grid search, both in
+    processing order. scale/zero (batch, rows, n_groups) are read (static grids) or written when the pass reaches a
+    group's first column (dynamic); group_of[j] names the group of the column processed j-th.
     """
 
     spec: QuantSpec
     H: torch.Tensor
     U: torch.Tensor
-    group_of: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
+    group_of: list[int]
     static: bool
     block_size: int
 
@@ -46,34 +60,201 @@ class _ColumnPass:
         g = self.spec.group_size
         return g * max(1, self.block_size // g) if g <= cols else cols
 
-    def run(self, W: torch.Tensor) -> torch.Tensor:
-        """Quantizes W in place (left holding the compensated, then quantized, values); returns the codes."""
-        rows, cols = W.shape
+    def run(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Quantizes W in place (left holding the quantized values); returns the codes."""
+        cols = W.shape[-1]
         width = self.spec.group_width(cols)
         codes = torch.empty_like(W)
         step = self._block_width(cols)
         for i1 in range(0, cols, step):
             i2 = min(i1 + step, cols)
-            W1 = W[:, i1:i2].clone()
+            W1 = W[..., i1:i2].clone()
             E1 = torch.zeros_like(W1)
-            U1 = self.U[i1:i2, i1:i2]
+            U1 = self.U[:, i1:i2, i1:i2]
             for i in range(i2 - i1):
                 j = i1 + i
-                g = int(self.group_of[j])
+                g = self.group_of[j]
                 if not self.static and j % width == 0:
-                    H_g = self.H[j : j + width, j : j + width]
-                    s, z = find_grid(W1[:, i : i + width], self.spec, H_g)
-                    self.scale[:, g : g + 1], self.zero[:, g : g + 1] = s, z
-                w = W1[:, i]
-                s, z = self.scale[:, g], self.zero[:, g]
+                    H_g = self.H[:, j : j + width, j : j + width]
+                    scale[..., g : g + 1], zero[..., g : g + 1] = find_grid(W1[..., i : i + width], self.spec, H_g)
+                w = W1[..., i]
+                s, z = scale[..., g], zero[..., g]
                 c = quantize(w, s, z, self.spec.maxq)
-                codes[:, j] = c
-                e = (w - dequantize(c, s, z)) / U1[i, i]
-                W1[:, i:] -= e[:, None] * U1[i, i:][None, :]
-                E1[:, i] = e
-            W[:, i1:i2] = W1
-            W[:, i2:] -= E1 @ self.U[i1:i2, i2:]
+                codes[..., j] = c
+                e = (w - dequantize(c, s, z)) / U1[:, i, i, None]
+                W1[..., i:] -= e[..., None] * U1[:, None, i, i:]
+                E1[..., i] = e
+            W[..., i1:i2] = W1
+            W[..., i2:] -= E1 @ self.U[:, i1:i2, i2:]
         return codes
+
+
+def row_update(U_out: torch.Tensor, r1: int, r2: int, delta: torch.Tensor) -> torch.Tensor:
+    """The change of rows r2: once rows B = r1:r2 moved by delta = Q_B − W_B (batch, N, cols): −P2 · (W_B − Q_B)
+    with P2 = U_outᵀ[r2:, B] U_out[B, B]⁻ᵀ, i.e. the minimiser −H_out[r2:, r2:]⁻¹ H_out[r2:, B] · ΔW_B."""
+    X = torch.linalg.solve_triangular(U_out[:, r1:r2, r1:r2], U_out[:, r1:r2, r2:], upper=True)
+    return X.transpose(-1, -2) @ delta
+
+
+def _gram_by_group(W_int: torch.Tensor, H: torch.Tensor, member: torch.Tensor) -> torch.Tensor:
+    """G[b, j, g, g'] = Σ_{c∈g, c'∈g'} W_int[b,j,c] H[b,c,c'] W_int[b,j,c']: the curvature of the objective in row
+    j's group scales. member (cols, groups) is the one-hot group membership."""
+    WM = W_int[..., :, None] * member                        # (b, rows, cols, groups)
+    b, rows, cols, groups = WM.shape
+    HWM = (H @ WM.permute(0, 2, 1, 3).reshape(b, cols, rows * groups)).reshape(b, cols, rows, groups)
+    HWM = HWM.permute(0, 2, 1, 3)
+    G = WM.transpose(-1, -2) @ HWM                             # (b, rows, groups, groups)
+    diag = torch.diagonal(G, dim1=-2, dim2=-1)
+    ridge = 1e-12 * diag.mean(-1, keepdim=True) + (diag == 0)  # an all-zero group (codes == zero) keeps its scale
+    return G + torch.diag_embed(ridge.to(G.dtype))
+
+
+def refine_scales(
+    W_int: torch.Tensor,
+    scale: torch.Tensor,
+    group_of: torch.Tensor,
+    T: torch.Tensor,
+    H: torch.Tensor,
+    H_out: torch.Tensor | None,
+    iters: int,
+) -> torch.Tensor:
+    """Exact coordinate descent on the scales of Q = scale[group_of] ⊙ W_int for tr(H_out (Q−T) H (Q−T)ᵀ).
+
+    W_int, T (batch, rows, cols); scale (batch, rows, groups); H (1 or batch, cols, cols); H_out (batch, rows, rows)
+    or None (identity). Each step minimises over one row's group scales jointly (a groups × groups solve); rows are
+    swept one at a time within a head (Gauss–Seidel: each step sees the rows already refined), all heads in parallel;
+    without H_out the rows are independent and take one simultaneous step. Never increases the objective.
+    """
+    scale = scale.clone()
+    member = torch.nn.functional.one_hot(group_of, scale.shape[-1]).to(W_int.dtype)
+    G = _gram_by_group(W_int, H, member)
+    for _ in range(iters):
+        R = ((scale @ member.T) * W_int - T) @ H                               # (Q − T) H
+        if H_out is None:
+            r = (W_int * R) @ member
+            scale -= torch.linalg.solve(G, r.unsqueeze(-1)).squeeze(-1)
+            continue
+        V = H_out @ R                                                          # H_out (Q − T) H
+        for j in range(W_int.shape[1]):
+            r = (W_int[:, j] * V[:, j]) @ member                                # (batch, groups)
+            step = -torch.linalg.solve(G[:, j], r.unsqueeze(-1)).squeeze(-1) / H_out[:, j, j, None]
+            scale[:, j] += step
+            dQH = (((step @ member.T) * W_int[:, j]).unsqueeze(1) @ H).squeeze(1)  # (batch, cols)
+            V += H_out[:, :, j, None] * dQH[:, None, :]
+    return scale
+
+
+def obs_solve(
+    W: torch.Tensor,
+    H: torch.Tensor,
+    spec: QuantSpec,
+    *,
+    H_out: torch.Tensor | None = None,
+    heads: int = 1,
+    D: torch.Tensor | None = None,
+    rows_per_step: int = 1,
+    block_size: int = 128,
+    act_order: bool = False,
+    row_order: bool = False,
+    static_groups: bool = False,
+    percdamp: float = 0.01,
+    refine_iters: int = 0,
+) -> QuantizedWeight:
+    """Quantizes W (rows, cols) = `heads` stacked blocks of rows // heads rows. Returns codes and grids in W's order.
+
+    H: (cols, cols) shared input Hessian, or (heads, cols, cols) one per head. H_out: (heads, d, d) row factors, or
+    None for none (GPTQ). D: the dX term, shaped like H, α already applied. rows_per_step: N rows of a head quantized
+    jointly. act_order: columns by decreasing diag(H_in) (averaged over heads for per-head H_in, so that every head
+    shares one column order). row_order: each head's rows by decreasing diag(H_out).
+    """
+    rows, cols = W.shape
+    if H.dim() == 3:
+        heads = H.shape[0]
+    if H_out is not None:
+        heads = H_out.shape[0]
+    d = rows // heads
+    W = W.detach().to(H.dtype).clone().reshape(heads, d, cols)
+    H = remove_dead_inputs(H.reshape(-1, cols, cols), W)
+    if D is not None:
+        D = D.reshape(-1, cols, cols).to(H.dtype)
+
+    order = torch.diagonal(H, dim1=-2, dim2=-1).mean(0)
+    perm = torch.argsort(order, descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
+    H = H[:, perm][:, :, perm]
+    U = inverse_cholesky_upper(H, percdamp)
+    W = W[..., perm]
+    if D is not None:  # the target T = W + W D H⁻¹, H⁻¹ = Uᵀ U of the damped H
+        W = W + ((W @ D[:, perm][:, :, perm]) @ U.transpose(-1, -2)) @ U
+
+    if H_out is not None:
+        rperm = (
+            torch.argsort(torch.diagonal(H_out, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+            if row_order
+            else torch.arange(d, device=W.device).expand(heads, d)
+        )
+        H_out = torch.gather(H_out, 1, rperm[..., None].expand(-1, -1, d))
+        H_out = torch.gather(H_out, 2, rperm[:, None, :].expand(-1, d, -1)).to(H.dtype)
+        W = torch.gather(W, 1, rperm[..., None].expand(-1, -1, cols))
+        U_out = inverse_cholesky_upper(H_out, percdamp)
+        step = rows_per_step
+    else:
+        step = d  # no row coupling: all rows in one pass
+    T = W.clone()
+
+    width = spec.group_width(cols)
+    n_groups = spec.n_groups(cols)
+    static = static_groups
+    position = torch.arange(cols, device=W.device)
+    # group of the column processed j-th: fixed by its original index for static grids, by processing order else.
+    group_of = (perm if static else position) // width
+    if static:  # from the target in original column order
+        inverse = torch.argsort(perm)
+        scale, zero = grids_by_group(W[..., inverse], spec, H[:, inverse][:, :, inverse])
+    else:
+        scale = torch.empty(heads, d, n_groups, dtype=W.dtype, device=W.device)
+        zero = torch.empty_like(scale)
+    per_channel_adaptive = not static and spec.group_size == -1
+    column_pass = _ColumnPass(spec, H, U, group_of.tolist(), static or per_channel_adaptive, block_size)
+
+    codes = torch.empty_like(W)
+    shared = H.shape[0] == 1
+    for r1 in range(0, d, step):
+        r2 = min(r1 + step, d)
+        W_B = W[:, r1:r2]
+        s_B, z_B = scale[:, r1:r2].contiguous(), zero[:, r1:r2].contiguous()
+        if per_channel_adaptive:
+            s_B, z_B = find_grid(W_B, spec, H)
+        Q_B = W_B.clone()
+        if shared:  # one U for every head: run all heads' rows as one matrix
+            flat = (1, heads * (r2 - r1))
+            c = column_pass.run(Q_B.reshape(*flat, cols), s_B.reshape(*flat, -1), z_B.reshape(*flat, -1))
+            codes[:, r1:r2] = c.reshape(heads, r2 - r1, cols)
+        else:
+            codes[:, r1:r2] = column_pass.run(Q_B, s_B, z_B)
+        scale[:, r1:r2], zero[:, r1:r2] = s_B, z_B
+        if r2 < d:
+            W[:, r2:] += row_update(U_out, r1, r2, Q_B - W_B)
+
+    if refine_iters:
+        W_int = codes - zero[..., group_of]
+        scale = refine_scales(W_int, scale, group_of, T, H, H_out, refine_iters)
+
+    if H_out is not None:  # rows back to their original order
+        inverse = torch.argsort(rperm, dim=-1)
+        codes = torch.gather(codes, 1, inverse[..., None].expand(-1, -1, cols))
+        scale = torch.gather(scale, 1, inverse[..., None].expand(-1, -1, n_groups))
+        zero = torch.gather(zero, 1, inverse[..., None].expand(-1, -1, n_groups))
+    codes_orig = torch.empty_like(codes)
+    codes_orig[..., perm] = codes
+    g_idx = torch.empty_like(group_of)
+    g_idx[perm] = group_of
+    return QuantizedWeight(
+        codes_orig.reshape(rows, cols).to(torch.uint8),
+        scale.reshape(rows, n_groups),
+        zero.reshape(rows, n_groups),
+        g_idx.to(torch.int32),
+        spec.bits,
+    )
 
 
 def gptq(
@@ -85,48 +266,13 @@ def gptq(
     act_order: bool = False,
     static_groups: bool = False,
     percdamp: float = 0.01,
+    D: torch.Tensor | None = None,
+    refine_iters: int = 0,
 ) -> QuantizedWeight:
-    """GPTQ on W (rows, cols) with input Hessian H (cols, cols). Returns codes and grids in the original column order.
+    """GPTQ on W (rows, cols) with input Hessian H (cols, cols): the solver without a row factor.
 
     act_order: columns by decreasing diag(H). static_groups: group grids from the original W before any update
     (per-channel grids are always static). A group size that does not divide cols leaves a narrower last group.
     """
-    W = W.detach().to(H.dtype).clone()
-    rows, cols = W.shape
-    H = remove_dead_inputs(H, W)
-    width = spec.group_width(cols)
-    n_groups = spec.n_groups(cols)
-    static = spec.group_size == -1 or static_groups
-
-    if static:
-        scale, zero = grids_by_group(W, spec, H)
-    else:
-        scale = torch.empty(rows, n_groups, dtype=W.dtype, device=W.device)
-        zero = torch.empty_like(scale)
-
-    if act_order:
-        perm = torch.argsort(torch.diagonal(H), descending=True, stable=True)
-    else:
-        perm = torch.arange(cols, device=W.device)
-    H_perm = H[perm][:, perm]
-    position = torch.arange(cols, device=W.device)
-    # group of the column processed j-th: fixed by its original index for static grids, by processing order else.
-    group_of = (perm if static else position) // width
-
-    column_pass = _ColumnPass(
-        spec,
-        H_perm,
-        inverse_cholesky_upper(H_perm, percdamp),
-        group_of,
-        scale,
-        zero,
-        static,
-        block_size,
-    )
-    codes_perm = column_pass.run(W[:, perm].contiguous())
-
-    codes = torch.empty_like(codes_perm)
-    codes[:, perm] = codes_perm
-    g_idx = torch.empty_like(group_of)
-    g_idx[perm] = group_of
-    return QuantizedWeight(codes.to(torch.uint8), scale, zero, g_idx.to(torch.int32), spec.bits)
+    return obs_solve(W, H, spec, D=D, block_size=block_size, act_order=act_order, static_groups=static_groups,
+                     percdamp=percdamp, refine_iters=refine_iters)

@@ -106,14 +106,14 @@ def find_grid(
 def grids_by_group(
     w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero), each (rows, n_groups): one grid per row and run of group_size columns of w (the last group
-    may be narrower). The Hessian-weighted search uses each group's diagonal block of H."""
+    """(scale, zero), each (..., rows, n_groups): one grid per row and run of group_size columns of w (..., rows, cols)
+    (the last group may be narrower). The Hessian-weighted search uses each group's diagonal block of H."""
     cols = w.shape[-1]
     width = spec.group_width(cols)
     scales, zeros = [], []
     for c0 in range(0, cols, width):
-        block = None if hessian is None else hessian[c0 : c0 + width, c0 : c0 + width]
-        scale, zero = find_grid(w[:, c0 : c0 + width], spec, block)
+        block = None if hessian is None else hessian[..., c0 : c0 + width, c0 : c0 + width]
+        scale, zero = find_grid(w[..., c0 : c0 + width], spec, block)
         scales.append(scale)
         zeros.append(zero)
     return torch.cat(scales, dim=-1), torch.cat(zeros, dim=-1)
