@@ -1,12 +1,14 @@
 """The block loop: quantize a model one decoder block at a time on calibration windows.
 
 capture block 0's inputs once -> for each block: for each sequential group of layers ([q,k,v] -> [o] -> [gate,up]
--> [down]): run the block on the *quantized* path up to that group, accumulate each layer's input Hessian with
-hooks, solve the layers, write their dequantized weights back -> the block's outputs are the next block's inputs
--> checkpoint (codes + next inputs, atomically) so that an interrupted run resumes from the last finished block.
+-> [down]): run the block on the *quantized* path up to that group, gather each layer's statistics (input Hessian;
+BoA: attention row factors; TurboBoA: dX terms against the FP path, which runs beside it on its own inputs), solve
+the layers, write their dequantized weights back -> the block's outputs are the next block's inputs -> checkpoint
+(codes + next inputs, atomically) so that an interrupted run resumes from the last finished block.
 """
 from __future__ import annotations
 
+import copy
 import hashlib
 import json
 import logging
@@ -25,8 +27,8 @@ from boa.errors import BoaError
 from boa.io import atomic_file, write_json
 from boa.models.adapter import Adapter, adapter_for
 from boa.models.loader import check_finite
-from boa.quant.hessian import HessianAccumulator, layer_loss
 from boa.quant.quantizer import QuantizedWeight
+from boa.stats import AttentionRecorder, LayerStats, StopForward, attention_layer_stats, collect_statistics
 
 log = logging.getLogger(__name__)
 
@@ -41,10 +43,6 @@ class QuantResult:
     losses: dict[str, float] = field(default_factory=dict)             # tr(ΔW H ΔWᵀ) per layer
     seconds: float = 0.0
     fingerprint: str = ""
-
-
-class _StopForward(Exception):
-    """Raised by a hook once the layers it watches have seen their inputs: the rest of the block need not run."""
 
 
 def run_fingerprint(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None) -> str:
@@ -73,7 +71,7 @@ def _capture_block_inputs(model, first_block, calib, dtype):
         kwargs = {k: v for k, v in kwargs.items() if k not in ("hidden_states", "past_key_values", "past_key_value")}
         kwargs["use_cache"] = False
         captured.append((hidden.detach().to(dtype), kwargs))
-        raise _StopForward
+        raise StopForward
 
     handle = first_block.register_forward_pre_hook(catch, with_kwargs=True)
     device = next(model.parameters()).device
@@ -81,7 +79,7 @@ def _capture_block_inputs(model, first_block, calib, dtype):
         for batch in calib.split(FORWARD_BATCH):
             try:
                 model(input_ids=batch.to(device), use_cache=False)
-            except _StopForward:
+            except StopForward:
                 pass
     finally:
         handle.remove()
@@ -108,7 +106,8 @@ class _Checkpoint:
             )
         return state["next_block"]
 
-    def save(self, index: int, layers: dict[str, QuantizedWeight], losses: dict, inputs: list[torch.Tensor]) -> None:
+    def save(self, index: int, layers: dict[str, QuantizedWeight], losses: dict, inputs: list[torch.Tensor],
+             fp_inputs: list[torch.Tensor] | None) -> None:
         self.folder.mkdir(parents=True, exist_ok=True)
         tensors = {}
         for name, q in layers.items():
@@ -118,7 +117,9 @@ class _Checkpoint:
         with atomic_file(self.folder / f"block_{index:04d}.safetensors") as tmp:
             save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp), metadata=meta)
         with atomic_file(self.folder / "inputs.safetensors") as tmp:
-            save_file({f"batch_{i}": x.contiguous() for i, x in enumerate(inputs)}, str(tmp))
+            tensors = {f"batch_{i}": x.contiguous() for i, x in enumerate(inputs)}
+            tensors.update({f"fp_batch_{i}": x.contiguous() for i, x in enumerate(fp_inputs or [])})
+            save_file(tensors, str(tmp))
         write_json(self.progress, {"fingerprint": self.fingerprint, "next_block": index + 1})
 
     def load_block(self, index: int) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
@@ -136,9 +137,12 @@ class _Checkpoint:
         }
         return layers, json.loads(meta["losses"])
 
-    def load_inputs(self) -> list[torch.Tensor]:
+    def load_inputs(self) -> tuple[list[torch.Tensor], list[torch.Tensor] | None]:
+        """The next block's inputs on the quantized path and (dX correction) on the FP path."""
         tensors = load_file(str(self.folder / "inputs.safetensors"))
-        return [tensors[f"batch_{i}"] for i in range(len(tensors))]
+        n = sum(1 for name in tensors if name.startswith("batch_"))
+        fp = [tensors[f"fp_batch_{i}"] for i in range(n)] if "fp_batch_0" in tensors else None
+        return [tensors[f"batch_{i}"] for i in range(n)], fp
 
 
 def _write_back(layer: nn.Linear, q: QuantizedWeight) -> None:
@@ -147,40 +151,44 @@ def _write_back(layer: nn.Linear, q: QuantizedWeight) -> None:
     layer.weight.data = q.dequantize().to(dtype).to(layer.weight.device)
 
 
-def _collect_hessians(block, layers: dict[str, nn.Linear], inputs, kwargs, dtype) -> dict[str, HessianAccumulator]:
-    """Runs the block on every batch, stopping once all `layers` have seen their inputs; returns their Hessians.
-    Layers fed the same tensor (q/k/v, gate/up) share one accumulator, so each Hessian is computed once."""
-    hessians: dict[str, HessianAccumulator] = {}
-    fed: list[tuple[torch.Tensor, HessianAccumulator]] = []  # this batch's distinct inputs
-
-    def hook(name):
-        def accumulate(module, args):
-            x = args[0]
-            shared = next((acc for seen, acc in fed if seen is x), None)
-            if shared is None:
-                shared = hessians.setdefault(name, HessianAccumulator(x.shape[-1], dtype, x.device))
-                shared.add(x.detach())
-                fed.append((x, shared))
-            hessians[name] = shared
-            if all(name in hessians for name in layers) and module is last:
-                raise _StopForward
-
-        return accumulate
-
-    last = list(layers.values())[-1]
-    handles = [layer.register_forward_pre_hook(hook(name)) for name, layer in layers.items()]
+def _run_block(block, inputs, kwargs, dtype) -> list[torch.Tensor]:
     block_dtype = next(block.parameters()).dtype
-    try:
-        for x, kw in zip(inputs, kwargs):
-            fed.clear()
-            try:
-                block(x.to(block_dtype), **kw)
-            except _StopForward:
-                pass
-    finally:
-        for handle in handles:
-            handle.remove()
-    return hessians
+    return [_block_output(block(x.to(block_dtype), **kw)).to(dtype) for x, kw in zip(inputs, kwargs)]
+
+
+class _GroupStatistics:
+    """Gathers a group's LayerStats: input Hessians for every layer (plus dX terms when an FP block is given) and,
+    for BoA's q/k/v group, the attention row factors."""
+
+    def __init__(self, model, adapter: Adapter, config: QuantConfig):
+        self.model, self.adapter, self.config = model, adapter, config
+        self.dtype = getattr(torch, config.hessian_dtype)
+        self._rotary = {}  # seqlen -> rotary matrices (or None without RoPE), the same for every block
+
+    def _rotary_matrices(self, block, seqlen):
+        if seqlen not in self._rotary:
+            attention = dict(block.named_modules())[self.adapter.attention]
+            self._rotary[seqlen] = self.adapter.rotary_matrices(self.model, attention, seqlen)
+        return self._rotary[seqlen]
+
+    def __call__(self, block, group, inputs, kwargs, fp_block=None, fp_inputs=None) -> dict[str, LayerStats]:
+        adapter = self.adapter
+        attention_layers = (adapter.q_proj, adapter.k_proj, adapter.v_proj)
+        recorder = None
+        if self.config.attention_aware and adapter.v_proj in group:
+            recorder = AttentionRecorder(values=True, dtype=self.dtype, stop=group[-1] in attention_layers)
+        hessians = collect_statistics(block, group, inputs, kwargs, self.dtype, fp_block=fp_block,
+                                      fp_inputs=fp_inputs, recorder=recorder, adapter=adapter)
+        stats = {name: LayerStats(acc.H, D=acc.D) for name, acc in hessians.items()}
+        if recorder is not None:
+            shared = hessians[adapter.q_proj]
+            if not (hessians[adapter.k_proj] is shared and hessians[adapter.v_proj] is shared):
+                raise BoaError("BoA needs q_proj, k_proj and v_proj to read the same input; this model's adapter "
+                               "does not fit that (use --method gptq)")
+            rotary = self._rotary_matrices(block, recorder.seqlen)
+            stats.update(attention_layer_stats(adapter, block, shared, recorder.finish(adapter.n_kv_heads), rotary,
+                                               self.config.v_row_factor))
+        return stats
 
 
 def quantize(
@@ -223,12 +231,15 @@ def quantize(
     blocks = adapter.blocks(model)
     cache_dtype = getattr(torch, config.cache_dtype)
     hessian_dtype = getattr(torch, config.hessian_dtype)
-    inputs = kwargs = None
+    with_dx = needs_statistics(config) and config.dx_alpha > 0
+    inputs = kwargs = fp_inputs = None
     if needs_statistics(config):
         with torch.no_grad():
             inputs, kwargs = _capture_block_inputs(model, blocks[0], calib, cache_dtype)
+        fp_inputs = [x.clone() for x in inputs] if with_dx else None
         if first > 0:
-            inputs = checkpoint.load_inputs()
+            inputs, fp_inputs = checkpoint.load_inputs()
+    statistics = _GroupStatistics(model, adapter, config)
 
     groups = adapter.sequential_groups() if config.true_sequential else [adapter.linear_names()]
     bar = tqdm(range(len(blocks)), desc=f"{config.method} w{config.bits}", disable=not progress, unit="block")
@@ -244,31 +255,28 @@ def quantize(
             result.losses.update({prefix + n: v for n, v in losses.items()})
             continue
         block_layers, block_losses = {}, {}
+        fp_block = copy.deepcopy(block) if with_dx else None  # the block's FP weights, for the FP path
         with torch.no_grad():
             for group in groups:
-                linears = {name: modules[name] for name in group}
-                hessians = (
-                    _collect_hessians(block, linears, inputs, kwargs, hessian_dtype) if needs_statistics(config) else {}
-                )
-                for name, layer in linears.items():
-                    H = hessians[name].H if name in hessians else None
+                stats = statistics(block, group, inputs, kwargs, fp_block, fp_inputs) if needs_statistics(config) else {}
+                for name in group:
+                    layer, layer_stats = modules[name], stats.get(name)
                     W = layer.weight.detach()
-                    q = solve_layer(W.to(hessian_dtype if H is not None else torch.float32), H, config)
+                    q = solve_layer(W.to(hessian_dtype if layer_stats else torch.float32), layer_stats, config)
                     _write_back(layer, q)
-                    loss = layer_loss(W.to(H.dtype), layer.weight.to(H.dtype), H) if H is not None else float("nan")
-                    block_layers[name], block_losses[name] = q, loss
-                    if H is not None:
-                        log.info("block %d %s loss %.6g", index, name, loss)
-                        bar.set_postfix_str(f"{name.split('.')[-1]} loss {loss:.4g}")
+                    block_layers[name] = q
+                    block_losses[name] = layer_stats.loss(W, layer.weight) if layer_stats else float("nan")
+                    if layer_stats:
+                        log.info("block %d %s loss %.6g", index, name, block_losses[name])
+                        bar.set_postfix_str(f"{name.split('.')[-1]} loss {block_losses[name]:.4g}")
             if inputs is not None:
-                block_dtype = next(block.parameters()).dtype
-                inputs = [
-                    _block_output(block(x.to(block_dtype), **kw)).to(cache_dtype) for x, kw in zip(inputs, kwargs)
-                ]
+                inputs = _run_block(block, inputs, kwargs, cache_dtype)
+            if fp_inputs is not None:
+                fp_inputs = _run_block(fp_block, fp_inputs, kwargs, cache_dtype)
         result.layers.update({prefix + n: q for n, q in block_layers.items()})
         result.losses.update({prefix + n: v for n, v in block_losses.items()})
         if checkpoint:
-            checkpoint.save(index, block_layers, block_losses, inputs or [])
+            checkpoint.save(index, block_layers, block_losses, inputs or [], fp_inputs)
         if on_block_done:
             on_block_done(index)
     result.seconds = time.perf_counter() - start

@@ -1,14 +1,15 @@
-"""The quantization methods. Each maps a layer's weight (and input Hessian) to integer codes and grids."""
+"""The quantization methods. Each maps a layer's weight (and calibration statistics) to integer codes and grids."""
 from __future__ import annotations
 
 import torch
 
 from boa.algorithms.rtn import rtn
-from boa.algorithms.solver import gptq
+from boa.algorithms.solver import gptq, obs_solve
 from boa.config import QuantConfig
 from boa.quant.quantizer import QuantizedWeight, QuantSpec
+from boa.stats.collect import LayerStats
 
-__all__ = ["gptq", "needs_statistics", "rtn", "solve_layer"]
+__all__ = ["gptq", "needs_statistics", "obs_solve", "rtn", "solve_layer"]
 
 
 def needs_statistics(config: QuantConfig) -> bool:
@@ -16,16 +17,24 @@ def needs_statistics(config: QuantConfig) -> bool:
     return config.method != "rtn" or config.grid == "hessian"
 
 
-def solve_layer(W: torch.Tensor, H: torch.Tensor | None, config: QuantConfig) -> QuantizedWeight:
+def solve_layer(W: torch.Tensor, stats: LayerStats | None, config: QuantConfig) -> QuantizedWeight:
+    """GPTQ, BoA and TurboBoA are one solver: what differs is the statistics (a row factor for BoA's q/k/v) and the
+    config's rows_per_step, dx_alpha and refine_iters."""
     spec = QuantSpec(bits=config.bits, sym=config.sym, group_size=config.group_size, grid=config.grid)
     if config.method == "rtn":
-        return rtn(W, spec, H)
-    return gptq(
+        return rtn(W, spec, stats.H if stats is not None else None)
+    D = stats.D * config.dx_alpha if stats.D is not None and config.dx_alpha > 0 else None
+    return obs_solve(
         W,
-        H,
+        stats.H,
         spec,
+        H_out=stats.H_out,
+        D=D,
+        rows_per_step=config.rows_per_step,
         block_size=config.block_size,
         act_order=config.act_order,
+        row_order=config.row_order,
         static_groups=config.static_groups,
         percdamp=config.percdamp,
+        refine_iters=config.refine_iters,
     )

@@ -5,8 +5,10 @@ at model names.
 """
 from __future__ import annotations
 
+import sys
 from operator import attrgetter
 
+import torch
 from torch import nn
 
 from boa.errors import BoaError
@@ -43,6 +45,7 @@ class Adapter:
     o_proj: str
     mlp_in: tuple[str, ...]          # the MLP's input projections (gate/up, or fc1)
     mlp_out: str                     # its output projection
+    attention: str = "self_attn"     # the attention module inside a block (the one calling the attention function)
     rotary_path: str | None = None   # the model's rotary embedding module, if it has one
 
     def __init__(self, config):
@@ -66,6 +69,15 @@ class Adapter:
     def rotary_embedding(self, model: nn.Module) -> nn.Module | None:
         return attrgetter(self.rotary_path)(model) if self.rotary_path else None
 
+    def rotary_matrices(self, model: nn.Module, attention: nn.Module, seqlen: int) -> torch.Tensor | None:
+        """R (seqlen, d, d): R[t] @ q is what the model's rotary embedding makes of a head vector q at position t.
+        None for models without RoPE."""
+        return None
+
+    def qk_norm_weights(self, attention: nn.Module) -> tuple[torch.Tensor, torch.Tensor] | None:
+        """The per-head-dim weights of norms applied to q and k before RoPE (Qwen3), if any."""
+        return None
+
     def sequential_groups(self) -> list[list[str]]:
         """A block's linear layers in true-sequential order: each group's inputs depend only on earlier groups."""
         return [[self.q_proj, self.k_proj, self.v_proj], [self.o_proj], list(self.mlp_in), [self.mlp_out]]
@@ -85,6 +97,24 @@ class LlamaAdapter(Adapter):
     mlp_out = "mlp.down_proj"
     rotary_path = "model.rotary_emb"
 
+    def rotary_matrices(self, model, attention, seqlen):
+        # Rotate the basis vectors with the modeling file's own apply_rotary_pos_emb, so any rope scaling and layout
+        # the model uses is what we invert.
+        apply = sys.modules[type(attention).__module__].apply_rotary_pos_emb
+        rotary = self.rotary_embedding(model)
+        d = self.head_dim
+        device = next(model.parameters()).device
+        positions = torch.arange(seqlen, device=device)[None]
+        cos, sin = rotary(torch.zeros(1, seqlen, d, device=device, dtype=torch.float32), positions)
+        basis = torch.eye(d, device=device, dtype=torch.float32)[None, :, None, :].expand(1, d, seqlen, d)
+        rotated, _ = apply(basis, basis, cos.float(), sin.float())   # [0, i, t] = R_t e_i
+        return rotated[0].permute(1, 2, 0).contiguous()              # [t, :, i] = R_t e_i
+
+    def qk_norm_weights(self, attention):
+        if getattr(attention, "q_norm", None) is None:
+            return None
+        return attention.q_norm.weight.detach(), attention.k_norm.weight.detach()
+
 
 @register
 class OPTAdapter(Adapter):
@@ -95,3 +125,16 @@ class OPTAdapter(Adapter):
     q_proj, k_proj, v_proj, o_proj = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"
     mlp_in = ("fc1",)
     mlp_out = "fc2"
+
+
+@register
+class BertAdapter(Adapter):
+    """BERT-style encoders (MiniLM): bidirectional attention, no RoPE."""
+
+    model_types = ("bert",)
+    blocks_path = "encoder.layer"
+    attention = "attention.self"
+    q_proj, k_proj, v_proj = "attention.self.query", "attention.self.key", "attention.self.value"
+    o_proj = "attention.output.dense"
+    mlp_in = ("intermediate.dense",)
+    mlp_out = "output.dense"

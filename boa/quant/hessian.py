@@ -11,13 +11,15 @@ MAX_RETRIES = 50
 
 
 class HessianAccumulator:
-    """Streaming mean of 2·x xᵀ over tokens; fp32 (or fp64) whatever the activations' dtype."""
+    """Streaming means of 2·x xᵀ over tokens and, when reference (FP-path) inputs are given, of the dX term
+    2·(x_ref − x) xᵀ (TurboBoA); fp32 (or fp64) whatever the activations' dtype."""
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device=None):
         self.H = torch.zeros(dim, dim, dtype=dtype, device=device)
+        self.D: torch.Tensor | None = None
         self.n = 0
 
-    def add(self, x: torch.Tensor) -> None:
+    def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
         x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
         if not torch.isfinite(x).all():
             raise BoaError(
@@ -26,6 +28,11 @@ class HessianAccumulator:
             )
         n_new = self.n + x.shape[0]
         self.H.mul_(self.n / n_new).addmm_(x.T, x, alpha=2 / n_new)
+        if x_ref is not None:
+            if self.D is None:
+                self.D = torch.zeros_like(self.H)
+            gap = x_ref.reshape(x.shape).to(x.dtype) - x
+            self.D.mul_(self.n / n_new).addmm_(gap.T, x, alpha=2 / n_new)
         self.n = n_new
 
 

@@ -1,0 +1,191 @@
+"""Attention statistics for BoA's Kronecker Hessians (ALGORITHMS.md §4), captured without forking modeling files.
+
+While a block runs under `capturing(...)`, every attention layer calls `capture_attention` (registered with
+transformers' AttentionInterface as CAPTURE) with query and key already rotated (RoPE), shaped (batch, heads, T, d)
+and (batch, kv_heads, T, d). It hands what it sees to the layer's `AttentionRecorder` and then calls the model's own
+implementation, so the block's outputs do not change.
+
+A recorder accumulates, per head, 2E[q qᵀ] and 2E[k kᵀ] (post-RoPE, pooled over tokens and positions) and, for the
+"block_v" Hessians, 2E[(A_h X)(A_h X)ᵀ] with A_h the head's attention probabilities and X the v_proj input. With the
+dX correction an FP pass of the same batch first leaves A_fp X_fp behind, and the quantized pass adds
+2E[(A_fp X_fp − A_q X_q)(A_q X_q)ᵀ].
+"""
+from __future__ import annotations
+
+import contextlib
+import sys
+
+import torch
+from torch import nn
+from transformers import AttentionInterface
+from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+CAPTURE = "boa_capture"
+
+
+class StopForward(Exception):
+    """Raised once a pass has seen everything it needs: the rest of the block need not run."""
+
+
+def attention_probabilities(module: nn.Module, query, key, attention_mask, scaling) -> torch.Tensor:
+    """softmax(q kᵀ · scaling + mask) in fp32, (batch, heads, T, S), with the kv heads repeated for GQA.
+
+    The mask is what the model passed: additive (float) or boolean (True = attend), or None, in which case the
+    layer's `is_causal` decides (sdpa leaves causality implicit)."""
+    groups = query.shape[1] // key.shape[1]
+    key = key.repeat_interleave(groups, dim=1)
+    scores = (query.float() @ key.float().transpose(-1, -2)) * scaling
+    T, S = scores.shape[-2:]
+    if attention_mask is None:
+        if getattr(module, "is_causal", False) and T > 1:
+            causal = torch.ones(T, S, dtype=torch.bool, device=scores.device).tril(S - T)
+            scores = scores.masked_fill(~causal, float("-inf"))
+    elif attention_mask.dtype == torch.bool:
+        scores = scores.masked_fill(~attention_mask[..., :S], float("-inf"))
+    else:
+        scores = scores + attention_mask[..., :S].float()
+    return torch.softmax(scores, dim=-1)
+
+
+class AttentionRecorder:
+    """Accumulates one attention layer's statistics over a statistics pass (sums; `finish` turns them to means).
+
+    values: also the per-head v_proj input Hessians (and, when an FP pass runs first, their dX terms).
+    stop: raise StopForward after recording, once nothing after attention is needed.
+    """
+
+    def __init__(self, values: bool, dtype: torch.dtype = torch.float32, stop: bool = False):
+        self.values = values
+        self.dtype = dtype
+        self.stop = stop
+        self.tokens = 0
+        self.seqlen = 0
+        self.query = self.key = self.value_H = self.value_D = None
+        self.x: dict[str, torch.Tensor] = {}  # v_proj input of the current call, per pass ("fp" / "quantized")
+        self.fp_values = None                 # A_fp X_fp of the current batch, left by the FP pass
+
+    def watch_values(self, v_proj: nn.Linear, which: str):
+        """A hook on v_proj that keeps its input for the attention call that follows."""
+
+        def keep(module, args):
+            self.x[which] = args[0]
+
+        return v_proj.register_forward_pre_hook(keep)
+
+    def _add(self, name: str, value: torch.Tensor) -> None:
+        current = getattr(self, name)
+        setattr(self, name, value if current is None else current + value)
+
+    def _head_values(self, probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """A_h X for every head: (batch, heads, T, C)."""
+        return probs @ x.to(probs.dtype).unsqueeze(1)
+
+    def record(self, which: str, module, query, key, attention_mask, scaling) -> None:
+        values = self.values and which in self.x
+        if which == "fp":
+            if values:
+                probs = attention_probabilities(module, query, key, attention_mask, scaling)
+                self.fp_values = self._head_values(probs, self.x.pop("fp"))
+            return
+        b, h, T, d = query.shape
+        q = query.reshape(b, h, T, d).to(self.dtype)
+        k = key.to(self.dtype)
+        self._add("query", torch.einsum("bhti,bhtj->hij", q, q))
+        self._add("key", torch.einsum("bhti,bhtj->hij", k, k))
+        self.tokens += b * T
+        self.seqlen = max(self.seqlen, T)
+        if values:
+            probs = attention_probabilities(module, query, key, attention_mask, scaling)
+            x = self.x.pop("quantized")
+            for i in range(b):  # one window at a time bounds the (heads, T, C) temporaries
+                y = self._head_values(probs[i : i + 1], x[i : i + 1])[0].to(self.dtype)
+                self._add("value_H", y.transpose(-1, -2) @ y)
+                if self.fp_values is not None:
+                    y_fp = self.fp_values[i].to(self.dtype)
+                    self._add("value_D", (y_fp - y).transpose(-1, -2) @ y)
+            self.fp_values = None
+
+    def finish(self, n_kv_heads: int) -> dict[str, torch.Tensor]:
+        """Means 2E[·] per head: query/key covariances (heads / kv heads, d, d); value_H and value_D per kv head
+        (C, C), each the mean over the q heads that share it."""
+
+        def mean(total):
+            return None if total is None else 2 * total / self.tokens
+
+        def per_kv_head(total):
+            if total is None:
+                return None
+            h = total.shape[0]
+            return mean(total).reshape(n_kv_heads, h // n_kv_heads, *total.shape[1:]).mean(1)
+
+        return {"query": mean(self.query), "key": mean(self.key), "value_H": per_kv_head(self.value_H),
+                "value_D": per_kv_head(self.value_D)}
+
+
+_active: dict[int, tuple[AttentionRecorder, str]] = {}  # id(attention module) -> its recorder and pass
+_replaced: dict[int, str] = {}                              # id(config) -> the implementation CAPTURE stands in for
+
+
+def _stock_implementation(module: nn.Module):
+    name = _replaced.get(id(module.config)) or "eager"
+    if name in ALL_ATTENTION_FUNCTIONS and name != CAPTURE:
+        return ALL_ATTENTION_FUNCTIONS[name]
+    return sys.modules[type(module).__module__].eager_attention_forward
+
+
+def capture_attention(module, query, key, value, attention_mask, **kwargs):
+    """Records what a watched attention layer sees, then runs the model's own implementation (every other layer
+    sharing the config goes straight through)."""
+    if id(module) in _active:
+        recorder, which = _active[id(module)]
+        scaling = kwargs.get("scaling")
+        if scaling is None:
+            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
+        with torch.no_grad():
+            recorder.record(which, module, query, key, attention_mask, scaling)
+        if recorder.stop:
+            raise StopForward
+    return _stock_implementation(module)(module, query, key, value, attention_mask, **kwargs)
+
+
+AttentionInterface.register(CAPTURE, capture_attention)
+
+
+@contextlib.contextmanager
+def capturing(attentions: dict[str, nn.Module], recorder: AttentionRecorder):
+    """Routes the given attention modules ({"fp": module, "quantized": module}) through `capture_attention` for the
+    duration, recording into `recorder`; restores their configs' implementation afterwards."""
+    configs = {id(module.config): module.config for module in attentions.values()}
+    for key, config in configs.items():
+        _replaced[key] = config._attn_implementation
+    _active.update({id(module): (recorder, which) for which, module in attentions.items()})
+    try:
+        for config in configs.values():
+            config._attn_implementation = CAPTURE
+        yield recorder
+    finally:
+        for key, config in configs.items():
+            config._attn_implementation = _replaced.pop(key)
+        for module in attentions.values():
+            _active.pop(id(module), None)
+
+
+def back_rotate(C: torch.Tensor, R: torch.Tensor | None, chunk: int = 128) -> torch.Tensor:
+    """(1/L) Σ_t R_tᵀ C R_t for each matrix of C (heads, d, d); R (L, d, d) the rotary matrices (None: no RoPE)."""
+    if R is None:
+        return C
+    R = R.to(C.dtype)
+    total = torch.zeros_like(C)
+    for t0 in range(0, R.shape[0], chunk):
+        Rt = R[t0 : t0 + chunk]                                  # (t, d, d)
+        total += (Rt.transpose(-1, -2).unsqueeze(0) @ (C.unsqueeze(1) @ Rt.unsqueeze(0))).sum(1)
+    return total / R.shape[0]
+
+
+def output_row_factor(o_weight: torch.Tensor, n_heads: int, n_kv_heads: int) -> torch.Tensor:
+    """W_o,hᵀ W_o,h for each head h (W_o,h: the out-projection columns fed by head h), averaged over the q heads
+    that share a kv head: (kv_heads, d, d). v_proj's exact row factor."""
+    hidden = o_weight.shape[0]
+    per_head = o_weight.T.reshape(n_heads, -1, hidden)          # (heads, d, hidden)
+    F = per_head @ per_head.transpose(-1, -2)
+    return F.reshape(n_kv_heads, n_heads // n_kv_heads, *F.shape[1:]).mean(1)

@@ -1,0 +1,159 @@
+"""The statistics pass: run a block over the calibration batches and gather, for one group of its linear layers, what
+the solver needs: input Hessians, the dX terms against the FP path, and (BoA) the attention row factors."""
+from __future__ import annotations
+
+import contextlib
+from dataclasses import dataclass
+from operator import attrgetter
+
+import torch
+from torch import nn
+
+from boa.models.adapter import Adapter
+from boa.quant.hessian import HessianAccumulator
+from boa.stats.attention import AttentionRecorder, StopForward, back_rotate, capturing, output_row_factor
+
+
+@dataclass
+class LayerStats:
+    """One layer's objective tr(H_out ΔW H ΔWᵀ) − 2 tr(H_out W D ΔWᵀ), summed over heads.
+
+    H: (C, C) input Hessian, or (heads, C, C) one per head; H_out: (heads, d, d) row factors or None (identity);
+    D: the dX term 2E[(X_fp − X_q) X_qᵀ] shaped like H (the solver scales it by α), or None."""
+
+    H: torch.Tensor
+    H_out: torch.Tensor | None = None
+    D: torch.Tensor | None = None
+
+    @property
+    def heads(self) -> int:
+        if self.H_out is not None:
+            return self.H_out.shape[0]
+        return self.H.shape[0] if self.H.dim() == 3 else 1
+
+    def loss(self, W: torch.Tensor, Q: torch.Tensor) -> float:
+        """tr(H_out ΔW H ΔWᵀ) summed over heads, ΔW = Q − W: the error this layer's solve minimises (without dX)."""
+        dW = (Q - W).to(self.H.dtype).reshape(self.heads, -1, W.shape[-1])
+        HdW = dW @ self.H
+        if self.H_out is not None:
+            HdW = self.H_out.to(dW.dtype) @ HdW
+        return float((HdW * dW).sum())
+
+
+def collect_statistics(
+    block: nn.Module,
+    layers: list[str],
+    inputs: list[torch.Tensor],
+    kwargs: list[dict],
+    dtype: torch.dtype,
+    *,
+    fp_block: nn.Module | None = None,
+    fp_inputs: list[torch.Tensor] | None = None,
+    recorder: AttentionRecorder | None = None,
+    adapter: Adapter | None = None,
+) -> dict[str, HessianAccumulator]:
+    """Runs `block` on every batch and returns each layer's accumulator (layers fed the same tensor, like q/k/v or
+    gate/up, share one). With fp_block, the FP block runs first on the same batch of FP-path inputs and each
+    accumulator also gets the dX term. With a recorder, the attention layer's statistics are recorded too.
+    A pass stops as soon as everything it needs has been seen (layers are listed in call order)."""
+    modules = dict(block.named_modules())
+    fp_modules = dict(fp_block.named_modules()) if fp_block is not None else {}
+    hessians: dict[str, HessianAccumulator] = {}
+    fed: list[tuple[torch.Tensor, HessianAccumulator]] = []  # this batch's distinct inputs
+    fp_seen: dict[str, torch.Tensor] = {}
+    last = layers[-1]
+    stop_at_last = recorder is None or not recorder.stop
+
+    def keep_fp(name):
+        def hook(module, args):
+            fp_seen[name] = args[0]
+            if name == last and stop_at_last:
+                raise StopForward
+
+        return hook
+
+    def accumulate(name):
+        def hook(module, args):
+            x = args[0]
+            shared = next((acc for seen, acc in fed if seen is x), None)
+            if shared is None:
+                shared = hessians.get(name) or HessianAccumulator(x.shape[-1], dtype, x.device)
+                shared.add(x.detach(), fp_seen.get(name) if fp_block is not None else None)
+                fed.append((x, shared))
+            hessians[name] = shared
+            if name == last and stop_at_last:
+                raise StopForward
+
+        return hook
+
+    with contextlib.ExitStack() as stack:
+        for name in layers:
+            handle = modules[name].register_forward_pre_hook(accumulate(name))
+            stack.callback(handle.remove)
+            if fp_block is not None:
+                handle = fp_modules[name].register_forward_pre_hook(keep_fp(name))
+                stack.callback(handle.remove)
+        if recorder is not None:
+            attentions = {"quantized": attrgetter(adapter.attention)(block)}
+            watched = {"quantized": modules[adapter.v_proj]}
+            if fp_block is not None:
+                attentions["fp"] = attrgetter(adapter.attention)(fp_block)
+                watched["fp"] = fp_modules[adapter.v_proj]
+            if recorder.values:
+                for which, v_proj in watched.items():
+                    stack.callback(recorder.watch_values(v_proj, which).remove)
+            stack.enter_context(capturing(attentions, recorder))
+        block_dtype = next(block.parameters()).dtype
+        for i, (x, kw) in enumerate(zip(inputs, kwargs)):
+            fed.clear()
+            fp_seen.clear()
+            for module, hidden in ((fp_block, fp_inputs[i] if fp_inputs else None), (block, x)):
+                if module is None:
+                    continue
+                try:
+                    module(hidden.to(block_dtype), **kw)
+                except StopForward:
+                    pass
+    return hessians
+
+
+def attention_layer_stats(
+    adapter: Adapter,
+    block: nn.Module,
+    shared: HessianAccumulator,
+    attention: dict[str, torch.Tensor | None],
+    rotary: torch.Tensor | None,
+    v_row_factor: str,
+) -> dict[str, LayerStats]:
+    """BoA's Kronecker factors for q/k/v (ALGORITHMS.md §4) from the shared input statistics and the recorder's
+    means (`AttentionRecorder.finish`).
+
+    q_proj: H_out = back-rotated key covariance of its kv head; k_proj: back-rotated query covariance averaged over
+    the q heads sharing it; v_proj: per-head input Hessians of A_h X with row factor W_o,hᵀW_o,h ("exact") or none.
+    Qwen3-style q/k norms between projection and RoPE are linearised as diag(γ)/rms(q): the 1/rms factor is one
+    scalar per head after averaging and does not change a Kronecker solve, so H_out becomes diag(γ) H_out diag(γ)
+    (the component of the norm's Jacobian along q itself is dropped).
+    """
+    groups = adapter.n_heads // adapter.n_kv_heads
+    d = adapter.head_dim
+    query, key = attention["query"], attention["key"]
+    H_out_q = back_rotate(key, rotary).repeat_interleave(groups, dim=0)
+    H_out_k = back_rotate(query.reshape(adapter.n_kv_heads, groups, d, d).mean(1), rotary)
+    norms = adapter.qk_norm_weights(attrgetter(adapter.attention)(block))
+    if norms is not None:
+        gamma_q, gamma_k = (g.to(H_out_q.dtype) for g in norms)
+        H_out_q = gamma_q[:, None] * H_out_q * gamma_q[None, :]
+        H_out_k = gamma_k[:, None] * H_out_k * gamma_k[None, :]
+    stats = {
+        adapter.q_proj: LayerStats(shared.H, H_out_q, shared.D),
+        adapter.k_proj: LayerStats(shared.H, H_out_k, shared.D),
+    }
+    if attention["value_H"] is None:  # no attention probabilities recorded: v_proj is plain GPTQ
+        stats[adapter.v_proj] = LayerStats(shared.H, None, shared.D)
+        return stats
+    H_out_v = None
+    if v_row_factor == "exact":
+        o_weight = attrgetter(adapter.o_proj)(block).weight.detach().to(shared.H.dtype)
+        H_out_v = output_row_factor(o_weight, adapter.n_heads, adapter.n_kv_heads)
+    stats[adapter.v_proj] = LayerStats(attention["value_H"], H_out_v, attention["value_D"])
+    return stats

@@ -1,0 +1,179 @@
+"""The attention capture against what the models' own (eager) attention computes: post-RoPE Q and K, attention
+probabilities (causal, GQA, bidirectional, padded), the block_v Hessians, and RoPE back-rotation against explicit
+rotation matrices."""
+import pytest
+import torch
+from transformers import BertConfig, BertModel, Qwen3Config, Qwen3ForCausalLM
+
+from boa.models.adapter import adapter_for
+from boa.stats import AttentionRecorder, LayerStats, attention_layer_stats, back_rotate, capturing
+from boa.stats.collect import collect_statistics
+from boa.stats.attention import attention_probabilities
+
+from conftest import VOCAB, build_llama, build_opt, random_windows
+
+
+class KeepingRecorder(AttentionRecorder):
+    """Also keeps the raw query, key and probabilities it was shown."""
+
+    def record(self, which, module, query, key, attention_mask, scaling):
+        self.seen = (query, key, attention_probabilities(module, query, key, attention_mask, scaling))
+        super().record(which, module, query, key, attention_mask, scaling)
+
+
+def build_bert():
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=VOCAB, max_position_embeddings=64)
+    return BertModel(config, add_pooling_layer=False).float().eval()
+
+
+def build_qwen3():
+    torch.manual_seed(0)
+    config = Qwen3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                         num_key_value_heads=2, head_dim=16, vocab_size=VOCAB, max_position_embeddings=64)
+    model = Qwen3ForCausalLM(config).float().eval()
+    with torch.no_grad():  # non-trivial norm weights, so that the norm matters
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(0.5, 1.5)
+            layer.self_attn.k_norm.weight.uniform_(0.5, 1.5)
+    return model
+
+
+def capture_layer0(model, input_ids, attention_mask=None):
+    """Runs block 0 with its attention captured, on the inputs and kwargs (masks, position embeddings) the model
+    gives it under its default attention (sdpa), as the pipeline does; returns the adapter, the block, the
+    recorder, the v_proj input, and block 0's eager attention probabilities for comparison."""
+    adapter = adapter_for(model.config)
+    block = adapter.blocks(model)[0]
+    attention = block.get_submodule(adapter.attention)
+    seen = {}
+    hooks = [
+        block.register_forward_pre_hook(lambda m, args, kwargs: seen.setdefault("call", (args, kwargs)),
+                                        with_kwargs=True),
+        block.get_submodule(adapter.v_proj).register_forward_pre_hook(lambda m, args: seen.setdefault("x", args[0])),
+    ]
+    with torch.no_grad():
+        model(input_ids=input_ids, attention_mask=attention_mask, use_cache=False)
+    for hook in hooks:
+        hook.remove()
+    recorder = KeepingRecorder(values=True, dtype=torch.float64)
+    watch = recorder.watch_values(block.get_submodule(adapter.v_proj), "quantized")
+    args, kwargs = seen["call"]
+    with torch.no_grad(), capturing({"quantized": attention}, recorder):
+        block(*args, **kwargs)
+    watch.remove()
+    model.set_attn_implementation("eager")
+    with torch.no_grad():
+        eager = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions[0]
+    return adapter, block, recorder, seen["x"], eager
+
+
+@pytest.mark.parametrize("build", [build_llama, build_opt, build_qwen3, build_bert])
+def test_captured_probabilities_equal_the_models_own(build):
+    model = build()
+    ids = random_windows(3, 16)
+    adapter, block, recorder, x, eager = capture_layer0(model, ids)
+    query, key, probs = recorder.seen
+    assert query.shape[1] == adapter.n_heads and key.shape[1] == adapter.n_kv_heads
+    torch.testing.assert_close(probs, eager.float(), atol=1e-5, rtol=1e-4)
+    if build is not build_bert:  # causal: nothing above the diagonal
+        assert float(probs.triu(1).abs().max()) == 0
+
+
+def test_padding_mask_is_applied_for_encoders():
+    model = build_bert()
+    ids = random_windows(2, 12)
+    mask = torch.ones(2, 12, dtype=torch.long)
+    mask[1, 8:] = 0
+    _, _, recorder, _, eager = capture_layer0(model, ids, mask)
+    probs = recorder.seen[2]
+    torch.testing.assert_close(probs, eager.float(), atol=1e-5, rtol=1e-4)
+    assert float(probs[1, :, :, 8:].abs().max()) < 1e-6
+
+
+@pytest.mark.parametrize("build", [build_llama, build_qwen3])
+def test_captured_query_and_key_are_the_rotated_projections(build):
+    """q_t = R_t · norm(W_q x_t), with R_t from adapter.rotary_matrices, equals what attention received."""
+    model = build()
+    ids = random_windows(2, 16)
+    adapter, block, recorder, x, _ = capture_layer0(model, ids)
+    query, key, _ = recorder.seen
+    attention = block.get_submodule(adapter.attention)
+    R = adapter.rotary_matrices(model, attention, 16)
+    d = adapter.head_dim
+    with torch.no_grad():
+        for proj, norm, got in (("q_proj", "q_norm", query), ("k_proj", "k_norm", key)):
+            pre = getattr(attention, proj)(x).reshape(2, 16, -1, d)
+            if hasattr(attention, norm):
+                pre = getattr(attention, norm)(pre)
+            expected = torch.einsum("tij,bthj->bhti", R, pre)
+            torch.testing.assert_close(got, expected, atol=1e-5, rtol=1e-4)
+
+
+def explicit_rotation(cos, sin):
+    """The half-split rotary matrix [[diag cos, −diag sin], [diag sin, diag cos]] for one position."""
+    half = cos.shape[0] // 2
+    c, s = torch.diag(cos[:half]), torch.diag(sin[:half])
+    return torch.cat([torch.cat([c, -s], 1), torch.cat([s, c], 1)], 0)
+
+
+def test_back_rotation_against_explicit_rotation_matrices():
+    model = build_llama()
+    adapter = adapter_for(model.config)
+    attention = adapter.blocks(model)[0].get_submodule(adapter.attention)
+    L, d = 20, adapter.head_dim
+    R = adapter.rotary_matrices(model, attention, L)
+    cos, sin = model.model.rotary_emb(torch.zeros(1, L, d), torch.arange(L)[None])
+    explicit = torch.stack([explicit_rotation(cos[0, t], sin[0, t]) for t in range(L)])
+    torch.testing.assert_close(R, explicit, atol=1e-6, rtol=1e-5)
+    C = torch.randn(3, d, d, dtype=torch.float64)
+    C = C @ C.transpose(-1, -2)
+    expected = sum(explicit[t].double().T @ C @ explicit[t].double() for t in range(L)) / L
+    torch.testing.assert_close(back_rotate(C, R, chunk=7), expected)
+
+
+def test_recorded_means_equal_explicit_statistics():
+    """finish(): 2E[q qᵀ] per q head, 2E[k kᵀ] per kv head, and block_v's 2E[(A_h X)(A_h X)ᵀ] averaged over the q
+    heads that share a kv head (GQA 4 -> 2)."""
+    model = build_llama()
+    ids = random_windows(3, 16)
+    adapter, _, recorder, x, eager = capture_layer0(model, ids)
+    query, key, _ = recorder.seen
+    got = recorder.finish(adapter.n_kv_heads)
+    n = 3 * 16
+    q = query.double().permute(1, 0, 2, 3).reshape(4, n, -1)
+    k = key.double().permute(1, 0, 2, 3).reshape(2, n, -1)
+    torch.testing.assert_close(got["query"], 2 * q.transpose(1, 2) @ q / n)
+    torch.testing.assert_close(got["key"], 2 * k.transpose(1, 2) @ k / n)
+    AX = (eager.double() @ x.double().unsqueeze(1)).permute(1, 0, 2, 3).reshape(4, n, -1)
+    per_q_head = 2 * AX.transpose(1, 2) @ AX / n
+    torch.testing.assert_close(got["value_H"], per_q_head.reshape(2, 2, 64, 64).mean(1), atol=1e-5, rtol=1e-4)
+
+
+def test_qk_norm_linearisation_scales_the_row_factors_by_gamma():
+    model = build_qwen3()
+    adapter = adapter_for(model.config)
+    block = adapter.blocks(model)[0]
+    attention = block.get_submodule(adapter.attention)
+    calib = [random_windows(2, 16)]
+    embeds = [model.model.embed_tokens(calib[0]).detach()]
+    cos_sin = model.model.rotary_emb(embeds[0], torch.arange(16)[None])
+    kwargs = [{"position_embeddings": cos_sin, "attention_mask": None}]
+    group = [adapter.q_proj, adapter.k_proj, adapter.v_proj]
+    recorder = AttentionRecorder(values=True, dtype=torch.float64, stop=True)
+    with torch.no_grad():
+        hessians = collect_statistics(block, group, embeds, kwargs, torch.float64, recorder=recorder, adapter=adapter)
+    means = recorder.finish(adapter.n_kv_heads)
+    R = adapter.rotary_matrices(model, attention, 16)
+    stats = attention_layer_stats(adapter, block, hessians[adapter.q_proj], means, R, "exact")
+    gamma_q = attention.q_norm.weight.detach().double()
+    plain = back_rotate(means["key"], R).repeat_interleave(2, dim=0)
+    torch.testing.assert_close(stats[adapter.q_proj].H_out, gamma_q[:, None] * plain * gamma_q[None, :])
+    # v_proj's exact row factor: the out-projection columns of each head, averaged over the heads sharing a kv head
+    W_o = attention.o_proj.weight.detach().double()
+    per_head = [W_o[:, h * 16 : (h + 1) * 16] for h in range(4)]
+    expected = torch.stack([(per_head[2 * g].T @ per_head[2 * g] + per_head[2 * g + 1].T @ per_head[2 * g + 1]) / 2
+                            for g in range(2)])
+    torch.testing.assert_close(stats[adapter.v_proj].H_out, expected)
+    assert isinstance(stats[adapter.v_proj], LayerStats) and stats[adapter.v_proj].H.shape == (2, 64, 64)
