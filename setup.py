@@ -21,7 +21,7 @@ setup(
         "rdata>=0.11",       # reads Jane Austen's novels from the Debian R package
     ],
     extras_require={
-        "dev": ["pytest>=8", "datasets>=3"],
+        "dev": ["pytest>=8", "datasets>=3", "matplotlib"],
         "eval": ["lm-eval>=0.4", "datasets>=3", "matplotlib"],
         "kernels": ["ninja", "triton"],
     },

@@ -13,15 +13,7 @@ import time
 import boa
 from boa.eval import Report, evaluate_perplexity
 
-
-
-def parse_settings(text: str) -> list[tuple[int, int]]:
-    """"w4g128,w3" -> [(4, 128), (3, -1)]: bits and group size (-1, per-channel, when no g)."""
-    settings = []
-    for item in text.split(","):
-        bits, _, group = item.strip().removeprefix("w").partition("g")
-        settings.append((int(bits), int(group) if group else -1))
-    return settings
+from _common import parse_settings, setting_label  # bench/ is sys.path[0] when run as a script
 
 
 def main() -> None:
@@ -55,7 +47,7 @@ def main() -> None:
             start = time.perf_counter()
             with report.phase(f"quantize {method}"):
                 boa.quantize(model, config, calib, adapter=adapter, progress=True)
-            tag = f"{method} w{bits}" + (f"g{group_size}" if group_size != -1 else "")
+            tag = f"{method} {setting_label(bits, group_size)}"
             evaluate(tag, model, time.perf_counter() - start)
     print()
     report.print()

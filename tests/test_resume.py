@@ -46,11 +46,16 @@ def four_blocks(make_llama):
     return make_llama(num_layers=4)
 
 
-def test_resume_after_interruption_is_bit_identical(four_blocks, calib, tmp_path, monkeypatch):
+TURBOBOA = dict(method="turboboa", bits=3, group_size=32, rows_per_step=4)
+
+
+@pytest.mark.parametrize("settings", [CONFIG, TURBOBOA], ids=["gptq", "turboboa"])
+def test_resume_after_interruption_is_bit_identical(four_blocks, calib, tmp_path, monkeypatch, settings):
     """Interrupted after block 1, the checkpoint says 'next block 2'; resuming on a fresh copy of the same model
     restores blocks 0-1 from their codes, quantizes only blocks 2-3 (on_block_done fires for 2 and 3 only), and
-    ends with weights, codes, grids and losses equal to a run that was never interrupted."""
-    config = boa.QuantConfig(**CONFIG)
+    ends with weights, codes, grids and losses equal to a run that was never interrupted. TurboBoA's dX correction
+    also needs the FP path's inputs back from the checkpoint."""
+    config = boa.QuantConfig(**settings)
     reference_model = copy.deepcopy(four_blocks)
     reference = boa.quantize(reference_model, config, calib, progress=False)
 

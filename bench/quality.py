@@ -1,0 +1,300 @@
+"""Quality / speed benchmark: perplexity and quantization time of each method at each weight setting.
+
+    python bench/quality.py --model smollm2-135m --methods fp,rtn,gptq,boa,turboboa --settings w4g128,w3,w2g64 \\
+        --json bench/results/quality.json [--plot bench/results/quality.png] [--resume]
+
+What it measures. The model is loaded once and one set of calibration windows (`--nsamples` × `--seqlen` tokens
+of Wikipedia, seeded) is drawn and shared by every method, so methods differ only in how they round. For each
+setting × method a fresh copy of the FP model is quantized with boa.quantize (the reported seconds cover that call
+only: no loading, no evaluation) and scored by perplexity on `--eval-windows` held-out windows of 512 tokens of
+Wikipedia and of Jane Austen (boa.eval.evaluate_perplexity). "fp" is the unquantized model, scored once.
+
+Defaults. boa's own default calibration is 128 × 512; here it is 32 × 512 and 16 evaluation windows per corpus,
+so that the full table (fp, rtn, gptq, boa, turboboa at w4g128, w3, w2g64) fits in about an hour on 2 CPU cores.
+Compare numbers only between runs with the same --nsamples/--seqlen/--eval-windows (they are in the JSON).
+
+Methods. A method entry may carry QuantConfig overrides after colons, e.g. `turboboa:rows_per_step=4:refine_iters=0`
+or `rtn:grid=mse` (values are read as int, then float, then true/false, else string). The JSON keeps the whole
+entry string as the row's "method", so several variants of one method can be compared in one run.
+
+Output. The JSON is rewritten (atomically) after every finished row, so an interrupted run keeps what it finished;
+`--resume` then skips the rows already in the file (same method string, bits and group size). At the end a table
+prints perplexity, the excess over FP in % per corpus, seconds and seconds relative to gptq of the same setting,
+and a PNG (one panel per corpus, perplexity on a log scale against the setting) is drawn if matplotlib is installed.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import dataclasses
+import gc
+import json
+import math
+import sys
+import time
+import traceback
+from pathlib import Path
+
+import torch
+
+import boa
+from boa.eval import EVAL_CORPORA, evaluate_perplexity
+from boa.io import atomic_file
+
+from _common import parse_settings, setting_label  # bench/ is sys.path[0] when run as a script
+
+FP = "fp"
+FP_BITS, FP_GROUP = 16, -1
+# Set by the run itself (--settings, --nsamples, --seqlen, the method name), so not overridable per method.
+RESERVED = ("method", "bits", "group_size", "nsamples", "seqlen")
+HEADER_KEYS = ("model", "nsamples", "seqlen", "eval_windows")  # must match for --resume to reuse rows
+
+
+@dataclasses.dataclass
+class MethodEntry:
+    entry: str        # as given, e.g. "turboboa:rows_per_step=4"; the row's "method" in the JSON
+    method: str       # "turboboa"
+    overrides: dict   # {"rows_per_step": 4}
+
+
+def parse_value(text: str):
+    """"4" -> 4, "0.25" -> 0.25, "true"/"false" -> bool, anything else stays a string."""
+    for cast in (int, float):
+        try:
+            return cast(text)
+        except ValueError:
+            pass
+    if text.lower() in ("true", "false"):
+        return text.lower() == "true"
+    return text
+
+
+def parse_methods(text: str) -> list[MethodEntry]:
+    """"fp,rtn,turboboa:rows_per_step=4" -> entries; override keys are checked against QuantConfig's fields."""
+    fields = {f.name for f in dataclasses.fields(boa.QuantConfig)}
+    entries = []
+    for item in text.split(","):
+        item = item.strip()
+        method, *pairs = item.split(":")
+        overrides = {}
+        for pair in pairs:
+            key, sep, value = pair.partition("=")
+            if not sep or not key:
+                raise SystemExit(f"method entry {item!r}: override {pair!r} is not of the form key=value")
+            if key in RESERVED:
+                raise SystemExit(f"method entry {item!r}: {key!r} is set by the run (--settings, --nsamples, "
+                                 "--seqlen or the method name) and cannot be overridden per method")
+            if key not in fields:
+                raise SystemExit(f"method entry {item!r}: {key!r} is not a QuantConfig field; known fields: "
+                                 f"{', '.join(sorted(fields - set(RESERVED)))}")
+            overrides[key] = parse_value(value)
+        if method == FP and overrides:
+            raise SystemExit(f"method entry {item!r}: fp takes no overrides")
+        if item in (e.entry for e in entries):
+            raise SystemExit(f"method entry {item!r} is given twice")
+        entries.append(MethodEntry(item, method, overrides))
+    return entries
+
+
+def make_config(entry: MethodEntry, bits: int, group_size: int, args) -> boa.QuantConfig:
+    try:
+        return boa.QuantConfig(method=entry.method, bits=bits, group_size=group_size, nsamples=args.nsamples,
+                               seqlen=args.seqlen, **entry.overrides)
+    except (boa.BoaError, TypeError) as e:
+        raise SystemExit(f"method entry {entry.entry!r} at {setting_label(bits, group_size)}: {e}") from None
+
+
+def row_key(row: dict) -> tuple:
+    return row["method"], row["bits"], row["group_size"]
+
+
+def write_results(path: Path, data: dict) -> None:
+    """Temporary file beside `path`, then os.replace: the file is always a whole, valid JSON."""
+    with atomic_file(path) as tmp:
+        tmp.write_text(json.dumps(data, indent=2) + "\n")
+
+
+def load_previous(path: Path, header: dict) -> list[dict]:
+    """The rows of an earlier run in `path` (for --resume), refusing a file made with other settings."""
+    if not path.exists():
+        return []
+    data = json.loads(path.read_text())
+    mismatch = {k: (data.get(k), header[k]) for k in HEADER_KEYS if data.get(k) != header[k]}
+    if mismatch:
+        detail = ", ".join(f"{k}: file {old!r} vs now {new!r}" for k, (old, new) in mismatch.items())
+        raise SystemExit(f"--resume: {path} was made with other settings ({detail}); use another --json")
+    if data.get("threads") != header["threads"]:
+        print(f"note: {path} was timed with {data.get('threads')} threads, this run uses {header['threads']}; "
+              "seconds are not comparable across them")
+    return list(data.get("results", []))
+
+
+def format_row(row: dict) -> str:
+    ppl = " ".join(f"{k}={row[k]:.3f}" for k in row if k.startswith("ppl_"))
+    label = "" if row["method"] == FP else " " + setting_label(row["bits"], row["group_size"])
+    return f"{row['method']}{label}: {ppl} seconds={row['seconds']:.1f}"
+
+
+def print_table(rows: list[dict], corpora: list[str]) -> None:
+    """method, setting, ppl per corpus, excess over FP in % per corpus, seconds, seconds / gptq's (same setting)."""
+    fp = next((r for r in rows if r["method"] == FP), None)
+    gptq = {}
+    for r in rows:   # the plain "gptq" entry if present, else the first gptq variant
+        if r["method"] == "gptq" or (r["method"].split(":")[0] == "gptq" and (r["bits"], r["group_size"]) not in gptq):
+            gptq[(r["bits"], r["group_size"])] = r["seconds"]
+    header = ["method", "setting", *(f"ppl {c}" for c in corpora)]
+    header += [f"+% {c}" for c in corpora] + ["seconds"] + (["× gptq"] if gptq else [])
+    table = []
+    for r in rows:
+        line = [r["method"], "-" if r["method"] == FP else setting_label(r["bits"], r["group_size"])]
+        line += [f"{r[f'ppl_{c}']:.3f}" for c in corpora]
+        line += [f"{100 * (r[f'ppl_{c}'] / fp[f'ppl_{c}'] - 1):+.1f}" if fp else "" for c in corpora]
+        line.append(f"{r['seconds']:.1f}")
+        if gptq:
+            ref = gptq.get((r["bits"], r["group_size"]))
+            line.append(f"{r['seconds'] / ref:.2f}" if ref and r["method"] != FP else "")
+        table.append(line)
+    widths = [max(len(h), *(len(line[i]) for line in table)) for i, h in enumerate(header)]
+    print("  ".join(h.ljust(w) if i < 2 else h.rjust(w) for i, (h, w) in enumerate(zip(header, widths))))
+    for line in table:
+        print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
+
+
+def plot(rows: list[dict], corpora: list[str], settings: list[tuple[int, int]], path: Path, title: str) -> None:
+    """One panel per corpus: perplexity (log) against the setting, a line per method, FP dashed."""
+    try:
+        import matplotlib
+    except ImportError:
+        print("note: matplotlib is not installed (pip install matplotlib); no plot drawn")
+        return
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+    from matplotlib.ticker import FuncFormatter
+
+    def plain(value, _pos):   # 20, 50, 100, ... rather than 2×10^1
+        return f"{value:g}"
+
+    def plain_2_5(value, _pos):   # minor ticks: label only the 2s and 5s of each decade
+        return f"{value:g}" if value > 0 and round(value / 10 ** math.floor(math.log10(value)), 6) in (2, 5) else ""
+
+    labels = [setting_label(*s) for s in settings]
+    fp = next((r for r in rows if r["method"] == FP), None)
+    methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != FP))
+    by_key = {row_key(r): r for r in rows}
+    fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4.2), squeeze=False)
+    for ax, corpus in zip(axes[0], corpora):
+        for method in methods:
+            ys = [by_key.get((method, *s), {}).get(f"ppl_{corpus}", math.nan) for s in settings]
+            ax.plot(labels, ys, marker="o", label=method)
+        if fp:
+            ax.axhline(fp[f"ppl_{corpus}"], color="black", linestyle="--", linewidth=1, label="fp")
+        ax.set_yscale("log")
+        ax.yaxis.set_major_formatter(FuncFormatter(plain))
+        ax.yaxis.set_minor_formatter(FuncFormatter(plain_2_5))
+        ax.set_title(corpus)
+        ax.set_xlabel("setting")
+        ax.set_ylabel("perplexity")
+        ax.grid(True, which="both", alpha=0.3)
+    axes[0][0].legend(fontsize="small")
+    fig.suptitle(title)
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    print(f"plot: {path}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("--model", default="smollm2-135m", help="a name or path for boa.load_model")
+    parser.add_argument("--methods", default="fp,rtn,gptq,boa,turboboa",
+                        help="comma-separated methods, each optionally with :key=value QuantConfig overrides")
+    parser.add_argument("--settings", default="w4g128,w3,w2g64", help="comma-separated wBITS[gGROUP]")
+    parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (shared by every method)")
+    parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 tokens per corpus")
+    parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
+    parser.add_argument("--json", required=True, help="results file, rewritten after every finished row")
+    parser.add_argument("--plot", help="PNG path (default: the --json path with .png)")
+    parser.add_argument("--no-plot", action="store_true", help="draw no plot")
+    parser.add_argument("--resume", action="store_true", help="skip the rows already in the --json file")
+    args = parser.parse_args()
+
+    if args.threads is not None:
+        torch.set_num_threads(args.threads)
+    settings = parse_settings(args.settings)
+    entries = parse_methods(args.methods)
+    quantized = [e for e in entries if e.method != FP]
+    for entry in quantized:   # catch a bad method, setting or override before spending an hour
+        for bits, group_size in settings:
+            make_config(entry, bits, group_size, args)
+
+    json_path = Path(args.json)
+    header = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
+              "eval_windows": args.eval_windows, "threads": torch.get_num_threads(), "torch": torch.__version__}
+    rows = load_previous(json_path, header) if args.resume else []
+    done = {row_key(r) for r in rows}
+    todo = [(e, FP_BITS, FP_GROUP) for e in entries if e.method == FP]
+    todo += [(e, bits, group_size) for bits, group_size in settings for e in quantized]
+    pending = [t for t in todo if (t[0].entry, t[1], t[2]) not in done]
+    if args.resume:
+        print(f"--resume: {len(todo) - len(pending)} of {len(todo)} rows already in {json_path}")
+
+    corpora = list(EVAL_CORPORA)
+    failed = []
+    if pending:
+        fp_model, tokenizer, adapter = boa.load_model(args.model)
+        calib = None
+        if quantized:
+            calib = boa.data.calibration_windows(tokenizer, "wikipedia", nsamples=args.nsamples, seqlen=args.seqlen)
+        print(f"{args.model}: calibration {args.nsamples} × {args.seqlen} Wikipedia tokens (shared by every method); "
+              f"perplexity on {args.eval_windows} × 512 held-out tokens of {' and '.join(corpora)}; "
+              f"torch threads: {torch.get_num_threads()}", flush=True)
+        for entry, bits, group_size in pending:
+            try:
+                if entry.method == FP:
+                    model, seconds, config = fp_model, 0.0, {}
+                else:
+                    model = copy.deepcopy(fp_model)
+                    cfg = make_config(entry, bits, group_size, args)
+                    start = time.perf_counter()
+                    boa.quantize(model, cfg, calib, adapter=adapter, progress=True)
+                    seconds, config = time.perf_counter() - start, cfg.to_dict()
+                ppl = evaluate_perplexity(model, tokenizer, max_windows=args.eval_windows)
+            except Exception:   # keep going: the other rows are still worth having; this one is retried on --resume
+                traceback.print_exc()
+                failed.append(entry.entry if entry.method == FP else f"{entry.entry} {setting_label(bits, group_size)}")
+                print(f"FAILED: {failed[-1]}", flush=True)
+                continue
+            finally:
+                model = None
+                gc.collect()
+            row = {"method": entry.entry, "bits": bits, "group_size": group_size, **ppl, "seconds": seconds,
+                   "config": config}
+            rows = [r for r in rows if row_key(r) != row_key(row)] + [row]
+            write_results(json_path, {**header, "results": rows})
+            print(format_row(row), flush=True)
+    elif not rows:
+        raise SystemExit("nothing to run")
+
+    # The table and plot cover what this command asked for, in its order (the file may hold more after --resume).
+    # FP (the reference for the excess columns) is shown whenever the file has it.
+    by_key = {row_key(r): r for r in rows}
+    wanted = [(FP, FP_BITS, FP_GROUP)] + [(e.entry, b, g) for e, b, g in todo if e.method != FP]
+    shown = [by_key[k] for k in wanted if k in by_key]
+    print()
+    print_table(shown, corpora)
+    if len(rows) > len(shown):
+        print(f"({len(rows) - len(shown)} more rows from earlier runs are in {json_path})")
+    print(f"results: {json_path}")
+    if not args.no_plot:
+        plot_path = Path(args.plot) if args.plot else json_path.with_suffix(".png")
+        plot(shown, corpora, settings, plot_path,
+             f"{args.model}: {args.nsamples}×{args.seqlen} calibration, {args.eval_windows} eval windows")
+    if failed:
+        print(f"{len(failed)} row(s) failed: {', '.join(failed)} (rerun with --resume to retry them)")
+        sys.exit(1)
+
+
+if __name__ == "__main__":
+    main()
