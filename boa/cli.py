@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from boa.config import BITS, GRIDS, METHODS, QuantConfig
+from boa.config import BITS, GRIDS, METHODS, V_ROW_FACTORS, QuantConfig
 from boa.errors import BoaError
 
 
@@ -34,6 +34,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--act-order", action="store_true")
     q.add_argument("--static-groups", action="store_true")
     q.add_argument("--percdamp", type=float, default=0.01)
+    t = q.add_argument_group("BoA / TurboBoA (defaults follow --method: boa N=1; turboboa N=16, dX 0.25, 1 sweep)")
+    t.add_argument("--rows-per-step", type=int, help="N rows of a head quantized jointly (1 = BoA)")
+    t.add_argument("--dx-alpha", type=float, help="weight of the earlier layers' error term (0 = off)")
+    t.add_argument("--refine-iters", type=int, help="scale-refinement sweeps after rounding (0 = off)")
+    t.add_argument("--v-row-factor", choices=V_ROW_FACTORS, default="exact",
+                   help="v_proj row factor: W_o,hᵀW_o,h (exact) or identity (the public code)")
+    t.add_argument("--row-order", action="store_true", help="rows of each head by decreasing diag(H_out)")
     q.add_argument("--calib", default="wikipedia", help="corpus: wikipedia, a .txt/.jsonl file, wikitext2, c4")
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
@@ -82,6 +89,8 @@ def _quantize(args, report) -> None:
         method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, grid=args.grid,
         act_order=args.act_order, static_groups=args.static_groups, percdamp=args.percdamp, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype,
+        rows_per_step=args.rows_per_step, dx_alpha=args.dx_alpha, refine_iters=args.refine_iters,
+        v_row_factor=args.v_row_factor, row_order=args.row_order,
     )
     with report.phase("load"):
         model, tokenizer, adapter = load_model(args.model)

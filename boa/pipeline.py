@@ -8,7 +8,6 @@ the layers, write their dequantized weights back -> the block's outputs are the 
 """
 from __future__ import annotations
 
-import copy
 import hashlib
 import json
 import logging
@@ -29,6 +28,7 @@ from boa.models.adapter import Adapter, adapter_for
 from boa.models.loader import check_finite
 from boa.quant.quantizer import QuantizedWeight
 from boa.stats import AttentionRecorder, LayerStats, StopForward, attention_layer_stats, collect_statistics
+from boa.stats.collect import run_fp_block
 
 log = logging.getLogger(__name__)
 
@@ -171,14 +171,14 @@ class _GroupStatistics:
             self._rotary[seqlen] = self.adapter.rotary_matrices(self.model, attention, seqlen)
         return self._rotary[seqlen]
 
-    def __call__(self, block, group, inputs, kwargs, fp_block=None, fp_inputs=None) -> dict[str, LayerStats]:
+    def __call__(self, block, group, inputs, kwargs, fp=None) -> dict[str, LayerStats]:
         adapter = self.adapter
         attention_layers = (adapter.q_proj, adapter.k_proj, adapter.v_proj)
         recorder = None
         if self.config.attention_aware and adapter.v_proj in group:
             recorder = AttentionRecorder(values=True, dtype=self.dtype, stop=group[-1] in attention_layers)
-        hessians = collect_statistics(block, group, inputs, kwargs, self.dtype, fp_block=fp_block,
-                                      fp_inputs=fp_inputs, recorder=recorder, adapter=adapter)
+        hessians = collect_statistics(block, group, inputs, kwargs, self.dtype, fp=fp, recorder=recorder,
+                                      adapter=adapter)
         stats = {name: LayerStats(acc.H, D=acc.D) for name, acc in hessians.items()}
         if recorder is not None:
             shared = hessians[adapter.q_proj]
@@ -255,10 +255,11 @@ def quantize(
             result.losses.update({prefix + n: v for n, v in losses.items()})
             continue
         block_layers, block_losses = {}, {}
-        fp_block = copy.deepcopy(block) if with_dx else None  # the block's FP weights, for the FP path
         with torch.no_grad():
+            # the FP path: this block before quantization, on the FP path's inputs (TurboBoA's dX reference)
+            fp = run_fp_block(block, adapter, fp_inputs, kwargs, cache_dtype, config.attention_aware) if with_dx else None
             for group in groups:
-                stats = statistics(block, group, inputs, kwargs, fp_block, fp_inputs) if needs_statistics(config) else {}
+                stats = statistics(block, group, inputs, kwargs, fp) if needs_statistics(config) else {}
                 for name in group:
                     layer, layer_stats = modules[name], stats.get(name)
                     W = layer.weight.detach()
@@ -271,8 +272,9 @@ def quantize(
                         bar.set_postfix_str(f"{name.split('.')[-1]} loss {block_losses[name]:.4g}")
             if inputs is not None:
                 inputs = _run_block(block, inputs, kwargs, cache_dtype)
-            if fp_inputs is not None:
-                fp_inputs = _run_block(fp_block, fp_inputs, kwargs, cache_dtype)
+            if fp is not None:
+                fp_inputs = fp.outputs
+                del fp
         result.layers.update({prefix + n: q for n, q in block_layers.items()})
         result.losses.update({prefix + n: v for n, v in block_losses.items()})
         if checkpoint:

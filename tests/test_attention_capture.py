@@ -58,7 +58,7 @@ def capture_layer0(model, input_ids, attention_mask=None):
     for hook in hooks:
         hook.remove()
     recorder = KeepingRecorder(values=True, dtype=torch.float64)
-    watch = recorder.watch_values(block.get_submodule(adapter.v_proj), "quantized")
+    watch = recorder.watch_values(block.get_submodule(adapter.v_proj))
     args, kwargs = seen["call"]
     with torch.no_grad(), capturing({"quantized": attention}, recorder):
         block(*args, **kwargs)

@@ -3,12 +3,12 @@
 While a block runs under `capturing(...)`, every attention layer calls `capture_attention` (registered with
 transformers' AttentionInterface as CAPTURE) with query and key already rotated (RoPE), shaped (batch, heads, T, d)
 and (batch, kv_heads, T, d). It hands what it sees to the layer's `AttentionRecorder` and then calls the model's own
-implementation, so the block's outputs do not change.
+implementation, so the block's outputs do not change. Masks are built by the model before its blocks run, so
+capture block calls whose kwargs came from the stock implementation (as the pipeline does).
 
 A recorder accumulates, per head, 2E[q qᵀ] and 2E[k kᵀ] (post-RoPE, pooled over tokens and positions) and, for the
 "block_v" Hessians, 2E[(A_h X)(A_h X)ᵀ] with A_h the head's attention probabilities and X the v_proj input. With the
-dX correction an FP pass of the same batch first leaves A_fp X_fp behind, and the quantized pass adds
-2E[(A_fp X_fp − A_q X_q)(A_q X_q)ᵀ].
+dX correction the FP pass keeps its query/key, and the quantized pass adds 2E[(A_fp X_fp − A_q X_q)(A_q X_q)ᵀ].
 """
 from __future__ import annotations
 
@@ -50,8 +50,9 @@ def attention_probabilities(module: nn.Module, query, key, attention_mask, scali
 class AttentionRecorder:
     """Accumulates one attention layer's statistics over a statistics pass (sums; `finish` turns them to means).
 
-    values: also the per-head v_proj input Hessians (and, when an FP pass runs first, their dX terms).
-    stop: raise StopForward after recording, once nothing after attention is needed.
+    values: also the per-head v_proj input Hessians and, when `reference` holds the FP pass's attention call for the
+    current batch, their dX terms. stop: raise StopForward after recording, once nothing after attention is needed.
+    On the FP pass (which="fp") a recorder only keeps each call's (query, key, mask, scaling) in `kept`.
     """
 
     def __init__(self, values: bool, dtype: torch.dtype = torch.float32, stop: bool = False):
@@ -61,14 +62,15 @@ class AttentionRecorder:
         self.tokens = 0
         self.seqlen = 0
         self.query = self.key = self.value_H = self.value_D = None
-        self.x: dict[str, torch.Tensor] = {}  # v_proj input of the current call, per pass ("fp" / "quantized")
-        self.fp_values = None                 # A_fp X_fp of the current batch, left by the FP pass
+        self.x: torch.Tensor | None = None  # v_proj input of the current call
+        self.kept: list[tuple] = []         # FP pass: (query, key, mask, scaling) per call
+        self.reference: tuple | None = None  # quantized pass: the FP call's (query, key, mask, scaling, v_proj input)
 
-    def watch_values(self, v_proj: nn.Linear, which: str):
+    def watch_values(self, v_proj: nn.Linear):
         """A hook on v_proj that keeps its input for the attention call that follows."""
 
         def keep(module, args):
-            self.x[which] = args[0]
+            self.x = args[0]
 
         return v_proj.register_forward_pre_hook(keep)
 
@@ -76,34 +78,31 @@ class AttentionRecorder:
         current = getattr(self, name)
         setattr(self, name, value if current is None else current + value)
 
-    def _head_values(self, probs: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
-        """A_h X for every head: (batch, heads, T, C)."""
-        return probs @ x.to(probs.dtype).unsqueeze(1)
-
     def record(self, which: str, module, query, key, attention_mask, scaling) -> None:
-        values = self.values and which in self.x
         if which == "fp":
-            if values:
-                probs = attention_probabilities(module, query, key, attention_mask, scaling)
-                self.fp_values = self._head_values(probs, self.x.pop("fp"))
+            self.kept.append((query, key, attention_mask, scaling))
             return
         b, h, T, d = query.shape
-        q = query.reshape(b, h, T, d).to(self.dtype)
+        q = query.to(self.dtype)
         k = key.to(self.dtype)
         self._add("query", torch.einsum("bhti,bhtj->hij", q, q))
         self._add("key", torch.einsum("bhti,bhtj->hij", k, k))
         self.tokens += b * T
         self.seqlen = max(self.seqlen, T)
-        if values:
-            probs = attention_probabilities(module, query, key, attention_mask, scaling)
-            x = self.x.pop("quantized")
-            for i in range(b):  # one window at a time bounds the (heads, T, C) temporaries
-                y = self._head_values(probs[i : i + 1], x[i : i + 1])[0].to(self.dtype)
-                self._add("value_H", y.transpose(-1, -2) @ y)
-                if self.fp_values is not None:
-                    y_fp = self.fp_values[i].to(self.dtype)
-                    self._add("value_D", (y_fp - y).transpose(-1, -2) @ y)
-            self.fp_values = None
+        if not self.values:
+            return
+        x, self.x = self.x, None
+        for i in range(b):  # one window at a time bounds the (heads, T, T) and (heads, T, C) temporaries
+            probs = attention_probabilities(module, query[i : i + 1], key[i : i + 1], _window(attention_mask, i),
+                                            scaling)
+            y = (probs[0] @ x[i].to(probs.dtype)).to(self.dtype)               # A_h X: (heads, T, C)
+            self._add("value_H", y.transpose(-1, -2) @ y)
+            if self.reference is not None:
+                q_fp, k_fp, mask_fp, scaling_fp, x_fp = self.reference
+                probs_fp = attention_probabilities(module, q_fp[i : i + 1], k_fp[i : i + 1],
+                                                   _window(mask_fp, i), scaling_fp)
+                y_fp = (probs_fp[0] @ x_fp[i].to(probs_fp.dtype)).to(self.dtype)
+                self._add("value_D", (y_fp - y).transpose(-1, -2) @ y)
 
     def finish(self, n_kv_heads: int) -> dict[str, torch.Tensor]:
         """Means 2E[·] per head: query/key covariances (heads / kv heads, d, d); value_H and value_D per kv head
@@ -120,6 +119,13 @@ class AttentionRecorder:
 
         return {"query": mean(self.query), "key": mean(self.key), "value_H": per_kv_head(self.value_H),
                 "value_D": per_kv_head(self.value_D)}
+
+
+def _window(mask: torch.Tensor | None, i: int) -> torch.Tensor | None:
+    """Window i's slice of a (batch or 1, 1, T, S) mask."""
+    if mask is None or mask.shape[0] == 1:
+        return mask
+    return mask[i : i + 1]
 
 
 _active: dict[int, tuple[AttentionRecorder, str]] = {}  # id(attention module) -> its recorder and pass

@@ -40,6 +40,50 @@ class LayerStats:
         return float((HdW * dW).sum())
 
 
+@dataclass
+class FPPass:
+    """The unquantized block on the FP path's inputs (TurboBoA's dX reference): per batch, every linear layer's
+    input and the attention call's (query, key, mask, scaling); and the outputs, the next block's FP inputs."""
+
+    layer_inputs: list[dict[str, torch.Tensor]]
+    attention: list[tuple] | None
+    outputs: list[torch.Tensor]
+
+
+def run_fp_block(block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torch.dtype, attention: bool) -> FPPass:
+    """One full forward of the block (before any of its layers is quantized) that keeps what the dX terms need.
+    Layers fed the same tensor keep one copy; inputs are stored in `dtype` (the cache dtype)."""
+    modules = dict(block.named_modules())
+    layer_inputs: list[dict[str, torch.Tensor]] = []
+    stored: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's distinct inputs and their copies
+
+    def keep(name):
+        def hook(module, args):
+            x = args[0]
+            copy = next((kept for seen, kept in stored if seen is x), None)
+            if copy is None:
+                copy = x.detach().to(dtype)
+                stored.append((x, copy))
+            layer_inputs[-1][name] = copy
+
+        return hook
+
+    recorder = AttentionRecorder(values=False) if attention else None
+    block_dtype = next(block.parameters()).dtype
+    outputs = []
+    with contextlib.ExitStack() as stack:
+        for name in adapter.linear_names():
+            stack.callback(modules[name].register_forward_pre_hook(keep(name)).remove)
+        if recorder is not None:
+            stack.enter_context(capturing({"fp": attrgetter(adapter.attention)(block)}, recorder))
+        for x, kw in zip(inputs, kwargs):
+            layer_inputs.append({})
+            stored.clear()
+            out = block(x.to(block_dtype), **kw)
+            outputs.append((out[0] if isinstance(out, tuple) else out).to(dtype))
+    return FPPass(layer_inputs, recorder.kept if recorder is not None else None, outputs)
+
+
 def collect_statistics(
     block: nn.Module,
     layers: list[str],
@@ -47,30 +91,20 @@ def collect_statistics(
     kwargs: list[dict],
     dtype: torch.dtype,
     *,
-    fp_block: nn.Module | None = None,
-    fp_inputs: list[torch.Tensor] | None = None,
+    fp: FPPass | None = None,
     recorder: AttentionRecorder | None = None,
     adapter: Adapter | None = None,
 ) -> dict[str, HessianAccumulator]:
     """Runs `block` on every batch and returns each layer's accumulator (layers fed the same tensor, like q/k/v or
-    gate/up, share one). With fp_block, the FP block runs first on the same batch of FP-path inputs and each
-    accumulator also gets the dX term. With a recorder, the attention layer's statistics are recorded too.
-    A pass stops as soon as everything it needs has been seen (layers are listed in call order)."""
+    gate/up, share one). With `fp`, each accumulator also gets the dX term against the FP pass's inputs, and the
+    recorder (if any) the attention's. A pass stops as soon as everything it needs has been seen (layers are listed
+    in call order)."""
     modules = dict(block.named_modules())
-    fp_modules = dict(fp_block.named_modules()) if fp_block is not None else {}
     hessians: dict[str, HessianAccumulator] = {}
     fed: list[tuple[torch.Tensor, HessianAccumulator]] = []  # this batch's distinct inputs
-    fp_seen: dict[str, torch.Tensor] = {}
+    fp_inputs: dict[str, torch.Tensor] = {}
     last = layers[-1]
     stop_at_last = recorder is None or not recorder.stop
-
-    def keep_fp(name):
-        def hook(module, args):
-            fp_seen[name] = args[0]
-            if name == last and stop_at_last:
-                raise StopForward
-
-        return hook
 
     def accumulate(name):
         def hook(module, args):
@@ -78,7 +112,7 @@ def collect_statistics(
             shared = next((acc for seen, acc in fed if seen is x), None)
             if shared is None:
                 shared = hessians.get(name) or HessianAccumulator(x.shape[-1], dtype, x.device)
-                shared.add(x.detach(), fp_seen.get(name) if fp_block is not None else None)
+                shared.add(x.detach(), fp_inputs.get(name))
                 fed.append((x, shared))
             hessians[name] = shared
             if name == last and stop_at_last:
@@ -88,32 +122,22 @@ def collect_statistics(
 
     with contextlib.ExitStack() as stack:
         for name in layers:
-            handle = modules[name].register_forward_pre_hook(accumulate(name))
-            stack.callback(handle.remove)
-            if fp_block is not None:
-                handle = fp_modules[name].register_forward_pre_hook(keep_fp(name))
-                stack.callback(handle.remove)
+            stack.callback(modules[name].register_forward_pre_hook(accumulate(name)).remove)
         if recorder is not None:
-            attentions = {"quantized": attrgetter(adapter.attention)(block)}
-            watched = {"quantized": modules[adapter.v_proj]}
-            if fp_block is not None:
-                attentions["fp"] = attrgetter(adapter.attention)(fp_block)
-                watched["fp"] = fp_modules[adapter.v_proj]
             if recorder.values:
-                for which, v_proj in watched.items():
-                    stack.callback(recorder.watch_values(v_proj, which).remove)
-            stack.enter_context(capturing(attentions, recorder))
+                stack.callback(recorder.watch_values(modules[adapter.v_proj]).remove)
+            stack.enter_context(capturing({"quantized": attrgetter(adapter.attention)(block)}, recorder))
         block_dtype = next(block.parameters()).dtype
         for i, (x, kw) in enumerate(zip(inputs, kwargs)):
             fed.clear()
-            fp_seen.clear()
-            for module, hidden in ((fp_block, fp_inputs[i] if fp_inputs else None), (block, x)):
-                if module is None:
-                    continue
-                try:
-                    module(hidden.to(block_dtype), **kw)
-                except StopForward:
-                    pass
+            if fp is not None:
+                fp_inputs = fp.layer_inputs[i]
+                if recorder is not None and fp.attention is not None:
+                    recorder.reference = (*fp.attention[i], fp_inputs[adapter.v_proj])
+            try:
+                block(x.to(block_dtype), **kw)
+            except StopForward:
+                pass
     return hessians
 
 
