@@ -177,3 +177,13 @@ def test_cli_resume(tiny_llama_dir, calib_txt, tmp_path, monkeypatch):
     assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
     manifest = json.loads((out / "quantization.json").read_text())
     assert manifest == json.loads((tmp_path / "FRESH" / "quantization.json").read_text())
+
+
+def test_cli_turboboa_knobs_reach_the_config(tiny_llama_dir, calib_txt, tmp_path):
+    """`--method turboboa` with its knobs: the saved config holds them, method defaults fill the rest."""
+    out = tmp_path / "OUT"
+    assert main(cli_args(tiny_llama_dir, calib_txt, out, "--method", "turboboa", "--rows-per-step", "4",
+                         "--v-row-factor", "identity")) == 0
+    _, _, config = boa.load(out)
+    assert (config.method, config.rows_per_step, config.v_row_factor) == ("turboboa", 4, "identity")
+    assert (config.dx_alpha, config.refine_iters) == (0.25, 1)
