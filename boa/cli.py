@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help=f"one of {BITS}")
     q.add_argument("--group-size", type=int, default=128, help="-1 for per-channel grids")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
-    q.add_argument("--grid", choices=GRIDS, default="minmax")
+    q.add_argument("--grid", choices=GRIDS, help="grid search (default: minmax for rtn/gptq, hessian for boa/turboboa)")
     q.add_argument("--act-order", action="store_true")
     q.add_argument("--static-groups", action="store_true")
     q.add_argument("--percdamp", type=float, default=0.01)

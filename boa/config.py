@@ -11,12 +11,13 @@ from boa.errors import BoaError
 METHODS = ("rtn", "gptq", "boa", "turboboa")
 ATTENTION_AWARE = ("boa", "turboboa")
 V_ROW_FACTORS = ("exact", "identity")
-# What `method` sets for the knobs left at None (ALGORITHMS.md §4-5; the public TurboBoA defaults).
+# What `method` sets for the knobs left at None: GPTQ's paper defaults, the public BoA / TurboBoA code's
+# (ALGORITHMS.md §4-5: Hessian-weighted grids; TurboBoA N = 16, α = 0.25, one refinement sweep).
 METHOD_DEFAULTS = {
-    "rtn": {"rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0},
-    "gptq": {"rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0},
-    "boa": {"rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0},
-    "turboboa": {"rows_per_step": 16, "dx_alpha": 0.25, "refine_iters": 1},
+    "rtn": {"grid": "minmax", "rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0},
+    "gptq": {"grid": "minmax", "rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0},
+    "boa": {"grid": "hessian", "rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0},
+    "turboboa": {"grid": "hessian", "rows_per_step": 16, "dx_alpha": 0.25, "refine_iters": 1},
 }
 BITS = (2, 3, 4, 8)
 GRIDS = ("minmax", "mse", "hessian")
@@ -28,7 +29,7 @@ class QuantConfig:
     bits: int = 4
     group_size: int = 128          # -1: one grid per output channel
     sym: bool = False
-    grid: str = "minmax"           # how (scale, zero) are chosen: min-max, Σ|q−w|^2.4 search, H-weighted search
+    grid: str | None = None        # how (scale, zero) are chosen: min-max, Σ|q−w|^2.4 search, H-weighted search
     act_order: bool = False        # GPTQ: quantize columns by decreasing diag(H)
     static_groups: bool = False    # GPTQ: group grids fixed from the original weights before any update
     block_size: int = 128          # GPTQ lazy-batch width

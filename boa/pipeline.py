@@ -40,7 +40,7 @@ class QuantResult:
     model: nn.Module
     config: QuantConfig
     layers: dict[str, QuantizedWeight] = field(default_factory=dict)  # full module name -> codes and grids
-    losses: dict[str, float] = field(default_factory=dict)             # tr(ΔW H ΔWᵀ) per layer
+    losses: dict[str, float] = field(default_factory=dict)             # each layer's objective (LayerStats.loss)
     seconds: float = 0.0
     fingerprint: str = ""
 

@@ -15,6 +15,8 @@ from boa.errors import BoaError
 
 # Clip-ratio search: candidates p = 1 − i/100 for i = 0..CLIP_STEPS−1 (ALGORITHMS.md §3).
 CLIP_STEPS = 100
+# The H-weighted search scores every COARSE-th clip ratio, then the ratios around each row's best (31 of 100).
+COARSE = 4
 # The "MMSE" grid search scores candidates by Σ|q − w|^NORM.
 MSE_NORM = 2.4
 
@@ -73,7 +75,8 @@ def find_grid(
 
     grid "minmax" covers each row's range; "mse" and "hessian" search clip ratios p = 1 − i/100 (and, asymmetric,
     the zero point rounded down or up) for the lowest Σ|q − w|^2.4, or the lowest (q − w) H (q − w)ᵀ with H the
-    (n × n) input-Hessian block of these columns.
+    (n × n) input-Hessian block of these columns. The H-weighted search, whose scores cost a matrix product each,
+    is coarse-to-fine: every COARSE-th ratio, then the ratios between each row's best and its coarse neighbours.
     """
     xmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
     xmax = w.amax(dim=-1, keepdim=True).clamp(min=0)
@@ -90,8 +93,12 @@ def find_grid(
 
     best_scale, best_zero = _minmax_grid(xmin, xmax, spec)
     best = score(best_scale, best_zero)
-    for i in range(1, CLIP_STEPS):
-        p = 1 - i / 100
+    best_step = torch.zeros_like(best, dtype=torch.long)
+
+    def consider(step):
+        """Clip ratio p = 1 − step/100 (step an int or one per row)."""
+        nonlocal best, best_scale, best_zero, best_step
+        p = 1 - step / 100
         scale, zero = _minmax_grid(p * xmin, p * xmax, spec)
         candidates = [zero] if spec.sym else [torch.floor(-p * xmin / scale), torch.ceil(-p * xmin / scale)]
         for zero in candidates:
@@ -100,6 +107,18 @@ def find_grid(
             best = torch.where(better, err, best)
             best_scale = torch.where(better, scale, best_scale)
             best_zero = torch.where(better, zero, best_zero)
+            best_step = torch.where(better, step, best_step)
+
+    if spec.grid == "mse":
+        for step in range(1, CLIP_STEPS):
+            consider(step)
+    else:  # each H-weighted score is a (rows × n) @ (n × n) product: every COARSE-th ratio, then around each best
+        for step in range(COARSE, CLIP_STEPS, COARSE):
+            consider(step)
+        center = best_step.clone()
+        for offset in range(1 - COARSE, COARSE):
+            if offset:
+                consider((center + offset).clamp(0, CLIP_STEPS - 1))
     return best_scale, best_zero
 
 
