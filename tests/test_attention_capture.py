@@ -177,3 +177,34 @@ def test_qk_norm_linearisation_scales_the_row_factors_by_gamma():
                             for g in range(2)])
     torch.testing.assert_close(stats[adapter.v_proj].H_out, expected)
     assert isinstance(stats[adapter.v_proj], LayerStats) and stats[adapter.v_proj].H.shape == (2, 64, 64)
+
+
+def test_value_dx_term_equals_explicit_cross_covariance():
+    """value_D = 2E[(A_fp X_fp − A_q X_q)(A_q X_q)ᵀ] per q head, averaged over the heads sharing a kv head, with the
+    FP call's query/key/input as the reference; probabilities written out here with an explicit causal mask."""
+    model = build_llama()
+    attention = adapter_for(model.config).blocks(model)[0].get_submodule("self_attn")
+    g = torch.Generator().manual_seed(0)
+    b, T, C, d = 2, 6, 64, 16
+
+    def rand(*shape):
+        return torch.randn(*shape, generator=g, dtype=torch.float64)
+
+    q, k, x = rand(b, 4, T, d), rand(b, 2, T, d), rand(b, T, C)
+    q_fp, k_fp, x_fp = q + 0.1 * rand(b, 4, T, d), k + 0.1 * rand(b, 2, T, d), x + 0.1 * rand(b, T, C)
+    recorder = AttentionRecorder(values=True, dtype=torch.float64)
+    recorder.x = x
+    recorder.reference = (q_fp, k_fp, None, 0.25, x_fp)
+    recorder.record("quantized", attention, q, k, None, 0.25)
+    got = recorder.finish(n_kv_heads=2)["value_D"]
+
+    causal = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
+
+    def head_values(query, key, inputs):
+        key = key.repeat_interleave(2, dim=1)
+        probs = torch.softmax(query @ key.transpose(-1, -2) * 0.25 + causal, dim=-1)
+        return probs @ inputs.unsqueeze(1)                                   # (b, heads, T, C)
+
+    y, y_fp = head_values(q, k, x), head_values(q_fp, k_fp, x_fp)
+    per_head = 2 * torch.einsum("bhti,bhtj->hij", y_fp - y, y) / (b * T)
+    torch.testing.assert_close(got, per_head.reshape(2, 2, C, C).mean(1), atol=1e-5, rtol=1e-4)  # fp32 softmax
