@@ -224,3 +224,19 @@ def test_turboboa_beats_gptq_on_the_kronecker_objective():
     boa_loss = loss(obs_solve(W, H, spec, H_out=H_out, rows_per_step=1))
     turbo_loss = loss(obs_solve(W, H, spec, H_out=H_out, rows_per_step=4, refine_iters=1))
     assert boa_loss < gptq_loss and turbo_loss < gptq_loss
+
+
+def test_row_order_equals_dense_obs_on_permuted_rows():
+    """row_order: each head's rows by decreasing diag(H_out); the result equals the dense Kronecker OBS run on the
+    rows in that order, returned in the original order."""
+    d, cols = 4, 6
+    W, H_in = correlated_problem(d, cols, seed=13)
+    H_out = spd(d, 14)
+    H_out = H_out * torch.tensor([0.5, 3.0, 1.0, 2.0], dtype=H_out.dtype).sqrt().outer(
+        torch.tensor([0.5, 3.0, 1.0, 2.0], dtype=H_out.dtype).sqrt())
+    spec = QuantSpec(bits=3)
+    got = obs_solve(W, H_in, spec, H_out=H_out[None], row_order=True)
+    order = torch.argsort(torch.diagonal(H_out), descending=True)
+    expected = dense_kron_obs(W[order], H_out[order][:, order], H_in, spec)
+    assert torch.equal(got.codes.double()[order], expected)
+    assert not torch.equal(order, torch.arange(d))
