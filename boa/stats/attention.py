@@ -92,17 +92,23 @@ class AttentionRecorder:
         if not self.values:
             return
         x, self.x = self.x, None
-        for i in range(b):  # one window at a time bounds the (heads, T, T) and (heads, T, C) temporaries
+        groups = h // k.shape[1]
+        # Per kv head, Σ_h (A_h X)ᵀ(A_h X) over its q heads = Xᵀ (Σ_h A_hᵀ A_h) X: g·T³ + T²C + TC² operations
+        # instead of g·(T²C + TC²) — cheaper once C > T, as in every real model.
+        for i in range(b):  # one window at a time bounds the (heads, T, T) temporaries
             probs = attention_probabilities(module, query[i : i + 1], key[i : i + 1], _window(attention_mask, i),
                                             scaling)
-            y = (probs[0] @ x[i].to(probs.dtype)).to(self.dtype)               # A_h X: (heads, T, C)
-            self._add("value_H", y.transpose(-1, -2) @ y)
+            A = probs[0].reshape(k.shape[1], groups * T, -1)                  # (kv heads, g·T, S)
+            xi = x[i].to(self.dtype)
+            H_sum = xi.T @ ((A.transpose(-1, -2) @ A).to(self.dtype) @ xi)    # (kv heads, C, C)
+            self._add("value_H", H_sum)
             if self.reference is not None:
                 q_fp, k_fp, mask_fp, scaling_fp, x_fp = self.reference
                 probs_fp = attention_probabilities(module, q_fp[i : i + 1], k_fp[i : i + 1],
                                                    _window(mask_fp, i), scaling_fp)
-                y_fp = (probs_fp[0] @ x_fp[i].to(probs_fp.dtype)).to(self.dtype)
-                self._add("value_D", (y_fp - y).transpose(-1, -2) @ y)
+                A_fp = probs_fp[0].reshape(k.shape[1], groups * T, -1)
+                cross = x_fp[i].to(self.dtype).T @ ((A_fp.transpose(-1, -2) @ A).to(self.dtype) @ xi)
+                self._add("value_D", cross - H_sum)                            # Σ_h (A_fp X_fp − A X)ᵀ (A X)
 
     def finish(self, n_kv_heads: int) -> dict[str, torch.Tensor]:
         """Means 2E[·] per head: query/key covariances (heads / kv heads, d, d); value_H and value_D per kv head
@@ -111,11 +117,10 @@ class AttentionRecorder:
         def mean(total):
             return None if total is None else 2 * total / self.tokens
 
-        def per_kv_head(total):
+        def per_kv_head(total):  # sums over each kv head's q heads -> their mean
             if total is None:
                 return None
-            h = total.shape[0]
-            return mean(total).reshape(n_kv_heads, h // n_kv_heads, *total.shape[1:]).mean(1)
+            return mean(total) / (self.query.shape[0] // n_kv_heads)
 
         return {"query": mean(self.query), "key": mean(self.key), "value_H": per_kv_head(self.value_H),
                 "value_D": per_kv_head(self.value_D)}
