@@ -22,7 +22,7 @@ import boa
 PHASES = {
     "statistics passes": "collect_statistics",
     "FP-path forward": "run_fp_block",
-    "next-block forward": "_run_block",
+    "block outputs (both paths)": "run_block",
     "attention recording": "record",
     "Hessian / dX accumulation": "add",
     "solver": "obs_solve",

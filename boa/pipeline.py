@@ -28,7 +28,7 @@ from boa.models.adapter import Adapter, adapter_for
 from boa.models.loader import check_finite
 from boa.quant.quantizer import QuantizedWeight
 from boa.stats import AttentionRecorder, LayerStats, StopForward, attention_layer_stats, collect_statistics
-from boa.stats.collect import run_fp_block
+from boa.stats.collect import run_block, run_fp_block
 
 log = logging.getLogger(__name__)
 
@@ -56,10 +56,6 @@ def run_fingerprint(model: nn.Module, config: QuantConfig, calib: torch.Tensor |
     if calib is not None:
         digest.update(calib.cpu().contiguous().numpy().data)
     return digest.hexdigest()
-
-
-def _block_output(out):
-    return out[0] if isinstance(out, tuple) else out
 
 
 def _capture_block_inputs(model, first_block, calib, dtype):
@@ -151,11 +147,6 @@ def _write_back(layer: nn.Linear, q: QuantizedWeight) -> None:
     layer.weight.data = q.dequantize().to(dtype).to(layer.weight.device)
 
 
-def _run_block(block, inputs, kwargs, dtype) -> list[torch.Tensor]:
-    block_dtype = next(block.parameters()).dtype
-    return [_block_output(block(x.to(block_dtype), **kw)).to(dtype) for x, kw in zip(inputs, kwargs)]
-
-
 class _GroupStatistics:
     """Gathers a group's LayerStats: input Hessians for every layer (plus dX terms when an FP block is given) and,
     for BoA's q/k/v group, the attention row factors."""
@@ -186,7 +177,7 @@ class _GroupStatistics:
                 raise BoaError("BoA needs q_proj, k_proj and v_proj to read the same input; this model's adapter "
                                "does not fit that (use --method gptq)")
             rotary = self._rotary_matrices(block, recorder.seqlen)
-            stats.update(attention_layer_stats(adapter, block, shared, recorder.finish(adapter.n_kv_heads), rotary,
+            stats.update(attention_layer_stats(adapter, block, shared, recorder.finish(), rotary,
                                                self.config.v_row_factor))
         return stats
 
@@ -271,7 +262,7 @@ def quantize(
                         log.info("block %d %s loss %.6g", index, name, block_losses[name])
                         bar.set_postfix_str(f"{name.split('.')[-1]} loss {block_losses[name]:.4g}")
             if inputs is not None:
-                inputs = _run_block(block, inputs, kwargs, cache_dtype)
+                inputs = run_block(block, inputs, kwargs, cache_dtype)
             if fp is not None:
                 fp_inputs = fp.outputs
                 del fp

@@ -140,7 +140,7 @@ def test_recorded_means_equal_explicit_statistics():
     ids = random_windows(3, 16)
     adapter, _, recorder, x, eager = capture_layer0(model, ids)
     query, key, _ = recorder.seen
-    got = recorder.finish(adapter.n_kv_heads)
+    got = recorder.finish()
     n = 3 * 16
     q = query.double().permute(1, 0, 2, 3).reshape(4, n, -1)
     k = key.double().permute(1, 0, 2, 3).reshape(2, n, -1)
@@ -164,7 +164,7 @@ def test_qk_norm_linearisation_scales_the_row_factors_by_gamma():
     recorder = AttentionRecorder(values=True, dtype=torch.float64, stop=True)
     with torch.no_grad():
         hessians = collect_statistics(block, group, embeds, kwargs, torch.float64, recorder=recorder, adapter=adapter)
-    means = recorder.finish(adapter.n_kv_heads)
+    means = recorder.finish()
     R = adapter.rotary_matrices(model, attention, 16)
     stats = attention_layer_stats(adapter, block, hessians[adapter.q_proj], means, R, "exact")
     gamma_q = attention.q_norm.weight.detach().double()
@@ -196,7 +196,7 @@ def test_value_dx_term_equals_explicit_cross_covariance():
     recorder.x = x
     recorder.reference = (q_fp, k_fp, None, 0.25, x_fp)
     recorder.record("quantized", attention, q, k, None, 0.25)
-    got = recorder.finish(n_kv_heads=2)["value_D"]
+    got = recorder.finish()["value_D"]
 
     causal = torch.full((T, T), float("-inf"), dtype=torch.float64).triu(1)
 

@@ -89,6 +89,11 @@ class _ColumnPass:
         return codes
 
 
+def _take_rows(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """x[b, index[b, i], :] for every head b: each head's rows in its own order."""
+    return torch.gather(x, 1, index[..., None].expand(-1, -1, x.shape[-1]))
+
+
 def row_update(U_out: torch.Tensor, r1: int, r2: int, delta: torch.Tensor) -> torch.Tensor:
     """The change of rows r2: once rows B = r1:r2 moved by delta = Q_B − W_B (batch, N, cols): −P2 · (W_B − Q_B)
     with P2 = U_outᵀ[r2:, B] U_out[B, B]⁻ᵀ, i.e. the minimiser −H_out[r2:, r2:]⁻¹ H_out[r2:, B] · ΔW_B."""
@@ -192,9 +197,8 @@ def obs_solve(
             if row_order
             else torch.arange(d, device=W.device).expand(heads, d)
         )
-        H_out = torch.gather(H_out, 1, rperm[..., None].expand(-1, -1, d))
-        H_out = torch.gather(H_out, 2, rperm[:, None, :].expand(-1, d, -1)).to(H.dtype)
-        W = torch.gather(W, 1, rperm[..., None].expand(-1, -1, cols))
+        H_out = _take_rows(_take_rows(H_out, rperm).transpose(1, 2), rperm).to(H.dtype)  # symmetric
+        W = _take_rows(W, rperm)
         U_out = inverse_cholesky_upper(H_out, percdamp)
         step = rows_per_step
     else:
@@ -203,18 +207,17 @@ def obs_solve(
 
     width = spec.group_width(cols)
     n_groups = spec.n_groups(cols)
-    static = static_groups
     position = torch.arange(cols, device=W.device)
     # group of the column processed j-th: fixed by its original index for static grids, by processing order else.
-    group_of = (perm if static else position) // width
-    if static:  # from the target in original column order
+    group_of = (perm if static_groups else position) // width
+    if static_groups:  # from the target in original column order
         inverse = torch.argsort(perm)
         scale, zero = grids_by_group(W[..., inverse], spec, H[:, inverse][:, :, inverse])
     else:
         scale = torch.empty(heads, d, n_groups, dtype=W.dtype, device=W.device)
         zero = torch.empty_like(scale)
-    per_channel_adaptive = not static and spec.group_size == -1
-    column_pass = _ColumnPass(spec, H, U, group_of.tolist(), static or per_channel_adaptive, block_size)
+    per_channel_adaptive = not static_groups and spec.group_size == -1
+    column_pass = _ColumnPass(spec, H, U, group_of.tolist(), static_groups or per_channel_adaptive, block_size)
 
     codes = torch.empty_like(W)
     shared = H.shape[0] == 1
@@ -241,9 +244,7 @@ def obs_solve(
 
     if H_out is not None:  # rows back to their original order
         inverse = torch.argsort(rperm, dim=-1)
-        codes = torch.gather(codes, 1, inverse[..., None].expand(-1, -1, cols))
-        scale = torch.gather(scale, 1, inverse[..., None].expand(-1, -1, n_groups))
-        zero = torch.gather(zero, 1, inverse[..., None].expand(-1, -1, n_groups))
+        codes, scale, zero = (_take_rows(x, inverse) for x in (codes, scale, zero))
     codes_orig = torch.empty_like(codes)
     codes_orig[..., perm] = codes
     g_idx = torch.empty_like(group_of)

@@ -82,7 +82,7 @@ class AttentionRecorder:
         if which == "fp":
             self.kept.append((query, key, attention_mask, scaling))
             return
-        b, h, T, d = query.shape
+        b, h, T, _ = query.shape
         q = query.to(self.dtype)
         k = key.to(self.dtype)
         self._add("query", torch.einsum("bhti,bhtj->hij", q, q))
@@ -110,7 +110,7 @@ class AttentionRecorder:
                 cross = x_fp[i].to(self.dtype).T @ ((A_fp.transpose(-1, -2) @ A).to(self.dtype) @ xi)
                 self._add("value_D", cross - H_sum)                            # Σ_h (A_fp X_fp − A X)ᵀ (A X)
 
-    def finish(self, n_kv_heads: int) -> dict[str, torch.Tensor]:
+    def finish(self) -> dict[str, torch.Tensor]:
         """Means 2E[·] per head: query/key covariances (heads / kv heads, d, d); value_H and value_D per kv head
         (C, C), each the mean over the q heads that share it."""
 
@@ -120,7 +120,7 @@ class AttentionRecorder:
         def per_kv_head(total):  # sums over each kv head's q heads -> their mean
             if total is None:
                 return None
-            return mean(total) / (self.query.shape[0] // n_kv_heads)
+            return mean(total) / (self.query.shape[0] // self.key.shape[0])
 
         return {"query": mean(self.query), "key": mean(self.key), "value_H": per_kv_head(self.value_H),
                 "value_D": per_kv_head(self.value_D)}

@@ -50,6 +50,16 @@ class FPPass:
     outputs: list[torch.Tensor]
 
 
+def run_block(block: nn.Module, inputs, kwargs, dtype: torch.dtype) -> list[torch.Tensor]:
+    """The block's outputs on every batch, in `dtype`: the next block's inputs."""
+    block_dtype = next(block.parameters()).dtype
+    outputs = []
+    for x, kw in zip(inputs, kwargs):
+        out = block(x.to(block_dtype), **kw)
+        outputs.append((out[0] if isinstance(out, tuple) else out).to(dtype))
+    return outputs
+
+
 def run_fp_block(block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torch.dtype, attention: bool) -> FPPass:
     """One full forward of the block (before any of its layers is quantized) that keeps what the dX terms need.
     Layers fed the same tensor keep one copy; inputs are stored in `dtype` (the cache dtype)."""
@@ -68,19 +78,18 @@ def run_fp_block(block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torc
 
         return hook
 
+    def next_batch(module, args, kwargs):
+        layer_inputs.append({})
+        stored.clear()
+
     recorder = AttentionRecorder(values=False) if attention else None
-    block_dtype = next(block.parameters()).dtype
-    outputs = []
     with contextlib.ExitStack() as stack:
+        stack.callback(block.register_forward_pre_hook(next_batch, with_kwargs=True).remove)
         for name in adapter.linear_names():
             stack.callback(modules[name].register_forward_pre_hook(keep(name)).remove)
         if recorder is not None:
             stack.enter_context(capturing({"fp": attrgetter(adapter.attention)(block)}, recorder))
-        for x, kw in zip(inputs, kwargs):
-            layer_inputs.append({})
-            stored.clear()
-            out = block(x.to(block_dtype), **kw)
-            outputs.append((out[0] if isinstance(out, tuple) else out).to(dtype))
+        outputs = run_block(block, inputs, kwargs, dtype)
     return FPPass(layer_inputs, recorder.kept if recorder is not None else None, outputs)
 
 
