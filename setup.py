@@ -7,7 +7,7 @@ setup(
     long_description=open("README.md", encoding="utf-8").read(),
     long_description_content_type="text/markdown",
     python_requires=">=3.10",
-    packages=find_packages(include=["boa", "boa.*"]),
+    packages=find_packages(include=["boa", "boa.*", "boa_kernels", "boa_kernels.*"]),
     # torch: a range that both the CPU wheel 2.13 and the GPU machines' 2.11 satisfy.
     install_requires=[
         "torch>=2.4,<2.14",
@@ -21,7 +21,7 @@ setup(
         "rdata>=0.11",       # reads Jane Austen's novels from the Debian R package
     ],
     extras_require={
-        "dev": ["pytest>=8", "datasets>=3", "matplotlib"],
+        "dev": ["pytest>=8", "datasets>=3", "matplotlib", "ninja", "triton"],
         "eval": ["lm-eval>=0.4", "datasets>=3", "matplotlib"],
         "kernels": ["ninja", "triton"],
     },

@@ -32,8 +32,9 @@ from dataclasses import dataclass
 
 import torch
 
+from boa_kernels import compensate_block_
 from boa.quant.hessian import inverse_cholesky_upper, remove_dead_inputs
-from boa.quant.quantizer import QuantizedWeight, QuantSpec, dequantize, find_grid, grids_by_group, quantize
+from boa.quant.quantizer import QuantizedWeight, QuantSpec, find_grid, grids_by_group
 
 
 @dataclass
@@ -42,13 +43,15 @@ class _ColumnPass:
 
     U (1 or batch, cols, cols) is chol(H_in⁻¹), H (same shape) serves the Hessian-weighted grid search, both in
     processing order. scale/zero (batch, rows, n_groups) are read (static grids) or written when the pass reaches a
-    group's first column (dynamic); group_of[j] names the group of the column processed j-th.
+    group's first column (dynamic); group_of[j] names the group of the column processed j-th. Inside a block the
+    columns run through the fused kernel `boa_kernels.compensate_block_`, one call per run of columns that share
+    their grids' state (the whole block, or up to the next dynamic group's start).
     """
 
     spec: QuantSpec
     H: torch.Tensor
     U: torch.Tensor
-    group_of: list[int]
+    group_of: torch.Tensor
     static: bool
     block_size: int
 
@@ -68,23 +71,21 @@ class _ColumnPass:
         step = self._block_width(cols)
         for i1 in range(0, cols, step):
             i2 = min(i1 + step, cols)
-            W1 = W[..., i1:i2].clone()
+            W1 = W[..., i1:i2].clone(memory_format=torch.contiguous_format)
             E1 = torch.zeros_like(W1)
-            U1 = self.U[:, i1:i2, i1:i2]
-            for i in range(i2 - i1):
-                j = i1 + i
-                g = self.group_of[j]
-                if not self.static and j % width == 0:
-                    H_g = self.H[:, j : j + width, j : j + width]
-                    scale[..., g : g + 1], zero[..., g : g + 1] = find_grid(W1[..., i : i + width], self.spec, H_g)
-                w = W1[..., i]
-                s, z = scale[..., g], zero[..., g]
-                c = quantize(w, s, z, self.spec.maxq)
-                codes[..., j] = c
-                e = (w - dequantize(c, s, z)) / U1[:, i, i, None]
-                W1[..., i:] -= e[..., None] * U1[:, None, i, i:]
-                E1[..., i] = e
+            C1 = torch.empty_like(W1)
+            U1 = self.U[:, i1:i2, i1:i2].contiguous()
+            groups = self.group_of[i1:i2]
+            starts = [i1] if self.static else list(range(i1, i2, width))
+            for a, b in zip(starts, starts[1:] + [i2]):
+                if not self.static:  # the group's grid, from its columns as compensated so far
+                    g = a // width
+                    H_g = self.H[:, a : a + width, a : a + width]
+                    scale[..., g : g + 1], zero[..., g : g + 1] = find_grid(W1[..., a - i1 : a - i1 + width],
+                                                                            self.spec, H_g)
+                compensate_block_(W1, E1, C1, U1, scale, zero, groups, self.spec.maxq, a - i1, b - i1)
             W[..., i1:i2] = W1
+            codes[..., i1:i2] = C1
             W[..., i2:] -= E1 @ self.U[:, i1:i2, i2:]
         return codes
 
@@ -217,7 +218,7 @@ def obs_solve(
         scale = torch.empty(heads, d, n_groups, dtype=W.dtype, device=W.device)
         zero = torch.empty_like(scale)
     per_channel_adaptive = not static_groups and spec.group_size == -1
-    column_pass = _ColumnPass(spec, H, U, group_of.tolist(), static_groups or per_channel_adaptive, block_size)
+    column_pass = _ColumnPass(spec, H, U, group_of, static_groups or per_channel_adaptive, block_size)
 
     codes = torch.empty_like(W)
     shared = H.shape[0] == 1

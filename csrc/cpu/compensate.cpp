@@ -1,0 +1,72 @@
+// Fused column pass of the OBS solver on the CPU: quantize, error, rank-1 update, for a run of columns of one block.
+//
+// Sizes and layout (all contiguous, row-major, float32 or float64):
+//   W1, E1, codes  (b, R, B)   the block's weights (updated in place), errors and integer codes (written for the run)
+//   U1             (1|b, B, B) the block's diagonal block of U = chol(H⁻¹) (upper), shared or one per batch entry
+//   scale, zero    (b, R, G)   grids; group_of (B,) int64 names the grid of each block column
+// Columns start..stop−1 are processed in order; each one's rank-1 update reaches every later column of the block
+// (k ≥ j, as the torch reference `boa_kernels.compensate.compensate_block_torch` does). Rows are independent, so
+// rows are spread over threads; within a row the update loop runs over contiguous memory and vectorises.
+#include <torch/extension.h>
+
+#include <ATen/Parallel.h>
+
+#include "boa/quant_math.h"
+#include "ops.h"
+
+namespace {
+
+template <typename T>
+void compensate_rows(T* W, T* E, T* C, const T* U, const T* scale, const T* zero, const int64_t* group_of,
+                     int64_t rows, int64_t rows_per_matrix, int64_t B, int64_t G, bool shared_U, T maxq,
+                     int64_t start, int64_t stop) {
+  at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
+    for (int64_t r = r0; r < r1; ++r) {
+      T* w = W + r * B;
+      T* e_out = E + r * B;
+      T* c_out = C + r * B;
+      const T* u = U + (shared_U ? 0 : (r / rows_per_matrix) * B * B);
+      const T* s_row = scale + r * G;
+      const T* z_row = zero + r * G;
+      for (int64_t j = start; j < stop; ++j) {
+        const T s = s_row[group_of[j]], z = z_row[group_of[j]];
+        const T c = boa::quant_code(w[j], s, z, maxq);
+        const T e = boa::compensation_error(w[j], boa::dequant(c, s, z), u[j * B + j]);
+        c_out[j] = c;
+        e_out[j] = e;
+        const T* u_j = u + j * B;
+        for (int64_t k = j; k < B; ++k) w[k] = boa::compensate(w[k], e, u_j[k]);
+      }
+    }
+  });
+}
+
+}  // namespace
+
+void boa::compensate_block_(torch::Tensor W1, torch::Tensor E1, torch::Tensor codes, torch::Tensor U1,
+                       torch::Tensor scale, torch::Tensor zero, torch::Tensor group_of, double maxq,
+                       int64_t start, int64_t stop) {
+  TORCH_CHECK(W1.dim() == 3 && W1.is_contiguous() && E1.is_contiguous() && codes.is_contiguous(),
+              "W1, E1, codes must be contiguous (b, R, B)");
+  TORCH_CHECK(E1.sizes() == W1.sizes() && codes.sizes() == W1.sizes(), "E1 and codes must be shaped like W1");
+  const int64_t b = W1.size(0), R = W1.size(1), B = W1.size(2);
+  TORCH_CHECK(U1.dim() == 3 && U1.is_contiguous() && U1.size(1) == B && U1.size(2) == B &&
+                  (U1.size(0) == 1 || U1.size(0) == b),
+              "U1 must be contiguous (1 or b, B, B)");
+  TORCH_CHECK(scale.is_contiguous() && zero.is_contiguous() && scale.dim() == 3 && scale.sizes() == zero.sizes() &&
+                  scale.size(0) == b && scale.size(1) == R,
+              "scale and zero must be contiguous (b, R, G)");
+  TORCH_CHECK(group_of.scalar_type() == torch::kInt64 && group_of.is_contiguous() && group_of.numel() == B,
+              "group_of must be a contiguous int64 tensor of B entries");
+  TORCH_CHECK(0 <= start && start <= stop && stop <= B, "need 0 <= start <= stop <= B");
+  for (const auto& t : {E1, codes, U1, scale, zero})
+    TORCH_CHECK(t.scalar_type() == W1.scalar_type(), "all float tensors must share W1's dtype");
+  const int64_t* groups = group_of.data_ptr<int64_t>();
+  const int64_t G = scale.size(2);
+  for (int64_t j = start; j < stop; ++j) TORCH_CHECK(0 <= groups[j] && groups[j] < G, "group_of out of range");
+  AT_DISPATCH_FLOATING_TYPES(W1.scalar_type(), "compensate_block_", [&] {
+    compensate_rows<scalar_t>(W1.data_ptr<scalar_t>(), E1.data_ptr<scalar_t>(), codes.data_ptr<scalar_t>(),
+                              U1.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), zero.data_ptr<scalar_t>(),
+                              groups, b * R, R, B, G, U1.size(0) == 1, static_cast<scalar_t>(maxq), start, stop);
+  });
+}

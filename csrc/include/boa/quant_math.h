@@ -1,0 +1,54 @@
+// Per-element math of the quantization hot loop, shared by the C++ CPU kernels and the CUDA kernels so that the CPU
+// build (which the tests run) proves the arithmetic the GPU runs; only the thread mapping differs.
+//
+// Uniform asymmetric/symmetric grid (boa/quant/quantizer.py):  code = clamp(rint(w / s) + z, 0, maxq),
+// q = s · (code − z).  Compensation step of the column pass (boa/algorithms/solver.py):  e = (w − q) / U_jj.
+// Each function is one expression in the order torch evaluates it, so that fp64 results are bit-identical to the
+// torch reference (build with -ffp-contract=off / --fmad=false on the host; the GPU may contract to FMA).
+#pragma once
+
+#include <cmath>
+
+#if defined(__CUDACC__)
+#define BOA_HD __host__ __device__ __forceinline__
+#else
+#define BOA_HD inline
+#endif
+
+namespace boa {
+
+// Round half to even (torch.round), i.e. rint under the default rounding mode.
+template <typename T>
+BOA_HD T round_half_even(T x) {
+#if defined(__CUDA_ARCH__)
+  return rint(x);
+#else
+  return std::nearbyint(x);
+#endif
+}
+
+template <typename T>
+BOA_HD T quant_code(T w, T scale, T zero, T maxq) {
+  T c = round_half_even(w / scale) + zero;
+  return c < T(0) ? T(0) : (c > maxq ? maxq : c);
+}
+
+template <typename T>
+BOA_HD T dequant(T code, T scale, T zero) {
+  return scale * (code - zero);
+}
+
+// The error that the rank-1 update spreads over the later columns: (w − q) / U_jj.
+template <typename T>
+BOA_HD T compensation_error(T w, T q, T u_jj) {
+  return (w - q) / u_jj;
+}
+
+// One element of the rank-1 update w_k −= e · U_jk (a product, then a difference: two roundings, as in torch).
+template <typename T>
+BOA_HD T compensate(T w, T e, T u_jk) {
+  T step = e * u_jk;
+  return w - step;
+}
+
+}  // namespace boa
