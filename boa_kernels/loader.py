@@ -43,6 +43,8 @@ def load_cpu():
     try:
         from torch.utils.cpp_extension import load
 
+        if not (build_dir("cpu") / "boa_cpu.so").exists():
+            notice("building the C++ CPU kernels (once, about a minute; cached in $BOA_CACHE/kernels)")
         return load(
             name="boa_cpu", sources=_sources("cpu", (".cpp",)), extra_cflags=CPU_FLAGS,
             extra_include_paths=[str(CSRC / "include")], build_directory=str(build_dir("cpu")), verbose=False,
@@ -61,6 +63,8 @@ def load_cuda():
 
         if not torch.cuda.is_available():
             return None
+        if not (build_dir("cuda") / "boa_cuda.so").exists():
+            notice("building the CUDA kernels (once, a few minutes; cached in $BOA_CACHE/kernels)")
         return load(
             name="boa_cuda", sources=_sources("cuda", (".cu", ".cpp")),
             extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17"],

@@ -1,8 +1,15 @@
 """Shared fixtures: tiny random models built from configs (no downloads), calibration windows, an offline word-level
 tokenizer, and a model folder the CLI can load. Tests that need the packaged SmolLM2 are marked `smollm2`."""
 import importlib.util
+import os
 import random
+import shutil
 from pathlib import Path
+
+# Without a GPU, the Triton kernels are checked by Triton's interpreter. Triton reads the switch when it is first
+# imported (torch and transformers may import it), so it is set before anything else.
+if shutil.which("nvidia-smi") is None:
+    os.environ.setdefault("TRITON_INTERPRET", "1")
 
 import pytest
 import torch

@@ -13,6 +13,7 @@ from boa_kernels import compensate_block_torch
 from boa_kernels.dispatch import backend_for
 from boa_kernels.loader import load_cpu
 from boa.algorithms.solver import obs_solve
+from boa.quant.hessian import inverse_cholesky_upper
 from boa.quant.quantizer import QuantSpec
 
 from test_boa_solver import spd
@@ -162,3 +163,53 @@ def test_no_compiler_means_torch_with_a_notice(tmp_path):
     assert out.returncode == 0, out.stderr
     assert out.stdout.strip() == "torch"
     assert "could not build the C++ CPU kernels" in out.stderr
+
+
+def test_inverse_cholesky_upper_is_the_factor_of_the_inverse():
+    H = torch.stack([spd(n, n, torch.float64)[:64, :64] for n in (64, 70, 80)])
+    U = inverse_cholesky_upper(H, percdamp=0.01)
+    assert torch.equal(U, U.triu())
+    damped = H + 0.01 * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(64)
+    torch.testing.assert_close(U.transpose(-1, -2) @ U @ damped, torch.eye(64).expand(3, 64, 64).double(),
+                               atol=1e-9, rtol=0)
+    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
+    torch.testing.assert_close(U, expected, atol=1e-10, rtol=1e-8)
+
+
+def test_inverse_cholesky_damps_only_the_matrix_that_fails():
+    good = spd(16, 1, torch.float64)
+    bad = torch.ones(16, 16, dtype=torch.float64)  # rank one: not positive definite without more damping
+    bad[0, 0] = 1 + 1e-12
+    U = inverse_cholesky_upper(torch.stack([good, bad]), percdamp=0)
+    torch.testing.assert_close(U[0], inverse_cholesky_upper(good[None], percdamp=0)[0], atol=0, rtol=0)
+    assert torch.isfinite(U[1]).all()
+    assert not torch.allclose(U[1].T @ U[1] @ bad, torch.eye(16, dtype=torch.float64))  # it was damped
+
+
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton and TRITON_INTERPRET=1 (set by conftest.py on machines without a GPU)",
+)
+
+
+@needs_triton
+@pytest.mark.parametrize("shape", SHAPES)
+def test_triton_compensation_bit_identical_in_fp64_interpreted(shape):
+    from boa_kernels.triton_compensate import compensate_block_triton
+
+    b, R, B, G, shared, start, stop = shape
+    problem = block_problem(b, R, B, G, shared, torch.float64)
+    expected = run(compensate_block_torch, *problem, start, stop)
+    got = run(compensate_block_triton, *problem, start, stop)
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+
+
+@needs_triton
+def test_solver_codes_identical_with_triton_kernel(monkeypatch):
+    W, H, spec, options = solve("turboboa-g8-hessian", torch.float64, per_head_H=True)
+    monkeypatch.setenv("BOA_KERNELS", "torch")
+    expected = obs_solve(W, H, spec, **options)
+    monkeypatch.setenv("BOA_KERNELS", "triton")
+    got = obs_solve(W, H, spec, **options)
+    assert torch.equal(got.codes, expected.codes)
