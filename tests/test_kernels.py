@@ -8,7 +8,6 @@ import sys
 import pytest
 import torch
 
-import boa_kernels
 from boa_kernels import compensate_block_torch
 from boa_kernels.dispatch import backend_for
 from boa_kernels.loader import load_cpu

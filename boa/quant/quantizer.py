@@ -68,6 +68,10 @@ def _minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tup
     return scale, zero
 
 
+# The candidate search scores grids in chunks of at most this many weights (candidates × the weights of w).
+SEARCH_CHUNK = 1 << 20
+
+
 def find_grid(
     w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
@@ -77,6 +81,8 @@ def find_grid(
     the zero point rounded down or up) for the lowest Σ|q − w|^2.4, or the lowest (q − w) H (q − w)ᵀ with H the
     (n × n) input-Hessian block of these columns. The H-weighted search, whose scores cost a matrix product each,
     is coarse-to-fine: every COARSE-th ratio, then the ratios between each row's best and its coarse neighbours.
+    Candidates are scored many at a time (one batched product per chunk); ties go to the earlier candidate, the
+    min-max grid first.
     """
     xmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
     xmax = w.amax(dim=-1, keepdim=True).clamp(min=0)
@@ -85,7 +91,17 @@ def find_grid(
     if spec.grid == "hessian" and hessian is None:
         raise BoaError("grid='hessian' needs the layer's input Hessian; use grid='mse' or 'minmax' for RTN")
 
-    def score(scale, zero):
+    def candidates(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Grids for clip steps (K, ..., rows, 1), each with its zero point(s): (scale, zero, step), K·Z of them."""
+        p = (1 - steps.double() / 100).to(w.dtype)  # as 1 − i/100 in Python floats, then w's dtype
+        scale, zero = _minmax_grid(p * xmin, p * xmax, spec)
+        if spec.sym:
+            return scale, zero, steps
+        zeros = torch.stack([torch.floor(-p * xmin / scale), torch.ceil(-p * xmin / scale)], 1)  # (K, 2, ...)
+        return (scale.unsqueeze(1).expand_as(zeros).flatten(0, 1), zeros.flatten(0, 1),
+                steps.unsqueeze(1).expand_as(zeros).flatten(0, 1))
+
+    def score(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         err = fake_quantize(w, scale, zero, spec.maxq) - w
         if spec.grid == "mse":
             return err.abs().pow(MSE_NORM).sum(-1, keepdim=True)
@@ -95,30 +111,30 @@ def find_grid(
     best = score(best_scale, best_zero)
     best_step = torch.zeros_like(best, dtype=torch.long)
 
-    def consider(step):
-        """Clip ratio p = 1 − step/100 (step an int or one per row)."""
+    def consider(steps: torch.Tensor) -> None:
+        """Keeps, per row, the first strictly better of the candidates for these steps (K, ..., rows, 1)."""
         nonlocal best, best_scale, best_zero, best_step
-        p = 1 - step / 100
-        scale, zero = _minmax_grid(p * xmin, p * xmax, spec)
-        candidates = [zero] if spec.sym else [torch.floor(-p * xmin / scale), torch.ceil(-p * xmin / scale)]
-        for zero in candidates:
-            err = score(scale, zero)
+        scale, zero, step = candidates(steps)
+        chunk = max(1, SEARCH_CHUNK // max(1, w.numel()))
+        for c0 in range(0, scale.shape[0], chunk):
+            s, z, k = scale[c0 : c0 + chunk], zero[c0 : c0 + chunk], step[c0 : c0 + chunk]
+            err, i = score(s, z).min(0)  # the first minimum: the earliest candidate on a tie
             better = err < best
+            pick = lambda x: torch.gather(x.expand(-1, *err.shape), 0, i[None])[0]  # noqa: E731
             best = torch.where(better, err, best)
-            best_scale = torch.where(better, scale, best_scale)
-            best_zero = torch.where(better, zero, best_zero)
-            best_step = torch.where(better, step, best_step)
+            best_scale = torch.where(better, pick(s), best_scale)
+            best_zero = torch.where(better, pick(z), best_zero)
+            best_step = torch.where(better, pick(k), best_step)
+
+    def as_steps(values) -> torch.Tensor:
+        return torch.as_tensor(values, device=w.device).reshape(-1, *[1] * xmin.dim())
 
     if spec.grid == "mse":
-        for step in range(1, CLIP_STEPS):
-            consider(step)
+        consider(as_steps(range(1, CLIP_STEPS)))
     else:  # each H-weighted score is a (rows × n) @ (n × n) product: every COARSE-th ratio, then around each best
-        for step in range(COARSE, CLIP_STEPS, COARSE):
-            consider(step)
-        center = best_step.clone()
-        for offset in range(1 - COARSE, COARSE):
-            if offset:
-                consider((center + offset).clamp(0, CLIP_STEPS - 1))
+        consider(as_steps(range(COARSE, CLIP_STEPS, COARSE)))
+        offsets = as_steps([o for o in range(1 - COARSE, COARSE) if o])
+        consider((best_step + offsets).clamp(0, CLIP_STEPS - 1))
     return best_scale, best_zero
 
 
