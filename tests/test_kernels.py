@@ -88,7 +88,10 @@ def test_cpp_rejects_bad_layouts():
 SOLVES = {  # name: (rows, cols, heads, spec, solver options) — GPTQ, BoA, TurboBoA; groups, act-order, odd sizes
     "gptq-actorder-g16": (12, 40, 1, QuantSpec(3, group_size=16), dict(act_order=True, block_size=32)),
     "gptq-static-g8": (6, 30, 1, QuantSpec(4, group_size=8), dict(act_order=True, static_groups=True, block_size=16)),
+    "boa-hd64-g8": (128, 20, 2, QuantSpec(3, group_size=8), dict(rows_per_step=1, block_size=16)),
     "boa-hd80": (160, 24, 2, QuantSpec(3), dict(rows_per_step=1, block_size=16)),
+    "turboboa-hd128-actorder": (256, 36, 2, QuantSpec(3, grid="hessian"),
+                                dict(rows_per_step=16, block_size=16, act_order=True, refine_iters=1)),
     "turboboa-g8-hessian": (48, 36, 3, QuantSpec(2, group_size=8, grid="hessian"),
                             dict(rows_per_step=4, block_size=16, row_order=True, refine_iters=1)),
 }

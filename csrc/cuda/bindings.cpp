@@ -2,9 +2,9 @@
 // op (csrc/cpu/compensate.cpp), then the launcher of csrc/cuda/compensate.cu on the current stream.
 #include <torch/extension.h>
 
-#include <ATen/cuda/CUDAContext.h>
 #include <c10/cuda/CUDAException.h>
 #include <c10/cuda/CUDAGuard.h>
+#include <c10/cuda/CUDAStream.h>
 
 namespace boa {
 
@@ -48,7 +48,7 @@ void compensate_block_cuda(torch::Tensor W1, torch::Tensor E1, torch::Tensor cod
         W1.data_ptr<scalar_t>(), E1.data_ptr<scalar_t>(), codes.data_ptr<scalar_t>(), U1.data_ptr<scalar_t>(),
         scale.data_ptr<scalar_t>(), zero.data_ptr<scalar_t>(), group_of.data_ptr<int64_t>(), b * R, R, B,
         scale.size(2), U1.size(0) == 1, static_cast<scalar_t>(maxq), start, stop,
-        at::cuda::getCurrentCUDAStream()));
+        c10::cuda::getCurrentCUDAStream()));
   });
 }
 
