@@ -1,33 +1,37 @@
 """Kernel benchmark: the solver's fused column pass and the inverse Cholesky factor against their torch references and
 against loop formulations, on CPU (and on CUDA where torch sees a GPU).
 
-    python bench/kernels.py --json bench/results/kernels.json [--threads 1] [--quick] [--row-steps 4,1]
+    python bench/kernels.py --json bench/results/kernels.json [--threads 1] [--quick] [--row-steps 8,1]
 
 Every row is one timing: the best of a few repeats after one warm-up call, on random weights and SPD Hessians of
 real layers' shapes (fixed seeds), float32 unless the row's dtype says otherwise. At start-up the column_loop
 baseline is checked to give the same codes as obs_solve (float64, small problem).
 
-op "compensate": one attention layer's whole solve, obs_solve(W, H, bits 3 per-channel min-max grid, H_out,
-    rows_per_step=N), N = 1 (BoA) and 16 (TurboBoA). shape = [heads, head_dim, cols] of the layer.
-    backend torch | cpp | cuda | triton: obs_solve with BOA_KERNELS set to it (torch is the column-at-a-time
-        reference the kernels are tested against); a backend that cannot run here is left out.
+op "compensate": one attention layer's column pass and row updates, bits 3, per-channel min-max grids, N = 1 (BoA)
+    and 16 (TurboBoA), with U = chol(H⁻¹) and U_out precomputed (they are timed under inverse_cholesky), so that
+    the rows compare the hot loop alone. shape = [heads, head_dim, cols] of the layer.
+    backend torch | cpp | cuda | triton: the solver's own row loop (`kernel_pass` below: obs_solve's column pass
+        `_ColumnPass` and `row_update`) with BOA_KERNELS set to it; torch is the column-at-a-time reference the
+        kernels are tested against; a backend that cannot run here is left out.
     backend column_loop: the public BoA code's shape of computation (`column_loop` below): per row step, one
         column at a time in torch, each column's error updating all the layer's later columns at once (no lazy
         blocks), then the later rows by the solver's row_update.
     rows_timed: the weight rows solved. On CPU the Llama-3-8B layers solve only the rows of each head's first
-        --row-steps row steps (the same rows for every backend), not the whole layer. Every time includes the
-        per-call fixed costs (the cols × cols inverse Cholesky, the grids), which weigh most on those sliced rows.
-op "turboboa_layer" / "gptq_layer": obs_solve on each q_proj shape with the methods' defaults
+        --row-steps row steps (the same rows for every backend), not the whole layer; on a GPU the whole layer.
+op "turboboa_layer" / "gptq_layer": the whole obs_solve (factors, grids included) on each q_proj shape with the
+    methods' defaults
     (boa.config.METHOD_DEFAULTS: TurboBoA's Hessian-weighted grid, N = 16, a random dX term D scaled by α, one scale
     refinement sweep; GPTQ without a row factor, min-max grid), per kernel backend; the rows as for compensate.
+    On the sliced Llama rows, the cols × cols factor (~2 s on CPU) and TurboBoA's Hessian-weighted grid search
+    (61 candidate scores, each a rows × cols × cols product) dominate.
 op "inverse_cholesky": U = chol(H⁻¹) of a batch of damped SPD matrices, float32 and float64, shape = [batch, n, n].
-    backend torch: ours, boa.quant.hessian.inverse_cholesky_upper (one Cholesky, one triangular solve, batched);
-    three_step: the public code's chol(cholesky_inverse(chol(H)), upper); loop: ours one matrix at a time (batched
-    shapes only: for one matrix it is ours). max_rel_diff: max |U − U_ours| / max |U_ours|.
+    backend torch: ours, boa.quant.hessian.inverse_cholesky_upper (chol(cholesky_inverse(chol(H))), upper, batched);
+    flip: one Cholesky of the reversed matrix J H J = L Lᵀ and one triangular solve, U = J L⁻¹ J; loop: ours one
+    matrix at a time (batched shapes only). max_rel_diff: max |U − U_ours| / max |U_ours|.
 
 speedup_vs_torch / speedup_vs_column_loop: the baseline's seconds over the row's, both from this run on the same
 device, op, shape, N and dtype. The baselines are backends torch and column_loop; for inverse_cholesky they are
-three_step and loop. Null where the group has no such baseline.
+ours (torch) and loop. Null where the group has no such baseline.
 """
 from __future__ import annotations
 
@@ -40,7 +44,7 @@ from pathlib import Path
 
 import torch
 
-from boa.algorithms.solver import obs_solve, row_update
+from boa.algorithms.solver import _ColumnPass, obs_solve, row_update
 from boa.config import ATTENTION_AWARE, METHOD_DEFAULTS
 from boa.io import write_json
 from boa.quant.hessian import damp, inverse_cholesky_upper
@@ -109,22 +113,49 @@ def layer_problem(layer: Layer, rows_per_head: int, dtype: torch.dtype, device: 
     return (x.to(device, dtype) for x in (W, H, H_out, D))
 
 
-def column_loop(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, H_out: torch.Tensor,
+def factors(H: torch.Tensor, H_out: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """U = chol(H⁻¹) and the row factors' U_out, as obs_solve computes them."""
+    return inverse_cholesky_upper(H, PERCDAMP), inverse_cholesky_upper(H_out.to(H.dtype), PERCDAMP)
+
+
+def kernel_pass(W: torch.Tensor, U: torch.Tensor, U_out: torch.Tensor, spec: QuantSpec,
                 rows_per_step: int) -> torch.Tensor:
-    """The same solve as obs_solve(W, H, spec, H_out=H_out, rows_per_step=N) for per-channel grids, computed as the
-    public BoA code does: for each step of N rows of every head, quantize one column at a time and subtract its
-    error from all the layer's later columns at once, then move the later rows by row_update. Returns the codes."""
-    heads, d, _ = H_out.shape
+    """obs_solve's row loop for per-channel grids (no act-order, shared H) with the factors given: every head's N
+    rows of a step run the solver's column pass (`_ColumnPass`, whose blocks go through boa_kernels'
+    compensate_block_), then the later rows move by row_update. Returns the codes."""
+    heads, d, _ = U_out.shape
     cols = W.shape[-1]
-    W = W.to(H.dtype).reshape(heads, d, cols).clone()
-    U = inverse_cholesky_upper(H, PERCDAMP)
-    U_out = inverse_cholesky_upper(H_out.to(H.dtype), PERCDAMP)
+    W = W.to(U.dtype).reshape(heads, d, cols).clone()
+    passes = _ColumnPass(spec, H=U[None], U=U[None], group_of=torch.zeros(cols, dtype=torch.long, device=U.device),
+                         static=True, block_size=128)  # H serves dynamic grids only: unused here
+    codes = torch.empty_like(W)
+    for r1 in range(0, d, rows_per_step):
+        r2 = min(r1 + rows_per_step, d)
+        W_B = W[:, r1:r2]
+        scale, zero = find_grid(W_B, spec)
+        Q_B = W_B.clone()
+        flat = (1, heads * (r2 - r1))
+        c = passes.run(Q_B.reshape(*flat, cols), scale.reshape(*flat, 1), zero.reshape(*flat, 1))
+        codes[:, r1:r2] = c.reshape(heads, r2 - r1, cols)
+        if r2 < d:
+            W[:, r2:] += row_update(U_out, r1, r2, Q_B - W_B)
+    return codes.reshape(-1, cols)
+
+
+def column_loop(W: torch.Tensor, U: torch.Tensor, U_out: torch.Tensor, spec: QuantSpec,
+                rows_per_step: int) -> torch.Tensor:
+    """The same solve as kernel_pass, computed as the public BoA code does: for each step of N rows of every head,
+    quantize one column at a time and subtract its error from all the layer's later columns at once, then move the
+    later rows by row_update. Returns the codes."""
+    heads, d, _ = U_out.shape
+    cols = W.shape[-1]
+    W = W.to(U.dtype).reshape(heads, d, cols).clone()
     codes = torch.empty_like(W)
     for r1 in range(0, d, rows_per_step):
         r2 = min(r1 + rows_per_step, d)
         W_B = W[:, r1:r2]
         Q_B = W_B.clone()
-        scale, zero = (x[..., 0] for x in find_grid(Q_B, spec, H))
+        scale, zero = (x[..., 0] for x in find_grid(Q_B, spec))
         for j in range(cols):
             w = Q_B[..., j]
             c = quantize(w, scale, zero, spec.maxq)
@@ -136,26 +167,29 @@ def column_loop(W: torch.Tensor, H: torch.Tensor, spec: QuantSpec, H_out: torch.
     return codes.reshape(-1, cols)
 
 
-def check_column_loop() -> None:
-    """column_loop must compute what obs_solve does, or its timings compare nothing: identical codes in float64
-    (several column blocks, the last one partial, and a last row step shorter than N)."""
+def check_formulations() -> None:
+    """kernel_pass and column_loop must compute what obs_solve does, or their timings compare nothing: identical
+    codes in float64 (several column blocks, the last one partial, and a last row step shorter than N)."""
     layer = Layer("check", heads=3, head_dim=10, cols=300)
     W, H, H_out, _ = layer_problem(layer, layer.head_dim, torch.float64, "cpu")
+    U, U_out = factors(H, H_out)
     for N in (1, 4):
         expected = obs_solve(W, H, MINMAX, H_out=H_out, rows_per_step=N).codes
-        if not torch.equal(column_loop(W, H, MINMAX, H_out, N).to(torch.uint8), expected):
-            raise SystemExit(f"column_loop's codes differ from obs_solve's (N={N}): the baseline is not faithful")
+        for formulation in (kernel_pass, column_loop):
+            if not torch.equal(formulation(W, U, U_out, MINMAX, N).to(torch.uint8), expected):
+                raise SystemExit(f"{formulation.__name__}'s codes differ from obs_solve's (N={N})")
 
 
-def three_step(H: torch.Tensor) -> torch.Tensor:
-    """The public GPTQ/BoA code's U: Cholesky of the explicit inverse."""
-    L = torch.linalg.cholesky(damp(H, PERCDAMP))
-    return torch.linalg.cholesky(torch.cholesky_inverse(L), upper=True)
+def flip(H: torch.Tensor) -> torch.Tensor:
+    """U from one Cholesky and one triangular solve: J H J = L Lᵀ (J reverses the order) gives U = J L⁻¹ J."""
+    L = torch.linalg.cholesky(damp(H, PERCDAMP).flip(-1, -2))
+    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device).expand_as(L)
+    return torch.linalg.solve_triangular(L, eye, upper=False).flip(-1, -2)
 
 
-def solve_with(backend: str, *args, **kwargs):
+def with_backend(backend: str, fn, *args, **kwargs):
     os.environ[ENV] = backend  # boa_kernels reads it on every call
-    return obs_solve(*args, **kwargs)
+    return fn(*args, **kwargs)
 
 
 def runs_here(backend: str, device: str) -> bool:
@@ -202,9 +236,10 @@ def group_rows(common: dict, seconds: dict[str, float], reference: str, loop: st
 
 def bench_compensate(timer: Timer, layer: Layer, N: int, rows_per_head: int, backends: list[str]) -> list[dict]:
     W, H, H_out, _ = layer_problem(layer, rows_per_head, torch.float32, timer.device)
-    seconds = {"column_loop": timer.seconds(lambda: column_loop(W, H, MINMAX, H_out, N))}
+    U, U_out = factors(H, H_out)
+    seconds = {"column_loop": timer.seconds(lambda: column_loop(W, U, U_out, MINMAX, N))}
     for backend in backends:
-        seconds[backend] = timer.seconds(lambda: solve_with(backend, W, H, MINMAX, H_out=H_out, rows_per_step=N))
+        seconds[backend] = timer.seconds(lambda: with_backend(backend, kernel_pass, W, U, U_out, MINMAX, N))
     common = {"device": timer.device, "op": "compensate", "layer": layer.name, "shape": layer.shape, "N": N,
               "dtype": "float32", "rows_timed": W.shape[0]}
     return group_rows(common, seconds, "torch", "column_loop")
@@ -219,7 +254,8 @@ def bench_method(timer: Timer, method: str, layer: Layer, rows_per_head: int, ba
         options["H_out"] = H_out
     if defaults["dx_alpha"]:
         options["D"] = defaults["dx_alpha"] * D
-    seconds = {backend: timer.seconds(lambda: solve_with(backend, W, H, spec, **options)) for backend in backends}
+    seconds = {backend: timer.seconds(lambda: with_backend(backend, obs_solve, W, H, spec, **options))
+               for backend in backends}
     common = {"device": timer.device, "op": f"{method}_layer", "layer": layer.name, "shape": layer.shape,
               "N": options["rows_per_step"] if "H_out" in options else None, "dtype": "float32",
               "rows_timed": W.shape[0]}
@@ -228,7 +264,7 @@ def bench_method(timer: Timer, method: str, layer: Layer, rows_per_head: int, ba
 
 def bench_inverse(timer: Timer, batch: int, n: int, dtype: torch.dtype) -> list[dict]:
     H = random_spd(batch, n, torch.Generator().manual_seed(SEED)).to(timer.device, dtype)
-    forms = {"three_step": lambda: three_step(H), "torch": lambda: inverse_cholesky_upper(H, PERCDAMP)}
+    forms = {"torch": lambda: inverse_cholesky_upper(H, PERCDAMP), "flip": lambda: flip(H)}
     if batch > 1:
         forms["loop"] = lambda: torch.stack([inverse_cholesky_upper(h, PERCDAMP) for h in H])
     ours = forms["torch"]()
@@ -237,7 +273,7 @@ def bench_inverse(timer: Timer, batch: int, n: int, dtype: torch.dtype) -> list[
     seconds = {name: timer.seconds(form) for name, form in forms.items()}
     common = {"device": timer.device, "op": "inverse_cholesky", "layer": None, "shape": [batch, n, n], "N": None,
               "dtype": str(dtype).removeprefix("torch."), "rows_timed": None}
-    return group_rows(common, seconds, "three_step", "loop", extra)
+    return group_rows(common, seconds, "torch", "loop", extra)
 
 
 def print_rows(rows: list[dict]) -> None:
@@ -273,7 +309,7 @@ def main() -> None:
     parser.add_argument("--json", required=True, help="results file (rewritten after every group of rows)")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--quick", action="store_true", help="SmolLM2 shapes only, fewer repeats (a smoke run)")
-    parser.add_argument("--row-steps", default="4,1", metavar="N1,N16",
+    parser.add_argument("--row-steps", default="8,1", metavar="N1,N16",
                         help="row steps per head timed on CPU for the Llama-3-8B layers, at N = 1 and at N = 16")
     args = parser.parse_args()
     if args.threads:
@@ -290,10 +326,10 @@ def main() -> None:
         info.update(gpu=torch.cuda.get_device_name(), cuda=torch.version.cuda)
     results: list[dict] = []
     start = time.perf_counter()
-    check_column_loop()
+    check_formulations()
     print(HEADER)
     for device in devices:
-        timer = Timer(device, max_repeats=2 if args.quick else 5, budget_s=0.5 if args.quick else 2.0)
+        timer = Timer(device, max_repeats=2 if args.quick else 5, budget_s=0.5 if args.quick else 10.0)
         backends = [b for b in ("torch", *KERNEL_BACKENDS[device]) if runs_here(b, device)]
 
         def rows_per_head(layer: Layer, N: int) -> int:

@@ -26,7 +26,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import dataclasses
 import gc
 import json
 import math
@@ -41,59 +40,10 @@ import boa
 from boa.eval import EVAL_CORPORA, evaluate_perplexity
 from boa.io import atomic_file
 
-from _common import parse_settings, setting_label  # bench/ is sys.path[0] when run as a script
+from _common import FP, MethodEntry, parse_methods, parse_settings, setting_label  # bench/ is on sys.path
 
-FP = "fp"
 FP_BITS, FP_GROUP = 16, -1
-# Set by the run itself (--settings, --nsamples, --seqlen, the method name), so not overridable per method.
-RESERVED = ("method", "bits", "group_size", "nsamples", "seqlen")
 HEADER_KEYS = ("model", "nsamples", "seqlen", "eval_windows")  # must match for --resume to reuse rows
-
-
-@dataclasses.dataclass
-class MethodEntry:
-    entry: str        # as given, e.g. "turboboa:rows_per_step=4"; the row's "method" in the JSON
-    method: str       # "turboboa"
-    overrides: dict   # {"rows_per_step": 4}
-
-
-def parse_value(text: str):
-    """"4" -> 4, "0.25" -> 0.25, "true"/"false" -> bool, anything else stays a string."""
-    for cast in (int, float):
-        try:
-            return cast(text)
-        except ValueError:
-            pass
-    if text.lower() in ("true", "false"):
-        return text.lower() == "true"
-    return text
-
-
-def parse_methods(text: str) -> list[MethodEntry]:
-    """"fp,rtn,turboboa:rows_per_step=4" -> entries; override keys are checked against QuantConfig's fields."""
-    fields = {f.name for f in dataclasses.fields(boa.QuantConfig)}
-    entries = []
-    for item in text.split(","):
-        item = item.strip()
-        method, *pairs = item.split(":")
-        overrides = {}
-        for pair in pairs:
-            key, sep, value = pair.partition("=")
-            if not sep or not key:
-                raise SystemExit(f"method entry {item!r}: override {pair!r} is not of the form key=value")
-            if key in RESERVED:
-                raise SystemExit(f"method entry {item!r}: {key!r} is set by the run (--settings, --nsamples, "
-                                 "--seqlen or the method name) and cannot be overridden per method")
-            if key not in fields:
-                raise SystemExit(f"method entry {item!r}: {key!r} is not a QuantConfig field; known fields: "
-                                 f"{', '.join(sorted(fields - set(RESERVED)))}")
-            overrides[key] = parse_value(value)
-        if method == FP and overrides:
-            raise SystemExit(f"method entry {item!r}: fp takes no overrides")
-        if item in (e.entry for e in entries):
-            raise SystemExit(f"method entry {item!r} is given twice")
-        entries.append(MethodEntry(item, method, overrides))
-    return entries
 
 
 def make_config(entry: MethodEntry, bits: int, group_size: int, args) -> boa.QuantConfig:

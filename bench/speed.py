@@ -1,7 +1,10 @@
 """End-to-end quantization time of the packaged SmolLM2 per method, side by side, against this machine's compute
 floor.
 
-    python bench/speed.py --methods gptq,boa,turboboa --bits 3 --nsamples 32 --threads 2 --json bench/results/speed.json
+    python bench/speed.py --methods gptq,gptq:grid=hessian,boa,turboboa --bits 3 --nsamples 32 --threads 2 \
+        --json bench/results/speed_w3.json
+
+A method entry may carry QuantConfig overrides after colons, as in bench/quality.py (`gptq:grid=hessian`).
 
 For each method: the wall time of `boa.quantize` on a fresh copy of the model (all blocks, or the first --blocks),
 its ratio to the first method's (GPTQ), and the run's own FLOP count — every matmul, attention and Hessian product
@@ -24,6 +27,8 @@ from torch.utils.flop_counter import FlopCounterMode
 
 import boa
 from boa_kernels import backend_for
+
+from _common import parse_methods  # bench/ is sys.path[0] when run as a script
 
 
 def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
@@ -68,9 +73,10 @@ def main() -> None:
     print(f"fp32 GEMM rate: {rate / 1e9:.1f} GFLOP/s on {args.threads} threads; kernels: {backend_for('cpu')}")
 
     rows = []
-    for method in args.methods.split(","):
-        config = boa.QuantConfig(method=method, bits=args.bits, group_size=args.group_size, nsamples=args.nsamples,
-                                 seqlen=args.seqlen)
+    for entry in parse_methods(args.methods):
+        method = entry.entry
+        config = boa.QuantConfig(method=entry.method, bits=args.bits, group_size=args.group_size,
+                                 nsamples=args.nsamples, seqlen=args.seqlen, **entry.overrides)
         counter = FlopCounterMode(display=False)
         with counter:
             quantize_copy(fp_model, adapter, calib, config, args.count_blocks)
@@ -83,7 +89,7 @@ def main() -> None:
         }
         row["ratio_to_first"] = seconds / rows[0]["seconds"] if rows else 1.0
         rows.append(row)
-        print(f"{method:9s} {seconds:8.1f} s  ({seconds / blocks:.2f} s/block)  {row['gflop']:9.0f} GFLOP  "
+        print(f"{method:18s} {seconds:8.1f} s  ({seconds / blocks:.2f} s/block)  {row['gflop']:9.0f} GFLOP  "
               f"floor {row['floor_seconds']:7.1f} s  ×floor {row['ratio_to_floor']:.2f}  "
               f"×{rows[0]['method']} {row['ratio_to_first']:.2f}", flush=True)
 
