@@ -61,6 +61,8 @@ def main() -> None:
     parser.add_argument("--blocks", type=int, help="quantize only the first N blocks (default: all)")
     parser.add_argument("--count-blocks", type=int, default=1, help="blocks whose FLOPs are counted, then scaled")
     parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--floor-only", action="store_true",
+                        help="count FLOPs and report the floor without timing the full runs (e.g. at 128 samples)")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
@@ -81,6 +83,12 @@ def main() -> None:
         with counter:
             quantize_copy(fp_model, adapter, calib, config, args.count_blocks)
         flops = counter.get_total_flops() / args.count_blocks * blocks
+        if args.floor_only:
+            print(f"{method:18s} {flops / 1e9:9.0f} GFLOP  floor {flops / rate:7.1f} s", flush=True)
+            rows.append({"method": method, "bits": args.bits, "group_size": args.group_size,
+                         "nsamples": args.nsamples, "seqlen": args.seqlen, "blocks": blocks,
+                         "threads": args.threads, "gflop": flops / 1e9, "floor_seconds": flops / rate})
+            continue
         seconds = quantize_copy(fp_model, adapter, calib, config, blocks)
         row = {
             "method": method, "bits": args.bits, "group_size": args.group_size, "nsamples": args.nsamples,

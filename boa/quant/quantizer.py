@@ -102,13 +102,18 @@ def find_grid(
                 steps.unsqueeze(1).expand_as(zeros).flatten(0, 1))
 
     def score(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Scores of K candidate grids (K, ..., rows, 1)."""
         err = fake_quantize(w, scale, zero, spec.maxq) - w
         if spec.grid == "mse":
             return err.abs().pow(MSE_NORM).sum(-1, keepdim=True)
-        return ((err @ hessian) * err).sum(-1, keepdim=True)
+        # The candidates join the rows, (..., K·rows, n) @ (..., n, n): a per-head H is then never broadcast
+        # (copied) along the candidates.
+        stacked = err.movedim(0, -3)
+        HE = (stacked.reshape(*stacked.shape[:-3], -1, w.shape[-1]) @ hessian).reshape(stacked.shape)
+        return (HE.movedim(-3, 0) * err).sum(-1, keepdim=True)
 
     best_scale, best_zero = _minmax_grid(xmin, xmax, spec)
-    best = score(best_scale, best_zero)
+    best = score(best_scale[None], best_zero[None])[0]
     best_step = torch.zeros_like(best, dtype=torch.long)
 
     def consider(steps: torch.Tensor) -> None:
