@@ -3,13 +3,16 @@
     cpp   csrc/cpu/*.cpp            ATen + at::parallel_for, -O3 -march=native, always where a C++ compiler exists
     cuda  csrc/cuda/*.cu + binding  only where torch sees a CUDA device and nvcc is found
 
-Builds land in $BOA_CACHE/kernels (default ~/.cache/boa/kernels) and are rebuilt when a source changes. A build that
+Builds land in $BOA_CACHE/kernels (default ~/.cache/boa/kernels; the CPU build in a folder per CPU kind, since it
+targets the CPU it is built on) and are rebuilt when a source changes. A build that
 fails is reported in one line and the caller falls back to the next backend; the library never needs a compiler.
 """
 from __future__ import annotations
 
 import functools
+import hashlib
 import os
+import platform
 import sys
 from pathlib import Path
 
@@ -30,6 +33,16 @@ def build_dir(name: str) -> Path:
     return path
 
 
+def cpu_signature() -> str:
+    """A short hash of this CPU's instruction-set flags: -march=native builds go to a folder of their own per CPU
+    kind, so a cache shared between machines (a home directory, an image) never serves a binary built for another."""
+    try:
+        flags = next(line for line in Path("/proc/cpuinfo").read_text().splitlines() if line.startswith("flags"))
+    except (OSError, StopIteration):
+        flags = platform.machine() + platform.processor()
+    return hashlib.sha1(flags.encode()).hexdigest()[:10]
+
+
 def _sources(folder: str, suffixes: tuple[str, ...]) -> list[str]:
     return sorted(str(p) for p in (CSRC / folder).iterdir() if p.suffix in suffixes)
 
@@ -43,11 +56,12 @@ def load_cpu():
     try:
         from torch.utils.cpp_extension import load
 
-        if not (build_dir("cpu") / "boa_cpu.so").exists():
+        folder = build_dir(f"cpu-{cpu_signature()}")
+        if not (folder / "boa_cpu.so").exists():
             notice("building the C++ CPU kernels (once, about a minute; cached in $BOA_CACHE/kernels)")
         return load(
             name="boa_cpu", sources=_sources("cpu", (".cpp",)), extra_cflags=CPU_FLAGS,
-            extra_include_paths=[str(CSRC / "include")], build_directory=str(build_dir("cpu")), verbose=False,
+            extra_include_paths=[str(CSRC / "include")], build_directory=str(folder), verbose=False,
         )
     except Exception as err:  # a missing compiler or ninja must not stop quantization
         notice(f"could not build the C++ CPU kernels ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); using torch")
