@@ -11,6 +11,7 @@
 
 #include <ATen/Parallel.h>
 
+#include "boa/compensate_args.h"
 #include "boa/quant_math.h"
 #include "ops.h"
 
@@ -44,29 +45,15 @@ void compensate_rows(T* W, T* E, T* C, const T* U, const T* scale, const T* zero
 }  // namespace
 
 void boa::compensate_block_(torch::Tensor W1, torch::Tensor E1, torch::Tensor codes, torch::Tensor U1,
-                       torch::Tensor scale, torch::Tensor zero, torch::Tensor group_of, double maxq,
-                       int64_t start, int64_t stop) {
-  TORCH_CHECK(W1.dim() == 3 && W1.is_contiguous() && E1.is_contiguous() && codes.is_contiguous(),
-              "W1, E1, codes must be contiguous (b, R, B)");
-  TORCH_CHECK(E1.sizes() == W1.sizes() && codes.sizes() == W1.sizes(), "E1 and codes must be shaped like W1");
-  const int64_t b = W1.size(0), R = W1.size(1), B = W1.size(2);
-  TORCH_CHECK(U1.dim() == 3 && U1.is_contiguous() && U1.size(1) == B && U1.size(2) == B &&
-                  (U1.size(0) == 1 || U1.size(0) == b),
-              "U1 must be contiguous (1 or b, B, B)");
-  TORCH_CHECK(scale.is_contiguous() && zero.is_contiguous() && scale.dim() == 3 && scale.sizes() == zero.sizes() &&
-                  scale.size(0) == b && scale.size(1) == R,
-              "scale and zero must be contiguous (b, R, G)");
-  TORCH_CHECK(group_of.scalar_type() == torch::kInt64 && group_of.is_contiguous() && group_of.numel() == B,
-              "group_of must be a contiguous int64 tensor of B entries");
-  TORCH_CHECK(0 <= start && start <= stop && stop <= B, "need 0 <= start <= stop <= B");
-  for (const auto& t : {E1, codes, U1, scale, zero})
-    TORCH_CHECK(t.scalar_type() == W1.scalar_type(), "all float tensors must share W1's dtype");
+                            torch::Tensor scale, torch::Tensor zero, torch::Tensor group_of, double maxq,
+                            int64_t start, int64_t stop) {
+  const boa::CompensateSizes n = boa::check_compensate_args(W1, E1, codes, U1, scale, zero, group_of, start, stop);
   const int64_t* groups = group_of.data_ptr<int64_t>();
-  const int64_t G = scale.size(2);
-  for (int64_t j = start; j < stop; ++j) TORCH_CHECK(0 <= groups[j] && groups[j] < G, "group_of out of range");
+  for (int64_t j = start; j < stop; ++j) TORCH_CHECK(0 <= groups[j] && groups[j] < n.G, "group_of out of range");
   AT_DISPATCH_FLOATING_TYPES(W1.scalar_type(), "compensate_block_", [&] {
     compensate_rows<scalar_t>(W1.data_ptr<scalar_t>(), E1.data_ptr<scalar_t>(), codes.data_ptr<scalar_t>(),
                               U1.data_ptr<scalar_t>(), scale.data_ptr<scalar_t>(), zero.data_ptr<scalar_t>(),
-                              groups, b * R, R, B, G, U1.size(0) == 1, static_cast<scalar_t>(maxq), start, stop);
+                              groups, n.b * n.R, n.R, n.B, n.G, U1.size(0) == 1, static_cast<scalar_t>(maxq),
+                              start, stop);
   });
 }
