@@ -9,6 +9,7 @@ from pathlib import Path
 
 from boa.config import BITS, GRIDS, METHODS, V_ROW_FACTORS, QuantConfig
 from boa.errors import BoaError
+from boa_kernels.dispatch import BackendError
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -56,8 +57,10 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="built-in name, model folder, hub id, or a folder written by `boa quantize`")
     _add_eval_args(e)
 
-    p = sub.add_parser("prepare", help="convert the built-in model and fetch the offline corpora into the cache")
+    p = sub.add_parser("prepare", help="convert the built-in model, fetch the offline corpora and build the kernels")
     p.add_argument("--model", default="smollm2-135m")
+
+    sub.add_parser("kernels", help="build the compiled kernels if needed and show which backend runs on each device")
     return parser
 
 
@@ -138,6 +141,22 @@ def _prepare(args, report) -> None:
         print(f"model {args.model}: {model_folder(args.model)}")
         for corpus, split in (("wikipedia", "calib"), ("wikipedia", "eval"), ("austen", "eval")):
             print(f"corpus {corpus}/{split}: {len(corpus_text(corpus, split)):,} characters")
+    _kernels(args, report)
+
+
+def _kernels(args, report) -> None:
+    import torch
+
+    from boa_kernels import backend_for
+    from boa_kernels.loader import load_cpu, load_cuda
+
+    print(f"C++ CPU kernels: {'built' if load_cpu() is not None else 'not available (torch runs instead)'}")
+    devices = ["cpu"]
+    if torch.cuda.is_available():
+        devices.append("cuda")
+        print(f"CUDA kernels: {'built' if load_cuda() is not None else 'not available'}")
+    for device in devices:
+        print(f"{device}: the column pass runs on {backend_for(device)} (override with BOA_KERNELS=torch|cpp|triton|cuda)")
 
 
 def main(argv=None) -> int:
@@ -147,11 +166,11 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     report = Report()
     try:
-        {"quantize": _quantize, "eval": _eval, "prepare": _prepare}[args.command](args, report)
-    except BoaError as err:
+        {"quantize": _quantize, "eval": _eval, "prepare": _prepare, "kernels": _kernels}[args.command](args, report)
+    except (BoaError, BackendError) as err:
         print(f"boa: error: {err}", file=sys.stderr)
         return 2
-    if args.command != "prepare":
+    if args.command not in ("prepare", "kernels"):
         report.print()
         if args.json:
             report.write(args.json)

@@ -29,6 +29,7 @@ from boa.models.loader import check_finite
 from boa.quant.quantizer import QuantizedWeight
 from boa.stats import AttentionRecorder, LayerStats, StopForward, attention_layer_stats, collect_statistics
 from boa.stats.collect import run_block, run_fp_block
+from boa_kernels import backend_for
 
 log = logging.getLogger(__name__)
 
@@ -202,6 +203,8 @@ def quantize(
     start = time.perf_counter()
     adapter = adapter or adapter_for(model.config)
     check_finite(model)
+    kernel_backend = backend_for(next(model.parameters()).device)  # a bad BOA_KERNELS fails now, not mid-run
+    log.info("column pass kernels: %s", kernel_backend)
     if needs_statistics(config) and calib is None:
         raise BoaError(f"method {config.method!r} needs calibration windows: pass calib=boa.data.calibration_windows(...)")
     if calib is not None and (calib.dim() != 2 or calib.dtype != torch.long):

@@ -18,10 +18,14 @@ BACKENDS = ("cuda", "triton", "cpp", "torch")
 ENV = "BOA_KERNELS"
 
 
+class BackendError(ValueError):
+    """BOA_KERNELS names no backend."""
+
+
 def requested() -> str | None:
     name = os.environ.get(ENV, "").strip().lower()
     if name and name not in BACKENDS:
-        raise ValueError(f"{ENV}={name!r} is not a kernel backend; use one of {', '.join(BACKENDS)} (or unset it)")
+        raise BackendError(f"{ENV}={name!r} is not a kernel backend; use one of {', '.join(BACKENDS)} (or unset it)")
     return name or None
 
 

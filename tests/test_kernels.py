@@ -215,3 +215,17 @@ def test_solver_codes_identical_with_triton_kernel(monkeypatch):
     monkeypatch.setenv("BOA_KERNELS", "triton")
     got = obs_solve(W, H, spec, **options)
     assert torch.equal(got.codes, expected.codes)
+
+
+def test_quantize_rejects_a_bad_backend_before_any_work(monkeypatch):
+    from boa_kernels.dispatch import BackendError
+
+    import boa
+    from conftest import build_llama
+
+    model = build_llama(num_layers=1)
+    before = {name: p.clone() for name, p in model.state_dict().items()}
+    monkeypatch.setenv("BOA_KERNELS", "fortran")
+    with pytest.raises(BackendError, match="BOA_KERNELS='fortran'"):
+        boa.quantize(model, boa.QuantConfig(method="rtn", bits=4), None, progress=False)
+    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
