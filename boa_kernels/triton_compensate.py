@@ -40,9 +40,10 @@ def _compensate_kernel(W, E, C, U, S, Z, GROUP, maxq, start, stop, n_rows, R, B,
         s = tl.load(S + rows * G + g, mask=row_ok, other=1.0)
         z = tl.load(Z + rows * G + g, mask=row_ok, other=0.0)
         w_j = tl.sum(tl.where(cols[None, :] == j, w, 0.0), axis=1)
-        c = tl.minimum(tl.maximum(_round_half_even(w_j / s) + z, 0.0), maxq)
+        # IEEE divisions (Triton's default fp32 division may be approximate): codes as torch rounds them
+        c = tl.minimum(tl.maximum(_round_half_even(tl.fdiv(w_j, s, ieee_rounding=True)) + z, 0.0), maxq)
         u_jj = tl.load(u_rows + j * B + j, mask=row_ok, other=1.0)
-        e = (w_j - s * (c - z)) / u_jj
+        e = tl.fdiv(w_j - s * (c - z), u_jj, ieee_rounding=True)
         tl.store(C + rows * B + j, c, mask=row_ok)
         tl.store(E + rows * B + j, e, mask=row_ok)
         u_j = tl.load(u_rows[:, None] + j * B + cols[None, :], mask=tile_ok & (cols >= j)[None, :], other=0.0)
