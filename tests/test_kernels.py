@@ -41,6 +41,17 @@ def run(fn, W1, U1, scale, zero, group_of, start, stop, maxq=7.0):
     return W1, E1, codes
 
 
+def assert_bit_identical_to_torch(kernel, shape):
+    """The kernel leaves W1, E1 and the codes exactly as the torch reference does, in fp64."""
+    b, R, B, G, shared, start, stop = shape
+    problem = block_problem(b, R, B, G, shared, torch.float64)
+    expected = run(compensate_block_torch, *problem, start, stop)
+    got = run(kernel, *problem, start, stop)
+    for e, g in zip(expected, got):
+        assert torch.equal(e, g)
+    assert (got[2][..., start:stop] >= 0).all()  # every code in the run was written
+
+
 SHAPES = [  # (b, R, B, G, shared U, start, stop): heads × rows, odd widths, partial runs
     (1, 9, 128, 1, True, 0, 128),
     (9, 16, 64, 2, True, 0, 64),
@@ -53,13 +64,7 @@ SHAPES = [  # (b, R, B, G, shared U, start, stop): heads × rows, odd widths, pa
 @needs_cpp
 @pytest.mark.parametrize("shape", SHAPES)
 def test_cpp_compensation_bit_identical_in_fp64(shape):
-    b, R, B, G, shared, start, stop = shape
-    problem = block_problem(b, R, B, G, shared, torch.float64)
-    expected = run(compensate_block_torch, *problem, start, stop)
-    got = run(load_cpu().compensate_block_, *problem, start, stop)
-    for e, g in zip(expected, got):
-        assert torch.equal(e, g)
-    assert (got[2][..., start:stop] >= 0).all()  # every code in the run was written
+    assert_bit_identical_to_torch(load_cpu().compensate_block_, shape)
 
 
 @needs_cpp
@@ -199,12 +204,7 @@ needs_triton = pytest.mark.skipif(
 def test_triton_compensation_bit_identical_in_fp64_interpreted(shape):
     from boa_kernels.triton_compensate import compensate_block_triton
 
-    b, R, B, G, shared, start, stop = shape
-    problem = block_problem(b, R, B, G, shared, torch.float64)
-    expected = run(compensate_block_torch, *problem, start, stop)
-    got = run(compensate_block_triton, *problem, start, stop)
-    for e, g in zip(expected, got):
-        assert torch.equal(e, g)
+    assert_bit_identical_to_torch(compensate_block_triton, shape)
 
 
 @needs_triton

@@ -116,16 +116,20 @@ def cuda_problem(shape, dtype):
     return [t.cuda() for t in block_problem(b, R, B, G, shared, dtype)], start, stop
 
 
-@needs_gpu
-@pytest.mark.parametrize("shape", SHAPES)
-def test_cuda_compensation_matches_torch_in_fp64(shape):
-    problem, start, stop = cuda_problem(shape, torch.float64)
+def assert_matches_torch_in_fp64(problem, start, stop):
     Wt, Et, Ct = run(compensate_block_torch, *problem, start, stop)
     Wc, Ec, Cc = run(cuda_compensate(), *problem, start, stop)
     assert torch.equal(Cc, Ct)
     # not bit-identical: the GPU contracts the update's product and difference into one FMA
     torch.testing.assert_close(Wc, Wt, rtol=1e-12, atol=1e-12)
     torch.testing.assert_close(Ec, Et, rtol=1e-12, atol=1e-12)
+
+
+@needs_gpu
+@pytest.mark.parametrize("shape", SHAPES)
+def test_cuda_compensation_matches_torch_in_fp64(shape):
+    problem, start, stop = cuda_problem(shape, torch.float64)
+    assert_matches_torch_in_fp64(problem, start, stop)
 
 
 @needs_gpu
@@ -151,12 +155,7 @@ def test_cuda_compensation_wide_blocks(b, R, B, start, stop):
     scale = 0.2 + torch.rand(b, R, 2, generator=g, dtype=torch.float64) * 0.3
     zero = torch.randint(0, 8, (b, R, 2), generator=g).double()
     group_of = torch.arange(B) % 2
-    problem = [t.cuda() for t in (W1, U1, scale, zero, group_of)]
-    Wt, Et, Ct = run(compensate_block_torch, *problem, start, stop)
-    Wc, Ec, Cc = run(cuda_compensate(), *problem, start, stop)
-    assert torch.equal(Cc, Ct)
-    torch.testing.assert_close(Wc, Wt, rtol=1e-12, atol=1e-12)
-    torch.testing.assert_close(Ec, Et, rtol=1e-12, atol=1e-12)
+    assert_matches_torch_in_fp64([t.cuda() for t in (W1, U1, scale, zero, group_of)], start, stop)
 
 
 @needs_gpu
