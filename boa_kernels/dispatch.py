@@ -33,6 +33,11 @@ def triton_interpreted() -> bool:
     return os.environ.get("TRITON_INTERPRET", "") == "1"
 
 
+@functools.cache
+def _triton_installed() -> bool:
+    return importlib.util.find_spec("triton") is not None
+
+
 def _why_not(backend: str, device: torch.device) -> str | None:
     """None when `backend` can run ops on `device`, else the reason it cannot."""
     if backend == "torch":
@@ -45,7 +50,7 @@ def _why_not(backend: str, device: torch.device) -> str | None:
         if device.type != "cuda":
             return "no CUDA tensors"
         return None if load_cuda() is not None else "the CUDA extension did not build"
-    if importlib.util.find_spec("triton") is None:
+    if not _triton_installed():
         return "triton is not installed (pip install triton)"
     if device.type == "cpu" and not triton_interpreted():
         return "triton needs a GPU, or TRITON_INTERPRET=1 on a CPU"

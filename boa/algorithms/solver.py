@@ -63,18 +63,21 @@ class _ColumnPass:
         g = self.spec.group_size
         return g * max(1, self.block_size // g) if g <= cols else cols
 
+    def __post_init__(self):
+        cols = self.U.shape[-1]
+        step = self._block_width(cols)
+        self._blocks = [(i1, min(i1 + step, cols)) for i1 in range(0, cols, step)]
+        # The kernel's contiguous diagonal blocks of U, made once for every row block that runs this pass.
+        self._U_blocks = [self.U[:, i1:i2, i1:i2].contiguous() for i1, i2 in self._blocks]
+
     def run(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Quantizes W in place (left holding the quantized values); returns the codes."""
-        cols = W.shape[-1]
-        width = self.spec.group_width(cols)
+        width = self.spec.group_width(W.shape[-1])
         codes = torch.empty_like(W)
-        step = self._block_width(cols)
-        for i1 in range(0, cols, step):
-            i2 = min(i1 + step, cols)
+        for (i1, i2), U1 in zip(self._blocks, self._U_blocks):
             W1 = W[..., i1:i2].clone(memory_format=torch.contiguous_format)
             E1 = torch.zeros_like(W1)
             C1 = torch.empty_like(W1)
-            U1 = self.U[:, i1:i2, i1:i2].contiguous()
             groups = self.group_of[i1:i2]
             starts = [i1] if self.static else list(range(i1, i2, width))
             for a, b in zip(starts, starts[1:] + [i2]):

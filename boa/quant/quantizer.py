@@ -125,7 +125,10 @@ def find_grid(
             s, z, k = scale[c0 : c0 + chunk], zero[c0 : c0 + chunk], step[c0 : c0 + chunk]
             err, i = score(s, z).min(0)  # the first minimum: the earliest candidate on a tie
             better = err < best
-            pick = lambda x: torch.gather(x.expand(-1, *err.shape), 0, i[None])[0]  # noqa: E731
+
+            def pick(x):  # each row's chosen candidate
+                return torch.gather(x.expand(-1, *err.shape), 0, i[None])[0]
+
             best = torch.where(better, err, best)
             best_scale = torch.where(better, pick(s), best_scale)
             best_zero = torch.where(better, pick(z), best_zero)

@@ -23,19 +23,14 @@ void compensate_rows(T* W, T* E, T* C, const T* U, const T* scale, const T* zero
                      int64_t start, int64_t stop) {
   at::parallel_for(0, rows, 1, [&](int64_t r0, int64_t r1) {
     for (int64_t r = r0; r < r1; ++r) {
-      T* w = W + r * B;
-      T* e_out = E + r * B;
-      T* c_out = C + r * B;
-      const T* u = U + (shared_U ? 0 : (r / rows_per_matrix) * B * B);
-      const T* s_row = scale + r * G;
-      const T* z_row = zero + r * G;
+      const boa::CompensationRow<T> row(W, E, C, U, scale, zero, r, rows_per_matrix, B, G, shared_U);
+      T* w = row.w;
       for (int64_t j = start; j < stop; ++j) {
-        const T s = s_row[group_of[j]], z = z_row[group_of[j]];
-        const T c = boa::quant_code(w[j], s, z, maxq);
-        const T e = boa::compensation_error(w[j], boa::dequant(c, s, z), u[j * B + j]);
-        c_out[j] = c;
-        e_out[j] = e;
-        const T* u_j = u + j * B;
+        T code;
+        const T e = row.quantize_column(w[j], j, group_of[j], maxq, &code);
+        row.c[j] = code;
+        row.e[j] = e;
+        const T* u_j = row.u_row(j);
         for (int64_t k = j; k < B; ++k) w[k] = boa::compensate(w[k], e, u_j[k]);
       }
     }

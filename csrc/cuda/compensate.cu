@@ -41,37 +41,30 @@ __global__ void compensate_rows_kernel(T* __restrict__ W, T* __restrict__ E, T* 
   const int64_t r = static_cast<int64_t>(blockIdx.x) * blockDim.y + threadIdx.y;
   if (r >= rows) return;  // the whole warp leaves together: no __syncwarp is left waiting
 
-  T* w_row = W + r * B;
-  T* w = row_in_shared ? reinterpret_cast<T*>(tile_bytes) + threadIdx.y * B : w_row;
+  const CompensationRow<T> row(W, E, C, U, scale, zero, r, rows_per_matrix, B, G, shared_U);
+  T* w = row_in_shared ? reinterpret_cast<T*>(tile_bytes) + threadIdx.y * B : row.w;
   if (row_in_shared) {
-    for (int64_t k = lane; k < B; k += kWarpSize) w[k] = w_row[k];
+    for (int64_t k = lane; k < B; k += kWarpSize) w[k] = row.w[k];
     __syncwarp();
   }
-  T* e_out = E + r * B;
-  T* c_out = C + r * B;
-  const T* u = U + (shared_U ? 0 : (r / rows_per_matrix) * B * B);
-  const T* s_row = scale + r * G;
-  const T* z_row = zero + r * G;
 
   for (int64_t j = start; j < stop; ++j) {
     const int64_t g = group_of[j];
     assert(0 <= g && g < G);  // not checked on the host: that would cost a device sync per call
-    const T s = s_row[g], z = z_row[g];
-    const T w_j = w[j];
-    const T c = quant_code(w_j, s, z, maxq);
-    const T e = compensation_error(w_j, dequant(c, s, z), u[j * B + j]);
+    T code;
+    const T e = row.quantize_column(w[j], j, g, maxq, &code);
     if (lane == 0) {
-      c_out[j] = c;
-      e_out[j] = e;
+      row.c[j] = code;
+      row.e[j] = e;
     }
     __syncwarp();  // every lane has read w[j] before the update below rewrites it
-    const T* u_j = u + j * B;
+    const T* u_j = row.u_row(j);
     for (int64_t k = j + lane; k < B; k += kWarpSize) w[k] = compensate(w[k], e, u_j[k]);
     __syncwarp();  // column j+1 is read only once its update has landed
   }
 
   if (row_in_shared)
-    for (int64_t k = lane; k < B; k += kWarpSize) w_row[k] = w[k];
+    for (int64_t k = lane; k < B; k += kWarpSize) row.w[k] = w[k];
 }
 
 }  // namespace

@@ -8,6 +8,7 @@
 #pragma once
 
 #include <cmath>
+#include <cstdint>
 
 #if defined(__CUDACC__)
 #define BOA_HD __host__ __device__ __forceinline__
@@ -50,5 +51,32 @@ BOA_HD T compensate(T w, T e, T u_jk) {
   T step = e * u_jk;
   return w - step;
 }
+
+// Row r of the compensation op's tensors (layout: boa_kernels/compensate.py) and its per-column step; the CPU and
+// CUDA kernels differ only in how rows and the update loop map onto threads.
+template <typename T>
+struct CompensationRow {
+  T* w;             // the row's B weights
+  T* e;             // its errors
+  T* c;             // its codes
+  const T* u;       // the row's U1 matrix (B × B): shared, or the one of its batch entry
+  const T* scale;   // its G grids
+  const T* zero;
+  int64_t B;
+
+  BOA_HD CompensationRow(T* W, T* E, T* C, const T* U, const T* S, const T* Z, int64_t r, int64_t rows_per_matrix,
+                         int64_t B_, int64_t G, bool shared_U)
+      : w(W + r * B_), e(E + r * B_), c(C + r * B_), u(U + (shared_U ? 0 : (r / rows_per_matrix) * B_ * B_)),
+        scale(S + r * G), zero(Z + r * G), B(B_) {}
+
+  // Column j (current value w_j, grid g): its code into *code, and the error the update spreads.
+  BOA_HD T quantize_column(T w_j, int64_t j, int64_t g, T maxq, T* code) const {
+    const T s = scale[g], z = zero[g];
+    *code = quant_code(w_j, s, z, maxq);
+    return compensation_error(w_j, dequant(*code, s, z), u[j * B + j]);
+  }
+
+  BOA_HD const T* u_row(int64_t j) const { return u + j * B; }
+};
 
 }  // namespace boa
