@@ -18,8 +18,9 @@ from pathlib import Path
 
 CSRC = Path(__file__).resolve().parent.parent / "csrc"
 # fp-contract off: the kernels evaluate each product and difference separately, exactly as torch does, so that
-# fp64 results equal the torch reference bit for bit.
-CPU_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17"]
+# fp64 results equal the torch reference bit for bit. -fopenmp: at::parallel_for is a header template that runs
+# serially unless the extension itself is compiled with OpenMP.
+CPU_FLAGS = ["-O3", "-march=native", "-ffp-contract=off", "-std=c++17", "-fopenmp"]
 
 
 def notice(message: str) -> None:
@@ -50,17 +51,30 @@ def _sources(folder: str, suffixes: tuple[str, ...]) -> list[str]:
 @functools.cache
 def load_cpu():
     """The C++ CPU extension module, or None (with a notice) where it cannot be built."""
+    return _build_cpu("boa_cpu", "-march=native", f"cpu-{cpu_signature()}")
+
+
+@functools.cache
+def load_cpu_for(march: str):
+    """The CPU extension compiled for another instruction set (`-march=x86-64-v3`: AVX2; `-march=x86-64`: the
+    portable C++), so that a machine with AVX-512 can test the kernels' other paths; None where it cannot build."""
+    tag = march.replace("-", "_")
+    return _build_cpu(f"boa_cpu_{tag}", f"-march={march}", f"cpu-{tag}")
+
+
+def _build_cpu(name: str, march: str, folder_name: str):
     if not CSRC.is_dir():
         notice(f"C++ sources not found at {CSRC} (install boa from its source tree for the CPU kernels); using torch")
         return None
     try:
         from torch.utils.cpp_extension import load
 
-        folder = build_dir(f"cpu-{cpu_signature()}")
-        if not (folder / "boa_cpu.so").exists():
+        folder = build_dir(folder_name)
+        if not (folder / f"{name}.so").exists():
             notice("building the C++ CPU kernels (once, about a minute; cached in $BOA_CACHE/kernels)")
+        flags = [march if f == "-march=native" else f for f in CPU_FLAGS]
         return load(
-            name="boa_cpu", sources=_sources("cpu", (".cpp",)), extra_cflags=CPU_FLAGS,
+            name=name, sources=_sources("cpu", (".cpp",)), extra_cflags=flags, extra_ldflags=["-fopenmp"],
             extra_include_paths=[str(CSRC / "include")], build_directory=str(folder), verbose=False,
         )
     except Exception as err:  # a missing compiler or ninja must not stop quantization

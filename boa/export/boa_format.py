@@ -3,9 +3,11 @@
     config.json, tokenizer files      the base model's, as transformers writes them
     quantization.json                 {"format": "boa", "version", "config": QuantConfig, "fingerprint", "layers"}
     model.safetensors                 every tensor that is not quantized (embeddings, norms, biases, lm_head) under
-                                      its state-dict name, and per quantized layer NAME:
-                                      NAME.codes uint8 (out, in), NAME.scale and NAME.zero (out, n_groups) in the
-                                      model's dtype, NAME.g_idx int32 (in,): W = scale[:, g_idx]·(codes − zero[:, g_idx])
+                                      its state-dict name, and per quantized layer NAME its packed weight
+                                      (boa/export/packed.py): NAME.qweight uint8, NAME.scales float32, NAME.zeros
+                                      uint8, NAME.perm int32 (act-order only); its bits, group_size and in_features
+                                      are in quantization.json's "layers"
+Version 1 (unpacked: NAME.codes uint8 (out, in), NAME.scale, NAME.zero, NAME.g_idx) is still read.
 
 No pickle: tensors go through safetensors, everything else through JSON.
 """
@@ -22,10 +24,12 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from boa.config import QuantConfig
 from boa.errors import BoaError
 from boa.io import atomic_dir
-from boa.nn.quant_linear import QuantLinear
+from boa.export.packed import PackedWeight, pack
+from boa.nn.quant_linear import pack_model
 from boa.quant.quantizer import QuantizedWeight
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
+READS = (1, 2)
 MANIFEST = "quantization.json"
 WEIGHTS = "model.safetensors"
 
@@ -63,16 +67,18 @@ def save(result, folder, tokenizer=None) -> Path:
             continue
         seen[tensor.data_ptr()] = name
         tensors[name] = tensor.detach().contiguous()
+    layers = {}
     for name, q in result.layers.items():
-        tensors.update({f"{name}.codes": q.codes, f"{name}.scale": q.scale, f"{name}.zero": q.zero,
-                        f"{name}.g_idx": q.g_idx})
+        packed = pack(q)
+        tensors.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
+        layers[name] = {"bits": packed.bits, "group_size": packed.group_size, "in_features": packed.in_features}
     manifest = {
         "format": "boa",
         "version": FORMAT_VERSION,
         "config": result.config.to_dict(),
         "fingerprint": result.fingerprint,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
-        "layers": {name: {"bits": q.bits} for name, q in result.layers.items()},
+        "layers": layers,
     }
     with atomic_dir(folder) as tmp:
         model.config.save_pretrained(tmp)
@@ -89,31 +95,42 @@ def load(folder, device: str = "cpu"):
     manifest = read_manifest(folder)
     if manifest is None:
         raise BoaError(f"{folder} is not a boa-quantized model (no {MANIFEST}); quantize it first with `boa quantize`")
-    if manifest.get("version") != FORMAT_VERSION:
-        raise BoaError(f"{folder} was written by format version {manifest.get('version')}; this boa reads {FORMAT_VERSION}")
+    version = manifest.get("version")
+    if version not in READS:
+        raise BoaError(f"{folder} was written by format version {version}; this boa reads versions {READS}")
     config = AutoConfig.from_pretrained(folder)
     dtype = getattr(torch, manifest["dtype"])
     model = AutoModelForCausalLM.from_config(config, dtype=dtype)
     tensors = load_file(str(folder / WEIGHTS))
+    layers = {}
     for name, info in manifest["layers"].items():
-        parent_name, child = name.rsplit(".", 1)
-        parent = attrgetter(parent_name)(model)
-        old = getattr(parent, child)
-        q = QuantizedWeight(*(tensors.pop(f"{name}.{k}") for k in ("codes", "scale", "zero", "g_idx")), info["bits"])
-        bias = tensors.pop(f"{name}.bias", None)
-        if bias is None and old.bias is not None:
+        if attrgetter(name)(model).bias is not None and f"{name}.bias" not in tensors:
             raise BoaError(f"{folder} is missing the bias of {name}; the file is damaged")
-        setattr(parent, child, QuantLinear(q, bias))
+        try:
+            layers[name] = _read_layer(tensors, name, info, version)
+        except KeyError as err:
+            raise BoaError(f"{folder} is missing {err.args[0]}; the file is damaged") from None
+    pack_model(model, layers, dtype)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
         raise BoaError(f"{folder} holds tensors this architecture does not have: {unexpected[:5]}")
     model.tie_weights()
-    still_missing = [k for k in missing if not k.startswith(tuple(manifest["layers"]))]
+    still_missing = [k for k in missing if not k.startswith(tuple(f"{name}." for name in manifest["layers"]))]
     tied = {k for k in still_missing if _is_tied(model, k)}
     if set(still_missing) - tied:
         raise BoaError(f"{folder} is missing tensors {sorted(set(still_missing) - tied)[:5]}; the file is damaged")
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
     return model.to(device).eval(), tokenizer, QuantConfig.from_dict(manifest["config"])
+
+
+def _read_layer(tensors: dict, name: str, info: dict, version: int) -> QuantizedWeight | PackedWeight:
+    if version == 1:
+        return QuantizedWeight(*(tensors.pop(f"{name}.{k}") for k in ("codes", "scale", "zero", "g_idx")), info["bits"])
+    return PackedWeight(
+        qweight=tensors.pop(f"{name}.qweight"), scales=tensors.pop(f"{name}.scales"), zeros=tensors.pop(f"{name}.zeros"),
+        perm=tensors.pop(f"{name}.perm", None), bits=info["bits"], in_features=info["in_features"],
+        group_size=info["group_size"],
+    )
 
 
 def _is_tied(model, key: str) -> bool:

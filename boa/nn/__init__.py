@@ -1,3 +1,3 @@
-from boa.nn.quant_linear import QuantLinear
+from boa.nn.quant_linear import QuantLinear, pack_model
 
-__all__ = ["QuantLinear"]
+__all__ = ["QuantLinear", "pack_model"]

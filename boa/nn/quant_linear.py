@@ -1,32 +1,67 @@
-"""QuantLinear: a linear layer that keeps its integer codes and grids and dequantizes them when it runs.
+"""QuantLinear: a linear layer that holds its weight packed (boa/export/packed.py) and runs on the packed kernels
+(boa_kernels.packed_matmul: C++ on a CPU, CUDA/Triton on a GPU, torch's dequantize-then-matmul anywhere else).
 
-This is the plain-torch path (dequantize, then matmul); packed low-bit kernels plug in behind the same module.
+The weight stays packed for the module's whole life; nothing is unpacked or cached on first use.
 """
 from __future__ import annotations
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
+from boa.export.packed import PackedWeight, pack
 from boa.quant.quantizer import QuantizedWeight
+from boa_kernels.packed_matmul import packed_matmul
 
 
 class QuantLinear(nn.Module):
-    def __init__(self, q: QuantizedWeight, bias: torch.Tensor | None = None):
+    def __init__(self, weight: QuantizedWeight | PackedWeight, bias: torch.Tensor | None = None,
+                 dtype: torch.dtype | None = None):
+        """`weight` packed or not; `dtype` is the grids' dtype `quantized_weight` gives back (default: the
+        QuantizedWeight's scale dtype, float32 for a PackedWeight)."""
         super().__init__()
-        self.bits = q.bits
-        self.out_features, self.in_features = q.codes.shape
-        self.register_buffer("codes", q.codes)
-        self.register_buffer("scale", q.scale)
-        self.register_buffer("zero", q.zero)
-        self.register_buffer("g_idx", q.g_idx)
+        if isinstance(weight, QuantizedWeight):
+            dtype = dtype or weight.scale.dtype
+            weight = pack(weight)
+        self.bits, self.group_size = weight.bits, weight.group_size
+        self.in_features, self.out_features = weight.in_features, weight.out_features
+        self.grid_dtype = dtype or torch.float32
+        for name, tensor in weight.tensors().items():
+            self.register_buffer(name, tensor)
+        if weight.perm is None:
+            self.perm = None
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
 
+    @property
+    def packed(self) -> PackedWeight:
+        return PackedWeight(self.qweight, self.scales, self.zeros, self.perm, self.bits, self.in_features,
+                            self.group_size)
+
     def quantized_weight(self) -> QuantizedWeight:
-        return QuantizedWeight(self.codes, self.scale, self.zero, self.g_idx, self.bits)
+        """Codes, grids and g_idx in input column order (unpacked: a copy, for export and inspection)."""
+        return self.packed.to_quantized(self.grid_dtype)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return F.linear(x, self.quantized_weight().dequantize().to(x.dtype), self.bias)
+        return packed_matmul(x, self.packed, self.bias)
+
+    def _apply(self, fn, recurse=True):
+        """model.to(dtype) / .half() cast float buffers; the grids stay float32, the layout's (and kernels') dtype."""
+        super()._apply(fn, recurse)
+        if self.scales.dtype != torch.float32:
+            self.scales = self.scales.float()
+        return self
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}"
+        groups = "per-channel" if self.scales.shape[1] == 1 else f"group_size={self.group_size}"
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, {groups}"
+
+
+def pack_model(model: nn.Module, layers: dict, dtype: torch.dtype | None = None) -> nn.Module:
+    """Replaces each named nn.Linear of `model` by a QuantLinear holding `layers[name]` (a QuantizedWeight or a
+    PackedWeight) and the layer's bias; the float weight is dropped. Returns the model."""
+    for name, weight in layers.items():
+        parent_name, _, child = name.rpartition(".")
+        parent = model.get_submodule(parent_name)
+        old = getattr(parent, child)
+        bias = None if getattr(old, "bias", None) is None else old.bias.detach()
+        setattr(parent, child, QuantLinear(weight, bias, dtype))
+    return model

@@ -4,4 +4,9 @@
 PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("compensate_block_", &boa::compensate_block_,
         "Quantize columns start..stop-1 of a block with error compensation, in place (csrc/cpu/compensate.cpp)");
+  m.def("packed_matmul", &boa::packed_matmul, "y = x · Wᵀ (+ bias) with W packed (csrc/cpu/packed_matmul.cpp)",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("perm"), py::arg("bias"),
+        py::arg("bits"), py::arg("group_size"));
+  m.def("packed_isa", &boa::packed_isa, "the instruction set the packed kernels were compiled for");
+  m.def("unpack_codes", &boa::unpack_codes, "codes (out, in_pad) of a packed weight, element by element");
 }

@@ -1,0 +1,78 @@
+"""Text generation from a (packed) model with the KV cache, token by token, streaming: `boa generate`.
+
+Prefill runs the prompt once (the packed layers take the BLAS path for its many rows); each new token then runs the
+model on one position against the cache (the packed layers take the GEMV path). tok/s counts decode steps only.
+"""
+from __future__ import annotations
+
+import inspect
+import time
+from dataclasses import dataclass
+
+import torch
+from transformers import DynamicCache
+
+
+@dataclass
+class GenerationResult:
+    tokens: list[int]
+    text: str
+    prompt_tokens: int
+    prefill_seconds: float
+    decode_seconds: float
+
+    @property
+    def tok_s(self) -> float:
+        """Decode tokens per second (the first new token comes from the prefill and is not counted)."""
+        steps = len(self.tokens) - 1
+        return steps / self.decode_seconds if steps > 0 and self.decode_seconds > 0 else float("nan")
+
+
+def _clock(device: torch.device) -> float:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+    return time.perf_counter()
+
+
+def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None) -> int:
+    if temperature <= 0:
+        return int(logits.argmax())
+    probs = torch.softmax(logits.float() / temperature, dim=-1)
+    if top_p < 1:
+        sorted_probs, order = probs.sort(descending=True)
+        keep = sorted_probs.cumsum(0) - sorted_probs < top_p  # the smallest prefix holding top_p of the mass
+        probs = torch.zeros_like(probs).scatter_(0, order[keep], sorted_probs[keep])
+    return int(torch.multinomial(probs.cpu(), 1, generator=generator))
+
+
+@torch.inference_mode()
+def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
+             seed: int = 0, stop_at_eos: bool = True, stream=None) -> GenerationResult:
+    """Greedy (temperature 0) or sampled continuation of `prompt`; `stream(text_piece)` gets the text as it grows."""
+    device = next(model.parameters()).device
+    ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    eos = tokenizer.eos_token_id
+    tokens: list[int] = []
+    shown = ""
+
+    def emit(token: int) -> None:
+        nonlocal shown
+        tokens.append(token)
+        if stream is not None:
+            text = tokenizer.decode(tokens, skip_special_tokens=True)
+            stream(text[len(shown):])
+            shown = text
+
+    start = _clock(device)
+    out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, **keep_last)
+    emit(_next_token(out.logits[0, -1], temperature, top_p, generator))
+    prefill_end = _clock(device)
+    while len(tokens) < max_new_tokens and not (stop_at_eos and tokens[-1] == eos):
+        step = torch.tensor([[tokens[-1]]], device=device)
+        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, **keep_last)
+        emit(_next_token(out.logits[0, -1], temperature, top_p, generator))
+    end = _clock(device)
+    return GenerationResult(tokens, tokenizer.decode(tokens, skip_special_tokens=True), ids.shape[1],
+                            prefill_end - start, end - prefill_end)
