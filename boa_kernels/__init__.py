@@ -1,9 +1,12 @@
-"""boa's kernels: the quantization hot loop (fused column compensation), batched inverse Cholesky factors.
+"""boa's kernels: the quantization hot loop (fused column compensation), batched inverse Cholesky factors, and the
+packed low-bit matmul that runs quantized models.
 
 Every op has a plain-torch reference beside it and runs on the best backend available (see dispatch.py):
 CUDA > Triton on a GPU, C++ on a CPU, torch everywhere; `BOA_KERNELS=torch|cpp|triton|cuda` overrides.
 """
 from boa_kernels.compensate import compensate_block_, compensate_block_torch
 from boa_kernels.dispatch import BACKENDS, backend_for
+from boa_kernels.packed_matmul import packed_matmul, packed_matmul_torch
 
-__all__ = ["BACKENDS", "backend_for", "compensate_block_", "compensate_block_torch"]
+__all__ = ["BACKENDS", "backend_for", "compensate_block_", "compensate_block_torch", "packed_matmul",
+           "packed_matmul_torch"]

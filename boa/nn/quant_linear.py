@@ -30,11 +30,12 @@ class QuantLinear(nn.Module):
         if weight.perm is None:
             self.perm = None
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self._refresh()
 
-    @property
-    def packed(self) -> PackedWeight:
-        return PackedWeight(self.qweight, self.scales, self.zeros, self.perm, self.bits, self.in_features,
-                            self.group_size)
+    def _refresh(self) -> None:
+        """The PackedWeight view of the buffers, made once (not per forward: decoding calls this layer per token)."""
+        self.packed = PackedWeight(self.qweight, self.scales, self.zeros, self.perm, self.bits, self.in_features,
+                                   self.group_size)
 
     def quantized_weight(self) -> QuantizedWeight:
         """Codes, grids and g_idx in input column order (unpacked: a copy, for export and inspection)."""
@@ -48,6 +49,7 @@ class QuantLinear(nn.Module):
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float32:
             self.scales = self.scales.float()
+        self._refresh()
         return self
 
     def extra_repr(self) -> str:
