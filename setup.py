@@ -21,7 +21,9 @@ setup(
         "rdata>=0.11",       # reads Jane Austen's novels from the Debian R package
     ],
     extras_require={
-        "dev": ["pytest>=8", "datasets>=3", "matplotlib", "ninja", "triton"],
+        # compressed-tensors: tests load boa's compressed-tensors exports (3-bit packing is a continuous bit
+        # stream since 0.18; checked with 0.20, which leaves torch and transformers as they are)
+        "dev": ["pytest>=8", "datasets>=3", "matplotlib", "ninja", "triton", "compressed-tensors>=0.18"],
         "eval": ["lm-eval>=0.4", "datasets>=3", "matplotlib"],
         "kernels": ["ninja", "triton"],
     },

@@ -11,6 +11,8 @@ from boa.config import BITS, GRIDS, METHODS, V_ROW_FACTORS, QuantConfig
 from boa.errors import BoaError
 from boa_kernels.dispatch import BackendError
 
+EXPORT_FORMATS = ("compressed-tensors", "gptq")
+
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--corpora", default="wikipedia,austen", help="evaluation corpora, comma-separated ('' for none)")
@@ -61,7 +63,31 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument("--model", default="smollm2-135m")
 
     sub.add_parser("kernels", help="build the compiled kernels if needed and show which backend runs on each device")
+
+    x = sub.add_parser("export", help="write a folder saved by `boa quantize` in a format other tools load")
+    x.add_argument("model", type=Path, help="a folder written by `boa quantize --out`")
+    x.add_argument("--format", required=True, choices=EXPORT_FORMATS,
+                   help="compressed-tensors (llm-compressor's pack-quantized, for vLLM and transformers) or gptq (v1)")
+    x.add_argument("--out", type=Path, required=True, help="the folder to write")
+
+    g = sub.add_parser("generate", help="stream text from a boa-quantized folder (packed kernels) or any model")
+    g.add_argument("model", help="a folder written by `boa quantize --out`, or a built-in name / model folder")
+    g.add_argument("--prompt", required=True)
+    g.add_argument("--max-new-tokens", type=int, default=128)
+    g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
+    g.add_argument("--top-p", type=float, default=1.0)
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
+                   help="activations and unquantized weights (default: the model's; bfloat16 halves the "
+                        "embedding/head traffic and takes the packed kernels' single-product bf16 path)")
+    g.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
     return parser
+
+
+def _cuda_available() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
 
 
 def _evaluate(name, model, tokenizer, args, report) -> None:
@@ -121,16 +147,43 @@ def _quantize(args, report) -> None:
     _evaluate(tag, model, tokenizer, args, report)
 
 
-def _eval(args, report) -> None:
+def _load_any(name: str, report):
+    """(model, tokenizer) of a folder written by `boa quantize` or of any model `load_model` takes."""
     from boa.export import load, read_manifest
     from boa.models import load_model
 
     with report.phase("load"):
-        if Path(args.model).is_dir() and read_manifest(args.model) is not None:
-            model, tokenizer, _ = load(args.model)
+        if Path(name).is_dir() and read_manifest(name) is not None:
+            model, tokenizer, _ = load(name)
         else:
-            model, tokenizer, _ = load_model(args.model)
+            model, tokenizer, _ = load_model(name)
+    return model, tokenizer
+
+
+def _eval(args, report) -> None:
+    model, tokenizer = _load_any(args.model, report)
     _evaluate(args.model, model, tokenizer, args, report)
+
+
+def _generate(args, report) -> None:
+    import torch
+
+    from boa.generate import generate
+
+    model, tokenizer = _load_any(args.model, report)
+    if tokenizer is None:
+        raise BoaError(f"{args.model} has no tokenizer; quantize with `boa quantize` (which saves it) or add one")
+    model = model.to(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
+
+    def stream(piece: str) -> None:
+        print(piece, end="", flush=True)
+
+    print(args.prompt, end="", flush=True)
+    result = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
+                      stream=stream)
+    print()
+    print(f"prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s; {len(result.tokens)} new tokens, "
+          f"decode {result.tok_s:.1f} tok/s ({args.device}, {torch.get_num_threads()} threads)", file=sys.stderr)
 
 
 def _prepare(args, report) -> None:
@@ -142,6 +195,19 @@ def _prepare(args, report) -> None:
         for corpus, split in (("wikipedia", "calib"), ("wikipedia", "eval"), ("austen", "eval")):
             print(f"corpus {corpus}/{split}: {len(corpus_text(corpus, split)):,} characters")
     _kernels(args, report)
+
+
+def _export(args, report) -> None:
+    from boa.export import export_compressed_tensors, export_gptq, load
+    from boa.nn import QuantLinear
+
+    with report.phase("load"):
+        model, tokenizer, config = load(args.model)
+    layers = {name: m.quantized_weight() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
+    exporter = {"compressed-tensors": export_compressed_tensors, "gptq": export_gptq}[args.format]
+    with report.phase("export"):
+        exporter(model, layers, args.out, tokenizer, config)
+    print(f"exported {args.model} as {args.format} to {args.out}", file=sys.stderr)
 
 
 def _kernels(args, report) -> None:
@@ -166,11 +232,12 @@ def main(argv=None) -> int:
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     report = Report()
     try:
-        {"quantize": _quantize, "eval": _eval, "prepare": _prepare, "kernels": _kernels}[args.command](args, report)
+        {"quantize": _quantize, "eval": _eval, "prepare": _prepare, "kernels": _kernels,
+         "export": _export, "generate": _generate}[args.command](args, report)
     except (BoaError, BackendError) as err:
         print(f"boa: error: {err}", file=sys.stderr)
         return 2
-    if args.command not in ("prepare", "kernels"):
+    if args.command not in ("prepare", "kernels", "export", "generate"):
         report.print()
         if args.json:
             report.write(args.json)

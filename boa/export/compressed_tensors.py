@@ -1,0 +1,190 @@
+"""Export to compressed-tensors' `pack-quantized` format (what llm-compressor writes and vLLM serves), loadable by
+`transformers.AutoModelForCausalLM.from_pretrained` wherever the `compressed-tensors` package is installed.
+
+    config.json, tokenizer files   the model's, with "quantization_config" (schema below)
+    model.safetensors              every tensor that is not quantized (embeddings, norms, lm_head, biases) as the
+                                   model holds it (a tied head once, under the embedding's name), and per quantized
+                                   layer NAME (W = scale[:, k // g] · (code[:, k] − zero[:, k // g])):
+        NAME.weight_packed      int32 (out, ⌈in·b/32⌉)   codes packed along the input (pack_int32, dim 1)
+        NAME.weight_scale       model dtype (out, G)     G = in / g (strategy "group"), or 1 (strategy "channel")
+        NAME.weight_shape       int64 (2,)               [out, in]
+        NAME.weight_zero_point  int32 (⌈out·b/32⌉, G)    asymmetric layers only: zeros packed along the output
+                                                         (pack_int32, dim 0)
+    boa_export.json                {"format", "boa_version", "config": the boa QuantConfig or null}
+
+Bit layout (pack_int32): the b-bit fields of a row form one continuous little-endian bit stream: field j occupies
+stream bits [j·b, (j+1)·b), and word w holds stream bits [32w, 32w + 32) (so a 3-bit field may straddle two words);
+the last word is padded with zeros. compressed-tensors stores signed values v ∈ [−2^(b−1), 2^(b−1)) as the field
+v + 2^(b−1), which is exactly boa's unsigned code (and zero point): its dequantization (v − z_signed) · s equals
+boa's (code − zero) · s. Symmetric layers (zero = 2^(b−1) everywhere) store no zero point.
+
+quantization_config: {"quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status":
+"compressed", "config_groups": {"group_i": {"targets", "weights": {"num_bits", "type": "int", "symmetric",
+"strategy": "group" | "channel", "group_size": g | null, "dynamic": false}, "format": "pack-quantized"}},
+"ignore": [unquantized Linear modules, e.g. lm_head], "dequantize": true if any layer is asymmetric} — one group
+(targets ["Linear"]) when every layer shares a scheme, else one group per scheme targeting its layers by name.
+"dequantize" is transformers' switch for dequantizing at load time, which compressed-tensors 0.20 needs to load
+packed zero points; vLLM ignores it.
+
+Not expressible, refused with a BoaError: act-order groups (g_idx other than k // g; compressed-tensors dropped
+per-column g_idx), and a group size that does not divide in_features.
+"""
+from __future__ import annotations
+
+import json
+from collections import defaultdict
+from pathlib import Path
+
+import torch
+from safetensors.torch import save_file
+from torch import nn
+
+from boa.errors import BoaError
+from boa.io import atomic_dir
+from boa.quant.quantizer import QuantizedWeight
+
+EXPORT_MANIFEST = "boa_export.json"
+WEIGHTS = "model.safetensors"
+_MASK32 = (1 << 32) - 1
+
+
+def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
+    """Integers in [0, 2^bits) packed along `dim` into int32 words as one continuous little-endian bit stream."""
+    x = values.movedim(dim, -1).to(torch.int64)
+    n = x.shape[-1]
+    start = torch.arange(n, device=x.device) * bits
+    word, shift = start // 32, start % 32
+    out = torch.zeros(*x.shape[:-1], -(-n * bits // 32) + 1, dtype=torch.int64, device=x.device)
+    out.index_add_(-1, word, (x << shift) & _MASK32)
+    out.index_add_(-1, word + 1, x >> (32 - shift))  # the high bits of a field that straddles two words (else 0)
+    out = out[..., :-1]
+    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32).movedim(-1, dim).contiguous()
+
+
+def group_width(q: QuantizedWeight) -> int:
+    """The columns of a full group (all of them per-channel); only the last group may be narrower."""
+    return int(torch.bincount(q.g_idx.long()).max())
+
+
+def has_plain_groups(q: QuantizedWeight) -> bool:
+    """Whether group k holds exactly the columns [k·g, (k+1)·g) (no act-order permutation)."""
+    cols = q.codes.shape[1]
+    return torch.equal(q.g_idx.long(), torch.arange(cols, device=q.g_idx.device) // group_width(q))
+
+
+def is_symmetric(q: QuantizedWeight) -> bool:
+    return bool((q.zero == 2 ** (q.bits - 1)).all())
+
+
+def plain_tensors(model: nn.Module, layers: dict) -> dict[str, torch.Tensor]:
+    """The model's state dict without the quantized layers' weights (a fake-quantized `weight`, or a QuantLinear's
+    packed buffers); their biases stay. Tensors sharing storage (a tied lm_head) are kept once, under the first name
+    (the embedding's), which is the one transformers re-ties from."""
+    tensors, seen = {}, set()
+    for name, tensor in model.state_dict().items():
+        owner, leaf = name.rsplit(".", 1)
+        if owner in layers and leaf != "bias":
+            continue
+        if tensor.data_ptr() in seen:
+            continue
+        seen.add(tensor.data_ptr())
+        tensors[name] = tensor.detach().contiguous()
+    return tensors
+
+
+def check_export_dir(out_dir: Path) -> None:
+    """An export folder may be new, empty, or hold an earlier boa export; anything else is not ours to replace."""
+    if out_dir.exists() and not out_dir.is_dir():
+        raise BoaError(f"output path {out_dir} is a file, not a folder; choose another --out")
+    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_MANIFEST).exists():
+        raise BoaError(f"output folder {out_dir} is not empty and was not written by `boa export`; "
+                       "choose another --out or delete it first")
+
+
+def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantization_config: dict,
+                 tokenizer=None, config=None) -> Path:
+    """Writes config.json (the model's, with `quantization_config`), the tokenizer, model.safetensors and the export
+    manifest to `out_dir`, atomically."""
+    from boa import __version__
+
+    out_dir = Path(out_dir)
+    check_export_dir(out_dir)
+    hf_config = model.config.to_dict()
+    hf_config["quantization_config"] = quantization_config
+    hf_config["dtype"] = str(model_dtype(model)).removeprefix("torch.")
+    manifest = {"format": fmt, "boa_version": __version__, "config": None if config is None else config.to_dict()}
+    with atomic_dir(out_dir) as tmp:
+        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
+        if getattr(model, "generation_config", None) is not None and model.can_generate():
+            model.generation_config.save_pretrained(tmp)
+        if tokenizer is not None:
+            tokenizer.save_pretrained(tmp)
+        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
+                  metadata={"format": "pt"})
+        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return out_dir
+
+
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of the model's floating-point parameters (its embeddings, norms, ...)."""
+    return next(p.dtype for p in model.parameters() if p.is_floating_point())
+
+
+def _scheme(name: str, q: QuantizedWeight) -> tuple[int, bool, int | None]:
+    """(bits, symmetric, group size or None per-channel) of one layer; refuses what the format cannot hold."""
+    cols = q.codes.shape[1]
+    if not 1 <= q.bits <= 8:
+        raise BoaError(f"{name}: {q.bits}-bit weights cannot be stored in compressed-tensors (1 to 8 bits)")
+    if not has_plain_groups(q):
+        raise BoaError(
+            f"{name}: its groups are act-order groups (g_idx is not column // group_size), which compressed-tensors "
+            "cannot store (it dropped per-column g_idx); re-quantize with --act-order --static-groups or without "
+            "--act-order, or export with --format gptq, which keeps g_idx"
+        )
+    width = group_width(q)
+    if q.scale.shape[1] > 1 and cols % width:
+        raise BoaError(
+            f"{name}: group size {width} does not divide its {cols} input columns, which compressed-tensors "
+            f"requires; re-quantize with a group size dividing {cols} (or -1 for per-channel grids)"
+        )
+    return q.bits, is_symmetric(q), (width if q.scale.shape[1] > 1 else None)
+
+
+def _weights_args(bits: int, symmetric: bool, group_size: int | None) -> dict:
+    return {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
+            "strategy": "channel" if group_size is None else "group", "group_size": group_size}
+
+
+def export_compressed_tensors(model: nn.Module, layers: dict[str, QuantizedWeight], out_dir, tokenizer=None,
+                              config=None) -> Path:
+    """Writes `model` (fake-quantized or loaded by boa.load) with its quantized `layers` {module name:
+    QuantizedWeight} to `out_dir` in compressed-tensors' pack-quantized format; `config` is the boa QuantConfig
+    recorded in the export manifest."""
+    if not layers:
+        raise BoaError("the model has no quantized layers to export; quantize it first with `boa quantize`")
+    dtype = model_dtype(model)
+    tensors = plain_tensors(model, layers)
+    by_scheme = defaultdict(list)
+    for name, q in layers.items():
+        scheme = _scheme(name, q)
+        by_scheme[scheme].append(name)
+        bits, symmetric, _ = scheme
+        tensors[f"{name}.weight_packed"] = pack_int32(q.codes, bits, dim=1)
+        tensors[f"{name}.weight_scale"] = q.scale.to(dtype).contiguous()
+        tensors[f"{name}.weight_shape"] = torch.tensor(q.codes.shape, dtype=torch.int64)
+        if not symmetric:
+            tensors[f"{name}.weight_zero_point"] = pack_int32(q.zero.round().to(torch.int64), bits, dim=0)
+    ignore = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear and n not in layers)
+    single = len(by_scheme) == 1
+    groups = {
+        f"group_{i}": {"targets": ["Linear"] if single else names, "weights": _weights_args(*scheme),
+                       "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+        for i, (scheme, names) in enumerate(by_scheme.items())
+    }
+    quantization_config = {
+        "quant_method": "compressed-tensors", "format": "pack-quantized", "quantization_status": "compressed",
+        "config_groups": groups, "ignore": ignore, "kv_cache_scheme": None, "global_compression_ratio": None,
+    }
+    if any(not symmetric for _, symmetric, _ in by_scheme):
+        quantization_config["dequantize"] = True
+    return write_export(out_dir, "compressed-tensors", model, tensors, quantization_config, tokenizer, config)
