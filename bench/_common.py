@@ -2,6 +2,9 @@
 from __future__ import annotations
 
 import dataclasses
+import subprocess
+import sys
+from pathlib import Path
 
 import boa
 
@@ -72,3 +75,16 @@ def parse_methods(text: str) -> list[MethodEntry]:
             raise SystemExit(f"method entry {item!r} is given twice")
         entries.append(MethodEntry(item, method, overrides))
     return entries
+
+
+def side_venv(folder: Path, requirements: list[str], env: dict | None = None) -> Path:
+    """The python of a venv of its own for a peer tool (which pins other versions than boa), created on first use;
+    a marker file records what was installed, so a change of requirements rebuilds it."""
+    python, marker = folder / "bin" / "python", folder / "installed.txt"
+    wanted = " ".join(requirements)
+    if not marker.exists() or marker.read_text() != wanted:
+        print(f"creating a venv in {folder} (once, minutes): pip install {wanted}", file=sys.stderr, flush=True)
+        subprocess.run([sys.executable, "-m", "venv", str(folder)], check=True)
+        subprocess.run([str(python), "-m", "pip", "install", "-q", *requirements], check=True, env=env)
+        marker.write_text(wanted)
+    return python

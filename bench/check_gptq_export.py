@@ -25,7 +25,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
@@ -60,18 +59,12 @@ def parse_args():
 
 
 def gptq_python() -> Path:
-    """The gptq venv's python, creating the venv on first use (a marker records what was installed)."""
+    """The gptq venv's python, creating the venv on first use."""
+    from _common import side_venv  # imported here: the worker runs this file inside the gptq venv, without boa
+
     from boa.io import cache_dir
 
-    venv = cache_dir("venvs", "gptq")
-    python, marker = venv / "bin" / "python", venv / "installed.txt"
-    wanted = " ".join(REQUIREMENTS)
-    if not marker.exists() or marker.read_text() != wanted:
-        print(f"creating the gptq venv in {venv} (once, minutes): pip install {wanted}", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *REQUIREMENTS], check=True)
-        marker.write_text(wanted)
-    return python
+    return side_venv(cache_dir("venvs", "gptq"), REQUIREMENTS)
 
 
 def tiny_llama():

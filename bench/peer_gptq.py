@@ -20,7 +20,6 @@ from __future__ import annotations
 import argparse
 import json
 import subprocess
-import sys
 import tempfile
 from pathlib import Path
 
@@ -29,6 +28,8 @@ from safetensors.torch import load_file, save_file
 
 import boa
 from boa.io import cache_dir
+
+from _common import side_venv
 
 PEER_REQUIREMENTS = ["torch==2.13.0", "llmcompressor==0.14.0.1"]  # torch pinned: the local CPU wheel, not CUDA
 PEER_SCRIPT = Path(__file__).with_name("_peer_llmcompressor.py")
@@ -58,16 +59,8 @@ def parse_args():
 
 
 def peer_python() -> Path:
-    """The peer venv's python, creating the venv on first use (a marker records what was installed)."""
-    venv = cache_dir("peer-venv")
-    python, marker = venv / "bin" / "python", venv / "installed.txt"
-    wanted = " ".join(PEER_REQUIREMENTS)
-    if not marker.exists() or marker.read_text() != wanted:
-        print(f"creating the peer venv in {venv} (once): pip install {wanted}", flush=True)
-        subprocess.run([sys.executable, "-m", "venv", str(venv)], check=True)
-        subprocess.run([str(python), "-m", "pip", "install", "-q", *PEER_REQUIREMENTS], check=True)
-        marker.write_text(wanted)
-    return python
+    """The peer venv's python, creating the venv on first use."""
+    return side_venv(cache_dir("peer-venv"), PEER_REQUIREMENTS)
 
 
 def ppl(model, eval_sets: dict, args) -> dict:

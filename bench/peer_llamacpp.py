@@ -18,8 +18,6 @@ import importlib.util
 import json
 import os
 import subprocess
-import sys
-import venv
 from pathlib import Path
 
 import torch
@@ -29,6 +27,8 @@ from boa.generate import generate
 from boa.io import cache_dir, write_json
 from boa.models.loader import BUILTIN_MODELS
 from boa.nn import pack_model
+
+from _common import side_venv
 
 PROMPT = "The history of the city of London begins"
 REQUIREMENT = "llama-cpp-python==0.3.36"
@@ -72,14 +72,9 @@ def parse_args():
 
 
 def llamacpp_python(folder: Path | None) -> Path:
-    folder = folder or cache_dir("venvs") / "llamacpp"
-    python = folder / "bin" / "python"
-    if not python.exists():
-        print(f"building {REQUIREMENT} in {folder} (once, ~12 CPU-minutes)", file=sys.stderr)
-        venv.create(folder, with_pip=True)
-        env = {**os.environ, "CMAKE_ARGS": "-DLLAVA_BUILD=OFF"}
-        subprocess.run([str(python), "-m", "pip", "install", "-q", REQUIREMENT], check=True, env=env)
-    return python
+    if folder is not None:
+        return folder / "bin" / "python"
+    return side_venv(cache_dir("venvs", "llamacpp"), [REQUIREMENT], {**os.environ, "CMAKE_ARGS": "-DLLAVA_BUILD=OFF"})
 
 
 def model_bytes(model) -> int:

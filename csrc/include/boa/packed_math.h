@@ -10,11 +10,7 @@
 #include <cstdint>
 #include <cstring>
 
-#if defined(__CUDACC__)
-#define BOA_HD __host__ __device__ __forceinline__
-#else
-#define BOA_HD inline
-#endif
+#include "boa/host_device.h"
 
 namespace boa {
 
