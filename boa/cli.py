@@ -216,13 +216,15 @@ def _kernels(args, report) -> None:
     from boa_kernels import backend_for
     from boa_kernels.loader import load_cpu, load_cuda
 
-    print(f"C++ CPU kernels: {'built' if load_cpu() is not None else 'not available (torch runs instead)'}")
+    cpu = load_cpu()
+    print(f"C++ CPU kernels: {f'built for {cpu.packed_isa()}' if cpu is not None else 'not available (torch runs instead)'}")
     devices = ["cpu"]
     if torch.cuda.is_available():
         devices.append("cuda")
         print(f"CUDA kernels: {'built' if load_cuda() is not None else 'not available'}")
     for device in devices:
-        print(f"{device}: the column pass runs on {backend_for(device)} (override with BOA_KERNELS=torch|cpp|triton|cuda)")
+        print(f"{device}: the column pass and packed GEMV run on {backend_for(device)} "
+              "(override with BOA_KERNELS=torch|cpp|triton|cuda)")
 
 
 def main(argv=None) -> int:
