@@ -158,7 +158,7 @@ def main(args) -> None:
             tasks[case] = str(folder)
         (tmp / "tasks.json").write_text(json.dumps(tasks))
         print(f"loading the exports in {python}", flush=True)
-        # -I: without bench/ on sys.path, where kernels.py would shadow the `kernels` package transformers probes
+        # -I: the worker runs in its own venv; nothing from bench/ or the user site may shadow its packages
         run = subprocess.run([str(python), "-I", __file__, "--worker", str(tmp / "tasks.json")],
                              capture_output=True, text=True)
         if run.returncode != 0:

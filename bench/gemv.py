@@ -52,7 +52,7 @@ from boa.quant.quantizer import QuantizedWeight
 from boa_kernels.loader import load_cpu
 from boa_kernels.packed_matmul import GEMV_MAX_BATCH, packed_matmul_torch
 
-from kernels import cpu_model  # bench/ is sys.path[0] when run as a script
+from solver_kernels import cpu_model  # bench/ is sys.path[0] when run as a script
 
 SEED = 0
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (14336, 4096)]  # [out, in]

@@ -80,7 +80,7 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = 0.01) -> torch.Ten
 
     torch.linalg's batched LAPACK/cuSOLVER calls beat a per-matrix loop down to 64 × 64 head factors, so there is
     no custom kernel. One Cholesky of the reversed matrix plus a triangular solve (U = J L⁻¹ J for J H J = L Lᵀ)
-    measured 0–13% faster in fp32 on a quiet CPU and slower on a busy one (bench/kernels.py, op inverse_cholesky):
+    measured 0–13% faster in fp32 on a quiet CPU and slower on a busy one (bench/solver_kernels.py, op inverse_cholesky):
     milliseconds per layer either way, so the plain form stays until a GPU run at d = 14336 says otherwise.
     """
     if not torch.isfinite(H).all():

@@ -1,7 +1,7 @@
 """Kernel benchmark: the solver's fused column pass and the inverse Cholesky factor against their torch references and
 against loop formulations, on CPU (and on CUDA where torch sees a GPU).
 
-    python bench/kernels.py --json bench/results/kernels.json [--threads 1] [--quick] [--row-steps 8,1]
+    python bench/solver_kernels.py --json bench/results/kernels.json [--threads 1] [--quick] [--row-steps 8,1]
 
 Every row is one timing: the best of a few repeats after one warm-up call, on random weights and SPD Hessians of
 real layers' shapes (fixed seeds), float32 unless the row's dtype says otherwise. At start-up the column_loop
