@@ -13,7 +13,7 @@ from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 import boa
 from boa.cli import main
 from boa.export import export_compressed_tensors, export_gptq
-from boa.export.compressed_tensors import EXPORT_MANIFEST, pack_int32
+from boa.export.common import EXPORT_MANIFEST, pack_int32
 from boa.export.gptq_format import gptq_tensors
 from boa.quant.quantizer import QuantizedWeight
 

@@ -31,103 +31,17 @@ per-column g_idx), and a group size that does not divide in_features.
 """
 from __future__ import annotations
 
-import json
 from collections import defaultdict
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from boa.errors import BoaError
-from boa.io import atomic_dir
+from boa.export.common import (
+    group_width, has_plain_groups, is_symmetric, model_dtype, pack_int32, plain_tensors, write_export,
+)
 from boa.quant.quantizer import QuantizedWeight
-
-EXPORT_MANIFEST = "boa_export.json"
-WEIGHTS = "model.safetensors"
-_MASK32 = (1 << 32) - 1
-
-
-def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
-    """Integers in [0, 2^bits) packed along `dim` into int32 words as one continuous little-endian bit stream."""
-    x = values.movedim(dim, -1).to(torch.int64)
-    n = x.shape[-1]
-    start = torch.arange(n, device=x.device) * bits
-    word, shift = start // 32, start % 32
-    out = torch.zeros(*x.shape[:-1], -(-n * bits // 32) + 1, dtype=torch.int64, device=x.device)
-    out.index_add_(-1, word, (x << shift) & _MASK32)
-    out.index_add_(-1, word + 1, x >> (32 - shift))  # the high bits of a field that straddles two words (else 0)
-    out = out[..., :-1]
-    return torch.where(out >= 1 << 31, out - (1 << 32), out).to(torch.int32).movedim(-1, dim).contiguous()
-
-
-def group_width(q: QuantizedWeight) -> int:
-    """The columns of a full group (all of them per-channel); only the last group may be narrower."""
-    return int(torch.bincount(q.g_idx.long()).max())
-
-
-def has_plain_groups(q: QuantizedWeight) -> bool:
-    """Whether group k holds exactly the columns [k·g, (k+1)·g) (no act-order permutation)."""
-    cols = q.codes.shape[1]
-    return torch.equal(q.g_idx.long(), torch.arange(cols, device=q.g_idx.device) // group_width(q))
-
-
-def is_symmetric(q: QuantizedWeight) -> bool:
-    return bool((q.zero == 2 ** (q.bits - 1)).all())
-
-
-def plain_tensors(model: nn.Module, layers: dict) -> dict[str, torch.Tensor]:
-    """The model's state dict without the quantized layers' weights (a fake-quantized `weight`, or a QuantLinear's
-    packed buffers); their biases stay. Tensors sharing storage (a tied lm_head) are kept once, under the first name
-    (the embedding's), which is the one transformers re-ties from."""
-    tensors, seen = {}, set()
-    for name, tensor in model.state_dict().items():
-        owner, leaf = name.rsplit(".", 1)
-        if owner in layers and leaf != "bias":
-            continue
-        if tensor.data_ptr() in seen:
-            continue
-        seen.add(tensor.data_ptr())
-        tensors[name] = tensor.detach().contiguous()
-    return tensors
-
-
-def check_export_dir(out_dir: Path) -> None:
-    """An export folder may be new, empty, or hold an earlier boa export; anything else is not ours to replace."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BoaError(f"output path {out_dir} is a file, not a folder; choose another --out")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_MANIFEST).exists():
-        raise BoaError(f"output folder {out_dir} is not empty and was not written by `boa export`; "
-                       "choose another --out or delete it first")
-
-
-def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantization_config: dict,
-                 tokenizer=None, config=None) -> Path:
-    """Writes config.json (the model's, with `quantization_config`), the tokenizer, model.safetensors and the export
-    manifest to `out_dir`, atomically."""
-    from boa import __version__
-
-    out_dir = Path(out_dir)
-    check_export_dir(out_dir)
-    hf_config = model.config.to_dict()
-    hf_config["quantization_config"] = quantization_config
-    hf_config["dtype"] = str(model_dtype(model)).removeprefix("torch.")
-    manifest = {"format": fmt, "boa_version": __version__, "config": None if config is None else config.to_dict()}
-    with atomic_dir(out_dir) as tmp:
-        (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
-        if getattr(model, "generation_config", None) is not None and model.can_generate():
-            model.generation_config.save_pretrained(tmp)
-        if tokenizer is not None:
-            tokenizer.save_pretrained(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt"})
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    return out_dir
-
-
-def model_dtype(model: nn.Module) -> torch.dtype:
-    """The dtype of the model's floating-point parameters (its embeddings, norms, ...)."""
-    return next(p.dtype for p in model.parameters() if p.is_floating_point())
 
 
 def _scheme(name: str, q: QuantizedWeight) -> tuple[int, bool, int | None]:

@@ -39,7 +39,7 @@ import torch
 from torch import nn
 
 from boa.errors import BoaError
-from boa.export.compressed_tensors import (
+from boa.export.common import (
     group_width, has_plain_groups, is_symmetric, pack_int32, plain_tensors, write_export,
 )
 from boa.quant.quantizer import QuantizedWeight
