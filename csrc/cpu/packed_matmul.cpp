@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <algorithm>
+#include <array>
 #include <cstring>
 #include <vector>
 
@@ -144,6 +145,30 @@ struct Vec {
 
 constexpr int kVecs = boa::kTile / Vec::kLanes;
 
+// The vpermw tables of the split path, one per zero point (made at load: a zero point is an integer < 2^BITS ≤ 16).
+// vpermw reads only an index's low 5 bits, so lane k holds bf16((k mod 2^BITS) − zero) and an index may carry other
+// codes' bits above its own BITS without masking.
+#if defined(__AVX512BF16__)
+template <int BITS>
+std::array<__m512i, 16> centre_tables() {
+  std::array<__m512i, 16> tables;
+  const __m512i mask = _mm512_set1_epi32((1 << BITS) - 1);
+  const __m512i k = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15), mask);
+  const __m512i k16 = _mm512_and_si512(_mm512_add_epi32(k, _mm512_set1_epi32(16)), mask);
+  for (int zero = 0; zero < 16; ++zero) {
+    const __m512 z = _mm512_set1_ps(static_cast<float>(zero));
+    const __m256bh low = _mm512_cvtneps_pbh(_mm512_sub_ps(_mm512_cvtepi32_ps(k), z));
+    const __m256bh high = _mm512_cvtneps_pbh(_mm512_sub_ps(_mm512_cvtepi32_ps(k16), z));
+    tables[zero] = _mm512_inserti64x4(_mm512_castsi256_si512(reinterpret_cast<__m256i>(low)),
+                                      reinterpret_cast<__m256i>(high), 1);
+  }
+  return tables;
+}
+
+template <int BITS>
+const std::array<__m512i, 16> kCentreTables = centre_tables<BITS>();
+#endif
+
 // Bf16 pairs: 32 codes per register, as int16 lanes, then bf16(c − zero). x (per batch row): bf16 hi[in_pad], then
 // lo[in_pad] when kSplit (float32 x); a bf16 x is its own hi, exactly, and needs half the products.
 #if defined(__AVX512BF16__)
@@ -156,21 +181,14 @@ struct Bf16Pairs {
   static constexpr float kCodeBias = kSplit ? 0.f : 128.f;
   using X = uint16_t;
   using Codes = __m512i;
-  // The group's table for vpermw, which reads only an index's low 5 bits: lane k holds bf16((k mod 2^BITS) − zero),
-  // so an index may carry other codes' bits above its own BITS and needs no masking.
-  using Centre = __m512i;
+  using Centre = __m512i;  // the group's vpermw table (kCentreTables)
 
   template <int BITS>
   static Centre centre_for(float zero) {
-    const __m512i k = _mm512_and_si512(_mm512_setr_epi32(0, 1, 2, 3, 4, 5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15),
-                                       _mm512_set1_epi32((1 << BITS) - 1));
-    const __m512i k16 = _mm512_and_si512(_mm512_add_epi32(k, _mm512_set1_epi32(16)),
-                                         _mm512_set1_epi32((1 << BITS) - 1));
-    const __m512 z = _mm512_set1_ps(zero);
-    const __m256bh low = _mm512_cvtneps_pbh(_mm512_sub_ps(_mm512_cvtepi32_ps(k), z));
-    const __m256bh high = _mm512_cvtneps_pbh(_mm512_sub_ps(_mm512_cvtepi32_ps(k16), z));
-    return _mm512_inserti64x4(_mm512_castsi256_si512(reinterpret_cast<__m256i>(low)),
-                              reinterpret_cast<__m256i>(high), 1);
+    if constexpr (kSplit)
+      return kCentreTables<BITS>[static_cast<int>(zero)];
+    else
+      return _mm512_setzero_si512();  // biased codes need no table
   }
   static Codes centred(Codes c, Centre table) {
     if constexpr (kSplit) return _mm512_permutexvar_epi16(c, table);
