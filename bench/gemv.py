@@ -25,6 +25,11 @@ below 1e-4 for float32 x, 1e-2 for bfloat16 x (bf16 grids and output rounding), 
     bw_fraction = gbps / copy_gbps, copy_gbps being this machine's memory bandwidth measured as dst.copy_(src) on
     COPY_MIB float32 buffers, bytes read + written, best of REPEATS.
 
+GPU (where torch sees one; not yet run on one): the same shapes, widths and batches through boa_kernels.packed_matmul
+(CUDA GEMV at batch ≤ 8, Triton GEMM above) with float16 x, against torch.matmul in float16 and float32
+(speedup_fp16, speedup_fp32), weights cold (COLD_BYTES cycle), timings synchronized; rows with "device": "cuda" and
+bw_fraction against the GPU's own copy bandwidth (machine.gpu_copy_gbps).
+
 decode: tokens/s of greedy decoding (boa.generate.generate, DECODE_TOKENS new tokens after a short prompt, the first
 new token — the prefill's — not counted), best of DECODE_RUNS, for SmolLM2-135M (transformers as it is, in float32 and
 in bfloat16, and RTN-quantized at 4/3/2 bits with groups of 64, packed by boa.nn.pack_model, the rest of the model in
@@ -50,7 +55,8 @@ from boa.generate import generate
 from boa.io import write_json
 from boa.quant.quantizer import QuantizedWeight
 from boa_kernels.loader import load_cpu
-from boa_kernels.packed_matmul import GEMV_MAX_BATCH, packed_matmul_torch
+from boa_kernels.dispatch import backend_for
+from boa_kernels.packed_matmul import GEMV_MAX_BATCH, packed_matmul, packed_matmul_torch
 
 from solver_kernels import cpu_model  # bench/ is sys.path[0] when run as a script
 
@@ -60,7 +66,7 @@ BITS = (4, 3, 2)
 GROUP = 128
 BATCHES = (1, 16)
 X_DTYPES = (torch.float32, torch.bfloat16)
-TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2}
+TOLERANCE = {torch.float32: 1e-4, torch.bfloat16: 1e-2, torch.float16: 1e-2}
 REPEATS = 5
 TARGET_S = 0.1
 COLD_BYTES = 128 << 20
@@ -91,20 +97,25 @@ QUICK = Settings(3, 0.02, 8, 1, 1)
 # ----------------------------------------------------------------------------------------------------- timing
 
 
-def best_seconds(fn, settings: Settings, target_s: float | None = None) -> float:
+def best_seconds(fn, settings: Settings, target_s: float | None = None, sync=None) -> float:
     """Seconds per call: two warm-up calls, then the best of `repeats` loops of calls about target_s long (default:
-    the settings')."""
+    the settings'). `sync` (torch.cuda.synchronize on a GPU) runs before every reading of the clock."""
+    def clock() -> float:
+        if sync is not None:
+            sync()
+        return time.perf_counter()
+
     fn()
-    start = time.perf_counter()
+    start = clock()
     fn()
     target = settings.target_s if target_s is None else target_s
-    calls = max(1, min(1000, round(target / (time.perf_counter() - start))))
+    calls = max(1, min(1000, round(target / (clock() - start))))
     best = math.inf
     for _ in range(settings.repeats):
-        start = time.perf_counter()
+        start = clock()
         for _ in range(calls):
             fn()
-        best = min(best, (time.perf_counter() - start) / calls)
+        best = min(best, (clock() - start) / calls)
     return best
 
 
@@ -117,11 +128,15 @@ def cold(call, tensors: tuple[torch.Tensor, ...], nbytes: int):
     return lambda: call(*next(cycle))
 
 
-def copy_gbps(settings: Settings) -> float:
-    src = torch.rand(COPY_MIB << 18)  # COPY_MIB MiB of float32
+def copy_gbps(settings: Settings, device: torch.device = torch.device("cpu")) -> float:
+    src = torch.rand(COPY_MIB << 18, device=device)  # COPY_MIB MiB of float32
     dst = torch.empty_like(src)
-    seconds = best_seconds(lambda: dst.copy_(src), settings, target_s=0)  # one copy per repeat
+    seconds = best_seconds(lambda: dst.copy_(src), settings, target_s=0, sync=synchronizer(device))  # one per repeat
     return 2 * src.numel() * src.element_size() / seconds / 1e9
+
+
+def synchronizer(device: torch.device):
+    return torch.cuda.synchronize if device.type == "cuda" else None
 
 
 # ------------------------------------------------------------------------------------------------ weights
@@ -211,6 +226,42 @@ def bench_shape(shape: tuple[int, int], settings: Settings, bandwidth: float) ->
                                 speedup_fp32=base[torch.float32] / seconds,
                                 speedup_bf16=base[torch.bfloat16] / seconds, speedup_torch_int4=int4_ratio))
     return rows, baselines
+
+
+def bench_shape_gpu(shape: tuple[int, int], settings: Settings, bandwidth: float, device: torch.device) -> list[dict]:
+    """Rows for one [out, in] on a GPU: boa_kernels.packed_matmul (the CUDA GEMV at batch ≤ 8, the Triton GEMM above)
+    with float16 x, against torch.matmul in float16 (speedup_fp16, the GPU targets' yardstick) and float32."""
+    out, n = shape
+    generator = torch.Generator().manual_seed(SEED)
+    dense = torch.randn(out, n, generator=generator)
+    sync = synchronizer(device)
+    rows = []
+    for batch in BATCHES:
+        x = torch.randn(batch, n, generator=generator).to(device, torch.float16)
+        base = {}
+        for dtype in (torch.float32, torch.float16):
+            w = dense.to(device, dtype)
+            base[dtype] = best_seconds(cold(dense_matmul, (x.to(dtype), w), nbytes(w)), settings, sync=sync)
+        for bits in BITS:
+            p = pack(random_weight(out, n, bits, generator))
+            p = PackedWeight(p.qweight.to(device), p.scales.to(device), p.zeros.to(device), None, bits, n,
+                             p.group_size)
+
+            def call(x, qweight, scales, zeros, p=p):
+                return packed_matmul(x, PackedWeight(qweight, scales, zeros, None, p.bits, n, p.group_size))
+
+            error = check(f"packed w{bits} {shape} batch {batch} on {device}", call(x, p.qweight, p.scales, p.zeros),
+                          packed_matmul_torch(x.float(), p), torch.float16)
+            seconds = best_seconds(cold(call, (x, p.qweight, p.scales, p.zeros), p.nbytes()), settings, sync=sync)
+            read = p.nbytes() + nbytes(x)
+            gbps = read / seconds / 1e9
+            rows.append({"device": device.type, "op": "gemv" if batch <= GEMV_MAX_BATCH else "gemm",
+                         "shape": [out, n], "bits": bits, "batch": batch, "x_dtype": "float16",
+                         "kernel": backend_for(device, ("cuda", "triton") if batch <= GEMV_MAX_BATCH else ("triton",)),
+                         "seconds": seconds, "bytes": read, "gbps": gbps, "bw_fraction": gbps / bandwidth,
+                         "speedup_fp32": base[torch.float32] / seconds, "speedup_fp16": base[torch.float16] / seconds,
+                         "speedup_bf16": None, "speedup_torch_int4": None, "rel_err": error})
+    return rows
 
 
 def dense_matmul(x: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
@@ -344,7 +395,7 @@ def plot_speedups(ax, data: dict, batch: int) -> None:
         rows = data["baselines"] if isinstance(kind, str) else data["results"]
         key = "kernel" if isinstance(kind, str) else "bits"
         seconds = {tuple(r["shape"]): r["seconds"] for r in rows
-                   if r["batch"] == batch and r[key] == kind and r["x_dtype"] == dtype}
+                   if r["batch"] == batch and r[key] == kind and r["x_dtype"] == dtype and r["device"] == "cpu"}
         values = [fp32[s] / seconds[s] if s in seconds else 0 for s in shapes]
         ax.bar([i + (k - len(series) / 2 + 0.5) * width for i in range(len(shapes))], values, width, label=label,
                color=color)
@@ -396,6 +447,15 @@ def main() -> None:
         data["results"] += rows
         data["baselines"] += baselines
         write_json(json_path, data)
+    if torch.cuda.is_available():
+        device = torch.device("cuda")
+        machine.update(gpu=torch.cuda.get_device_name(device), gpu_copy_gbps=copy_gbps(settings, device))
+        print(f"{machine['gpu']}: copy {machine['gpu_copy_gbps']:.1f} GB/s; speedups over torch fp32, fp16")
+        for shape in shapes:
+            rows = bench_shape_gpu(shape, settings, machine["gpu_copy_gbps"], device)
+            print_rows([{**r, "speedup_bf16": r["speedup_fp16"]} for r in rows], [])
+            data["results"] += rows
+            write_json(json_path, data)
     if not args.no_decode:
         print("decode:")
         models = [("smollm2-135m", smollm2, (torch.float32, torch.bfloat16)),
