@@ -52,7 +52,10 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in inspect.signature(model.forward).parameters else {}
+    accepted = inspect.signature(model.forward).parameters
+    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+    # The cache object is filled in place; newer transformers call the argument `cache` (past_key_values is deprecated).
+    cache = {"cache" if "cache" in accepted else "past_key_values": DynamicCache()}
     eos = tokenizer.eos_token_id
     tokens: list[int] = []
     shown = ""
@@ -66,12 +69,12 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
             shown = text
 
     start = _clock(device)
-    out = model(input_ids=ids, past_key_values=DynamicCache(), use_cache=True, **keep_last)
+    out = model(input_ids=ids, use_cache=True, **cache, **keep_last)
     emit(_next_token(out.logits[0, -1], temperature, top_p, generator))
     prefill_end = _clock(device)
     while len(tokens) < max_new_tokens and not (stop_at_eos and tokens[-1] == eos):
         step = torch.tensor([[tokens[-1]]], device=device)
-        out = model(input_ids=step, past_key_values=out.past_key_values, use_cache=True, **keep_last)
+        out = model(input_ids=step, use_cache=True, **cache, **keep_last)
         emit(_next_token(out.logits[0, -1], temperature, top_p, generator))
     end = _clock(device)
     return GenerationResult(tokens, tokenizer.decode(tokens, skip_special_tokens=True), ids.shape[1],
