@@ -182,6 +182,15 @@ def dtype_name(dtype: torch.dtype) -> str:
     return str(dtype).removeprefix("torch.")
 
 
+def result_row(device: str, shape: tuple[int, int], batch: int, x_dtype: torch.dtype, seconds: float, read: int,
+               bandwidth: float, **extra) -> dict:
+    """One JSON row: `read` bytes in `seconds`, against the device's copy `bandwidth`."""
+    gbps = read / seconds / 1e9
+    return {"device": device, "op": "gemv" if batch <= GEMV_MAX_BATCH else "gemm", "shape": list(shape),
+            "batch": batch, "x_dtype": dtype_name(x_dtype), **extra, "seconds": seconds, "bytes": read,
+            "gbps": gbps, "bw_fraction": gbps / bandwidth}
+
+
 def bench_shape(shape: tuple[int, int], settings: Settings, bandwidth: float) -> tuple[list[dict], list[dict]]:
     """(rows of ours, rows of the torch baselines) for one [out, in] at every width, batch and x dtype."""
     out, n = shape
@@ -193,10 +202,7 @@ def bench_shape(shape: tuple[int, int], settings: Settings, bandwidth: float) ->
     rows, baselines = [], []
 
     def row(batch: int, x_dtype: torch.dtype, seconds: float, read: int, **extra) -> dict:
-        gbps = read / seconds / 1e9
-        return {"device": "cpu", "op": "gemv" if batch <= GEMV_MAX_BATCH else "gemm", "shape": [out, n],
-                "batch": batch, "x_dtype": dtype_name(x_dtype), **extra, "seconds": seconds, "bytes": read,
-                "gbps": gbps, "bw_fraction": gbps / bandwidth}
+        return result_row("cpu", shape, batch, x_dtype, seconds, read, bandwidth, **extra)
 
     for batch in BATCHES:
         x32 = torch.randn(batch, n, generator=generator)
@@ -253,14 +259,12 @@ def bench_shape_gpu(shape: tuple[int, int], settings: Settings, bandwidth: float
             error = check(f"packed w{bits} {shape} batch {batch} on {device}", call(x, p.qweight, p.scales, p.zeros),
                           packed_matmul_torch(x.float(), p), torch.float16)
             seconds = best_seconds(cold(call, (x, p.qweight, p.scales, p.zeros), p.nbytes()), settings, sync=sync)
-            read = p.nbytes() + nbytes(x)
-            gbps = read / seconds / 1e9
-            rows.append({"device": device.type, "op": "gemv" if batch <= GEMV_MAX_BATCH else "gemm",
-                         "shape": [out, n], "bits": bits, "batch": batch, "x_dtype": "float16",
-                         "kernel": backend_for(device, ("cuda", "triton") if batch <= GEMV_MAX_BATCH else ("triton",)),
-                         "seconds": seconds, "bytes": read, "gbps": gbps, "bw_fraction": gbps / bandwidth,
-                         "speedup_fp32": base[torch.float32] / seconds, "speedup_fp16": base[torch.float16] / seconds,
-                         "speedup_bf16": None, "speedup_torch_int4": None, "rel_err": error})
+            kernel = backend_for(device, ("cuda", "triton") if batch <= GEMV_MAX_BATCH else ("triton",))
+            rows.append(result_row(device.type, shape, batch, torch.float16, seconds, p.nbytes() + nbytes(x),
+                                   bandwidth, bits=bits, kernel=kernel, rel_err=error,
+                                   speedup_fp32=base[torch.float32] / seconds,
+                                   speedup_fp16=base[torch.float16] / seconds, speedup_bf16=None,
+                                   speedup_torch_int4=None))
     return rows
 
 

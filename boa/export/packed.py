@@ -55,21 +55,13 @@ class PackedWeight:
     def out_features(self) -> int:
         return self.qweight.shape[0]
 
-    @property
-    def in_padded(self) -> int:
-        return _padded(self.in_features)
-
     def codes(self) -> torch.Tensor:
         """Codes (out, in_pad) uint8, in packed column order."""
         return unpack_codes(self.qweight, self.bits)
 
     def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        """W (out, in) in input column order."""
-        g = self.group_index()
-        w = self.scales[:, g] * (self.codes()[:, : self.in_features].float() - self.zeros[:, g].float())
-        if self.perm is not None:
-            w = torch.empty_like(w).index_copy_(1, self.perm.long(), w)
-        return w.to(dtype)
+        """W (out, in) in input column order, computed in float32."""
+        return self.to_quantized(torch.float32).dequantize().to(dtype)
 
     def group_index(self) -> torch.Tensor:
         """Each packed column's group (in,)."""
