@@ -8,8 +8,9 @@ from dataclasses import dataclass
 
 from boa.errors import BoaError
 
-METHODS = ("rtn", "gptq", "boa", "turboboa")
-ATTENTION_AWARE = ("boa", "turboboa")
+METHODS = ("rtn", "gptq", "boa", "turboboa", "aespa")
+ATTENTION_AWARE = ("boa", "turboboa", "aespa")
+INITS = ("rtn", "gptq", "boa", "turboboa")  # what aespa's learned rounding starts from
 V_ROW_FACTORS = ("exact", "identity")
 # What `method` sets for the knobs left at None: GPTQ's paper defaults, the public BoA / TurboBoA code's
 # (ALGORITHMS.md §4-5: Hessian-weighted grids; TurboBoA N = 16, α = 0.25, one refinement sweep).
@@ -19,6 +20,8 @@ METHOD_DEFAULTS = {
     "boa": {"grid": "hessian", "rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0},
     "turboboa": {"grid": "hessian", "rows_per_step": 16, "dx_alpha": 0.25, "refine_iters": 1},
 }
+# aespa takes its init method's defaults, with the public aespa code's H-weighted grid whatever the init.
+AESPA_DEFAULTS = {"init": "turboboa", "grid": "hessian"}
 BITS = (2, 3, 4, 8)
 GRIDS = ("minmax", "mse", "hessian")
 
@@ -44,12 +47,25 @@ class QuantConfig:
     refine_iters: int | None = None    # coordinate-descent sweeps refining the scales after rounding
     v_row_factor: str = "exact"        # v_proj row factor: W_o,hᵀW_o,h ("exact") or I (the public code)
     row_order: bool = False            # BoA: rows of each head by decreasing diag(H_out)
+    # aespa: AdaRound-style learned rounding on the attention-aware objectives (ALGORITHMS.md §6)
+    init: str | None = None            # the method whose rounding it starts from (aespa's default: turboboa)
+    rounding_iters: int = 500          # Adam steps per layer
+    rounding_lr: float = 0.1
+    round_weight: float = 1.0          # weight of the rounding regulariser Σ(1 − |2h − 1|^β)
+    round_weight_qkv: float = 1.5      # ... for q/k/v
     hessian_dtype: str = "float32"  # or "float64"
     cache_dtype: str = "float32"   # dtype of the cached block activations ("float16" halves their memory)
 
     def __post_init__(self):
-        if self.method in METHOD_DEFAULTS:
-            for name, value in METHOD_DEFAULTS[self.method].items():
+        if self.method == "aespa":
+            for name, value in AESPA_DEFAULTS.items():
+                if getattr(self, name) is None:
+                    setattr(self, name, value)
+            defaults = METHOD_DEFAULTS.get(self.init, {})
+        else:
+            defaults = METHOD_DEFAULTS.get(self.method, {})
+        if defaults:
+            for name, value in defaults.items():
                 if getattr(self, name) is None:
                     setattr(self, name, value)
         self.validate()
@@ -71,9 +87,20 @@ class QuantConfig:
                 f"group_size={self.group_size!r} is invalid; use -1 for per-channel grids or a positive integer "
                 "(e.g. 128)"
             )
+        if self.method == "aespa":
+            if self.init not in INITS:
+                raise BoaError(f"init={self.init!r} is not supported; aespa starts from one of {', '.join(INITS)}")
+            if self.init == "rtn" and self.dx_alpha > 0:
+                raise BoaError("dx_alpha > 0 needs an init that compensates (gptq, boa or turboboa), not rtn")
+            for name in ("rounding_lr", "round_weight", "round_weight_qkv"):
+                value = getattr(self, name)
+                if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+                    raise BoaError(f"{name}={value!r} must be a non-negative number")
+        elif self.init is not None:
+            raise BoaError(f"init={self.init!r} applies only to method='aespa' (it names where learned rounding starts)")
         if self.grid not in GRIDS:
             raise BoaError(f"grid={self.grid!r} is not supported; choose one of {', '.join(GRIDS)}")
-        for name in ("block_size", "nsamples", "seqlen", "rows_per_step"):
+        for name in ("block_size", "nsamples", "seqlen", "rows_per_step", "rounding_iters"):
             value = getattr(self, name)
             if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
                 raise BoaError(f"{name}={value!r} must be a positive integer")

@@ -236,6 +236,7 @@ def quantize(
     statistics = _GroupStatistics(model, adapter, config)
 
     groups = adapter.sequential_groups() if config.true_sequential else [adapter.linear_names()]
+    attention_layers = (adapter.q_proj, adapter.k_proj, adapter.v_proj)
     bar = tqdm(range(len(blocks)), desc=f"{config.method} w{config.bits}", disable=not progress, unit="block")
     for index in bar:
         block = blocks[index]
@@ -257,7 +258,8 @@ def quantize(
                 for name in group:
                     layer, layer_stats = modules[name], stats.get(name)
                     W = layer.weight.detach()
-                    q = solve_layer(W.to(hessian_dtype if layer_stats else torch.float32), layer_stats, config)
+                    q = solve_layer(W.to(hessian_dtype if layer_stats else torch.float32), layer_stats, config,
+                                    qkv=name in attention_layers, progress=f"{name}" if progress else None)
                     _write_back(layer, q)
                     block_layers[name] = q
                     block_losses[name] = layer_stats.loss(W, layer.weight) if layer_stats else float("nan")

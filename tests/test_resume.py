@@ -68,7 +68,7 @@ def test_resume_after_interruption_is_bit_identical(four_blocks, calib, tmp_path
 
     done, solved = [], []
     real_solve = boa.pipeline.solve_layer
-    monkeypatch.setattr(boa.pipeline, "solve_layer", lambda W, H, cfg: solved.append(1) or real_solve(W, H, cfg))
+    monkeypatch.setattr(boa.pipeline, "solve_layer", lambda W, H, cfg, **kw: solved.append(1) or real_solve(W, H, cfg, **kw))
     resumed_model = copy.deepcopy(four_blocks)
     resumed = boa.quantize(resumed_model, config, calib, checkpoint_dir=checkpoint, resume=True, progress=False,
                            on_block_done=done.append)
@@ -166,7 +166,7 @@ def test_cli_resume(tiny_llama_dir, calib_txt, tmp_path, monkeypatch):
 
     solved = []
     real_solve = boa.pipeline.solve_layer
-    monkeypatch.setattr(boa.pipeline, "solve_layer", lambda W, H, cfg: solved.append(1) or real_solve(W, H, cfg))
+    monkeypatch.setattr(boa.pipeline, "solve_layer", lambda W, H, cfg, **kw: solved.append(1) or real_solve(W, H, cfg, **kw))
     assert main(cli_args(tiny_llama_dir, calib_txt, out, "--resume")) == 0
     assert len(solved) == 7  # block 1 only
     assert not (tmp_path / "OUT.partial").exists()

@@ -38,6 +38,18 @@ from boa.quant.quantizer import QuantizedWeight, QuantSpec, find_grid, grids_by_
 
 
 @dataclass
+class SolveState:
+    """What a solve leaves for a learned rounding to start from, in W's row and column order, split by head:
+    compensated (heads, d, cols) the weights each code was rounded from; target (heads, d, cols) T = W + W D H⁻¹
+    (W itself without the dX term); H (1 or heads, cols, cols) the input Hessian with dead inputs fixed, undamped."""
+
+    compensated: torch.Tensor
+    target: torch.Tensor
+    H: torch.Tensor
+    heads: int
+
+
+@dataclass
 class _ColumnPass:
     """Quantizes the columns of W (batch, rows, cols) in processing order with lazy-batch error compensation.
 
@@ -70,8 +82,10 @@ class _ColumnPass:
         # The kernel's contiguous diagonal blocks of U, made once for every row block that runs this pass.
         self._U_blocks = [self.U[:, i1:i2, i1:i2].contiguous() for i1, i2 in self._blocks]
 
-    def run(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-        """Quantizes W in place (left holding the quantized values); returns the codes."""
+    def run(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+            compensated: torch.Tensor | None = None) -> torch.Tensor:
+        """Quantizes W in place (left holding the quantized values); returns the codes. `compensated`, if given,
+        receives each column as it was just before rounding (all earlier errors compensated): q_j + e_j U_jj."""
         width = self.spec.group_width(W.shape[-1])
         codes = torch.empty_like(W)
         for (i1, i2), U1 in zip(self._blocks, self._U_blocks):
@@ -87,6 +101,8 @@ class _ColumnPass:
                     scale[..., g : g + 1], zero[..., g : g + 1] = find_grid(W1[..., a - i1 : a - i1 + width],
                                                                             self.spec, H_g)
                 compensate_block_(W1, E1, C1, U1, scale, zero, groups, self.spec.maxq, a - i1, b - i1)
+            if compensated is not None:
+                compensated[..., i1:i2] = W1 + E1 * torch.diagonal(U1, dim1=-2, dim2=-1).unsqueeze(-2)
             W[..., i1:i2] = W1
             codes[..., i1:i2] = C1
             W[..., i2:] -= E1 @ self.U[:, i1:i2, i2:]
@@ -168,8 +184,10 @@ def obs_solve(
     static_groups: bool = False,
     percdamp: float = 0.01,
     refine_iters: int = 0,
-) -> QuantizedWeight:
-    """Quantizes W (rows, cols) = `heads` stacked blocks of rows // heads rows. Returns codes and grids in W's order.
+    keep_state: bool = False,
+) -> QuantizedWeight | tuple[QuantizedWeight, SolveState]:
+    """Quantizes W (rows, cols) = `heads` stacked blocks of rows // heads rows. Returns codes and grids in W's order
+    (and, with keep_state, the SolveState a learned rounding starts from).
 
     H: (cols, cols) shared input Hessian, or (heads, cols, cols) one per head. H_out: (heads, d, d) row factors, or
     None for none (GPTQ). D: the dX term, shaped like H, α already applied. rows_per_step: N rows of a head quantized
@@ -184,6 +202,7 @@ def obs_solve(
     d = rows // heads
     W = W.detach().to(H.dtype).clone().reshape(heads, d, cols)
     H = remove_dead_inputs(H.reshape(-1, cols, cols), W)
+    H_original = H
     if D is not None:
         D = D.reshape(-1, cols, cols).to(H.dtype)
 
@@ -224,6 +243,7 @@ def obs_solve(
     column_pass = _ColumnPass(spec, H, U, group_of, static_groups or per_channel_adaptive, block_size)
 
     codes = torch.empty_like(W)
+    compensated = torch.empty_like(W) if keep_state else None
     shared = H.shape[0] == 1
     for r1 in range(0, d, step):
         r2 = min(r1 + step, d)
@@ -234,10 +254,14 @@ def obs_solve(
         Q_B = W_B.clone()
         if shared:  # one U for every head: run all heads' rows as one matrix
             flat = (1, heads * (r2 - r1))
-            c = column_pass.run(Q_B.reshape(*flat, cols), s_B.reshape(*flat, -1), z_B.reshape(*flat, -1))
+            C_B = None if compensated is None else torch.empty_like(Q_B).reshape(*flat, cols)
+            c = column_pass.run(Q_B.reshape(*flat, cols), s_B.reshape(*flat, -1), z_B.reshape(*flat, -1), C_B)
             codes[:, r1:r2] = c.reshape(heads, r2 - r1, cols)
+            if compensated is not None:
+                compensated[:, r1:r2] = C_B.reshape(heads, r2 - r1, cols)
         else:
-            codes[:, r1:r2] = column_pass.run(Q_B, s_B, z_B)
+            C_B = None if compensated is None else compensated[:, r1:r2]
+            codes[:, r1:r2] = column_pass.run(Q_B, s_B, z_B, C_B)
         scale[:, r1:r2], zero[:, r1:r2] = s_B, z_B
         if r2 < d:
             W[:, r2:] += row_update(U_out, r1, r2, Q_B - W_B)
@@ -246,20 +270,23 @@ def obs_solve(
         W_int = codes - zero[..., group_of]
         scale = refine_scales(W_int, scale, group_of, T, H, H_out, refine_iters)
 
-    if H_out is not None:  # rows back to their original order
-        inverse = torch.argsort(rperm, dim=-1)
-        codes, scale, zero = (_take_rows(x, inverse) for x in (codes, scale, zero))
-    codes_orig = torch.empty_like(codes)
-    codes_orig[..., perm] = codes
+    def to_original(x, columns=True):  # rows (and columns) back to W's order
+        if H_out is not None:
+            x = _take_rows(x, torch.argsort(rperm, dim=-1))
+        return x[..., torch.argsort(perm)] if columns else x
+
     g_idx = torch.empty_like(group_of)
     g_idx[perm] = group_of
-    return QuantizedWeight(
-        codes_orig.reshape(rows, cols).to(torch.uint8),
-        scale.reshape(rows, n_groups),
-        zero.reshape(rows, n_groups),
+    q = QuantizedWeight(
+        to_original(codes).reshape(rows, cols).to(torch.uint8),
+        to_original(scale, columns=False).reshape(rows, n_groups),
+        to_original(zero, columns=False).reshape(rows, n_groups),
         g_idx.to(torch.int32),
         spec.bits,
     )
+    if not keep_state:
+        return q
+    return q, SolveState(to_original(compensated), to_original(T), H_original, heads)
 
 
 def gptq(
