@@ -30,6 +30,7 @@ from boa.quant.quantizer import QuantizedWeight, QuantSpec
 from boa.stats.collect import LayerStats
 
 GAMMA, ZETA = -0.1, 1.1     # the rectified sigmoid's stretch (Louizos et al.; AdaRound)
+START = 0.9                 # h starts at 0.5 ± START/2 on the side of the init's code
 WARMUP = 0.2                # fraction of steps before the rounding regulariser starts
 BETA_START, BETA_END = 20.0, 2.0
 
@@ -68,12 +69,13 @@ class _RoundingProblem:
     batched GEMM per step, which is most of a step's cost; autograd through the same expression would spend two
     more (through a Cholesky factor, ‖L_outᵀ E L‖², one more)."""
 
-    def __init__(self, state: SolveState, scale, zero, maxq: int, H_out):
+    def __init__(self, state: SolveState, scale, zero, maxq: int, H_out, start_codes: torch.Tensor):
         self.T, self.H, self.H_out = state.target, state.H, H_out
         self.scale, self.zero, self.maxq = scale, zero, maxq
-        floor = torch.floor(state.compensated / scale)
-        self.base = floor + zero
-        self.V0 = rectified_sigmoid_inverse(state.compensated / scale - floor)
+        self.base = torch.floor(state.compensated / scale) + zero
+        self.start_codes = start_codes
+        up = (start_codes - self.base).clamp(0, 1)  # the init rounded up (1) or down (0) from the floor
+        self.V0 = rectified_sigmoid_inverse(0.5 + START * (up - 0.5))
 
     def gradient(self, V: torch.Tensor, round_weight: float, beta: float | None) -> torch.Tensor:
         """d/dV of L(Q(V)) + round_weight · Σ(1 − |2h − 1|^β) (the regulariser only when β is not None)."""
@@ -106,7 +108,7 @@ def learn_rounding(
     round_weight: float,
     progress: str | None = None,
 ) -> torch.Tensor:
-    """Adam on the rounding variables V from their start; returns the hard codes (heads, d, cols).
+    """Adam on the rounding variables V from their start; returns the final V (problem.hard_codes(V): the codes).
     progress: a label for a per-layer progress bar (None: no bar)."""
     V = problem.V0.clone()
     optimizer = torch.optim.Adam([V], lr=lr)
@@ -116,7 +118,7 @@ def learn_rounding(
         optimizer.step()
         if progress is not None and (step % 100 == 0 or step == iters - 1):
             bar.set_postfix_str(f"loss {problem.loss(problem.hard_codes(V)):.4g}")
-    return problem.hard_codes(V)
+    return V
 
 
 def _init_solve(W: torch.Tensor, stats: LayerStats, spec: QuantSpec, config: QuantConfig):
@@ -142,29 +144,35 @@ def _init_solve(W: torch.Tensor, stats: LayerStats, spec: QuantSpec, config: Qua
     )
 
 
+def rounding_problem(init: QuantizedWeight, state: SolveState, H_out: torch.Tensor | None) -> _RoundingProblem:
+    """The relaxed problem on init's grid, split by head like state, starting at init's codes."""
+    g = init.g_idx.long()
+    shape = (state.heads, -1, init.codes.shape[-1])
+
+    def expand(x):  # (rows, groups) -> (heads, d, cols)
+        return x[:, g].to(state.H.dtype).reshape(shape)
+
+    H_out = None if H_out is None else H_out.to(state.H.dtype)
+    return _RoundingProblem(state, expand(init.scale), expand(init.zero), 2**init.bits - 1, H_out,
+                            init.codes.to(state.H.dtype).reshape(shape))
+
+
 def aespa_solve(W: torch.Tensor, stats: LayerStats, config: QuantConfig, *, qkv: bool = False,
-          progress: str | None = None) -> QuantizedWeight:
+                progress: str | None = None) -> QuantizedWeight:
     """Quantizes W (rows, cols) by learned rounding from config.init's solution (see the module docstring).
     qkv: the layer is q/k/v_proj (its regulariser weight is round_weight_qkv)."""
     spec = QuantSpec(bits=config.bits, sym=config.sym, group_size=config.group_size, grid=config.grid)
     init, state = _init_solve(W, stats, spec, config)
-    heads, cols = state.heads, W.shape[-1]
-    g = init.g_idx.long()
-    shape = (heads, -1, cols)
-    scale = init.scale[:, g].to(state.H.dtype).reshape(shape)
-    zero = init.zero[:, g].to(state.H.dtype).reshape(shape)
-    H_out = None if stats.H_out is None else stats.H_out.to(state.H.dtype)
+    problem = rounding_problem(init, state, stats.H_out)
+    V = learn_rounding(problem, iters=config.rounding_iters, lr=config.rounding_lr,
+                       round_weight=config.round_weight_qkv if qkv else config.round_weight, progress=progress)
+    codes = problem.hard_codes(V)
+    if problem.loss(codes) > problem.loss(problem.start_codes):
+        codes = problem.start_codes
 
-    problem = _RoundingProblem(state, scale, zero, spec.maxq, H_out)
-    codes = learn_rounding(problem, iters=config.rounding_iters, lr=config.rounding_lr,
-                           round_weight=config.round_weight_qkv if qkv else config.round_weight, progress=progress)
-    init_codes = init.codes.to(codes.dtype).reshape(shape)
-    if problem.loss(codes) > problem.loss(init_codes):
-        codes = init_codes
-
-    group_scale = init.scale.to(state.H.dtype).reshape(heads, -1, init.scale.shape[-1])
-    group_zero = init.zero.to(state.H.dtype).reshape(group_scale.shape)
+    scale = init.scale.to(state.H.dtype).reshape(state.heads, -1, init.scale.shape[-1])
     if config.refine_iters:
-        group_scale = refine_scales(codes - zero, group_scale, g, state.target, state.H, H_out, config.refine_iters)
-    return QuantizedWeight(codes.reshape(W.shape).to(torch.uint8), group_scale.reshape(init.scale.shape),
-                           group_zero.reshape(init.zero.shape), init.g_idx, spec.bits)
+        scale = refine_scales(codes - problem.zero, scale, init.g_idx.long(), state.target, state.H, problem.H_out,
+                              config.refine_iters)
+    return QuantizedWeight(codes.reshape(W.shape).to(torch.uint8), scale.reshape(init.scale.shape), init.zero,
+                           init.g_idx, spec.bits)
