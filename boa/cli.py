@@ -7,7 +7,7 @@ import shutil
 import sys
 from pathlib import Path
 
-from boa.config import BITS, GRIDS, METHODS, V_ROW_FACTORS, QuantConfig
+from boa.config import BITS, GRIDS, INITS, METHODS, V_ROW_FACTORS, QuantConfig
 from boa.errors import BoaError
 from boa_kernels.dispatch import BackendError
 
@@ -33,7 +33,7 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--bits", type=int, default=4, help=f"one of {BITS}")
     q.add_argument("--group-size", type=int, default=128, help="-1 for per-channel grids")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
-    q.add_argument("--grid", choices=GRIDS, help="grid search (default: minmax for rtn/gptq, hessian for boa/turboboa)")
+    q.add_argument("--grid", choices=GRIDS, help="grid search (default: minmax for rtn/gptq, hessian for boa/turboboa/aespa)")
     q.add_argument("--act-order", action="store_true")
     q.add_argument("--static-groups", action="store_true")
     q.add_argument("--percdamp", type=float, default=0.01)
@@ -44,6 +44,10 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--v-row-factor", choices=V_ROW_FACTORS, default="exact",
                    help="v_proj row factor: W_o,hᵀW_o,h (exact) or identity (the public code)")
     t.add_argument("--row-order", action="store_true", help="rows of each head by decreasing diag(H_out)")
+    a = q.add_argument_group("aespa (learned rounding on the same statistics; N/dX/refinement follow --init)")
+    a.add_argument("--init", choices=INITS, help="the method whose rounding aespa starts from (default turboboa)")
+    a.add_argument("--rounding-iters", type=int, default=QuantConfig.rounding_iters, help="Adam steps per layer")
+    a.add_argument("--rounding-lr", type=float, default=QuantConfig.rounding_lr, help="Adam learning rate")
     q.add_argument("--calib", default="wikipedia", help="corpus: wikipedia, a .txt/.jsonl file, wikitext2, c4")
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
@@ -119,7 +123,8 @@ def _quantize(args, report) -> None:
         act_order=args.act_order, static_groups=args.static_groups, percdamp=args.percdamp, nsamples=args.nsamples,
         seqlen=args.seqlen, seed=args.seed, hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype,
         rows_per_step=args.rows_per_step, dx_alpha=args.dx_alpha, refine_iters=args.refine_iters,
-        v_row_factor=args.v_row_factor, row_order=args.row_order,
+        v_row_factor=args.v_row_factor, row_order=args.row_order, init=args.init,
+        rounding_iters=args.rounding_iters, rounding_lr=args.rounding_lr,
     )
     with report.phase("load"):
         model, tokenizer, adapter = load_model(args.model)

@@ -190,7 +190,9 @@ def test_save_refuses_an_output_path_that_is_a_file(tiny_llama, calib, tmp_path)
     (["--bits", "5"], "bits=5 is not supported"),
     (["--group-size", "0"], "group_size=0 is invalid"),
     (["--percdamp", "1.5"], "percdamp=1.5 must be in [0, 1)"),
-], ids=["bits-5", "group-size-0", "percdamp-1.5"])
+    (["--init", "gptq"], "init='gptq' applies only to method='aespa'"),
+    (["--method", "aespa", "--rounding-iters", "0"], "rounding_iters=0 must be a positive integer"),
+], ids=["bits-5", "group-size-0", "percdamp-1.5", "init-without-aespa", "rounding-iters-0"])
 def test_cli_bad_settings_exit_2(tiny_llama_dir, tmp_path, capsys, args, message):
     """Invalid settings are caught before anything is loaded or written: exit 2 and "boa: error: <problem>"."""
     out = tmp_path / "OUT"

@@ -47,9 +47,10 @@ def four_blocks(make_llama):
 
 
 TURBOBOA = dict(method="turboboa", bits=3, group_size=32, rows_per_step=4)
+AESPA = dict(method="aespa", bits=2, group_size=32, rows_per_step=4, rounding_iters=20)
 
 
-@pytest.mark.parametrize("settings", [CONFIG, TURBOBOA], ids=["gptq", "turboboa"])
+@pytest.mark.parametrize("settings", [CONFIG, TURBOBOA, AESPA], ids=["gptq", "turboboa", "aespa"])
 def test_resume_after_interruption_is_bit_identical(four_blocks, calib, tmp_path, monkeypatch, settings):
     """Interrupted after block 1, the checkpoint says 'next block 2'; resuming on a fresh copy of the same model
     restores blocks 0-1 from their codes, quantizes only blocks 2-3 (on_block_done fires for 2 and 3 only), and
@@ -187,3 +188,14 @@ def test_cli_turboboa_knobs_reach_the_config(tiny_llama_dir, calib_txt, tmp_path
     _, _, config = boa.load(out)
     assert (config.method, config.rows_per_step, config.v_row_factor) == ("turboboa", 4, "identity")
     assert (config.dx_alpha, config.refine_iters) == (0.25, 1)
+
+
+def test_cli_aespa_knobs_reach_the_config(tiny_llama_dir, calib_txt, tmp_path):
+    """`--method aespa --init gptq`: the saved config holds the init and the rounding knobs, and the init's defaults
+    (GPTQ: no dX, no refinement) with aespa's H-weighted grid fill the rest."""
+    out = tmp_path / "OUT"
+    assert main(cli_args(tiny_llama_dir, calib_txt, out, "--method", "aespa", "--init", "gptq",
+                         "--rounding-iters", "20", "--rounding-lr", "0.05")) == 0
+    _, _, config = boa.load(out)
+    assert (config.method, config.init, config.rounding_iters, config.rounding_lr) == ("aespa", "gptq", 20, 0.05)
+    assert (config.grid, config.dx_alpha, config.refine_iters, config.rows_per_step) == ("hessian", 0.0, 0, 1)
