@@ -12,8 +12,11 @@ runs the model: a step costs one batched product with the precomputed H.
 
 Rounding. The grid (s, z) and the floor B = ⌊C/s⌋ + z come from the init's solve (C: the weights each code was
 rounded from, already compensated by GPTQ/BoA/TurboBoA); each weight learns h = clip(σ(V)(ζ − γ) + γ, 0, 1) ∈ [0, 1]
-(γ = −0.1, ζ = 1.1) so that Q = s (clamp(B + h, 0, 2ᵇ − 1) − z), V starting where h equals C's fractional part (so
-hard rounding at the start gives the init's codes). Adam minimises L(Q) + λ Σ (1 − |2h − 1|^β), the regulariser off
+(γ = −0.1, ζ = 1.1) so that Q = s (clamp(B + h, 0, 2ᵇ − 1) − z). V starts beside the init's codes, h = 0.05 or 0.95
+on the side the init rounded to, so hard rounding at the start gives them back. (The public code starts h at C's
+fractional part; since C holds each column compensated for the *rounded* earlier columns, that soft start is a poor
+point, and on real blocks 100-200 steps from it end worse than the init, 500 steps still worse for v/o_proj: see
+bench/aespa_iters.py.) Adam minimises L(Q) + λ Σ (1 − |2h − 1|^β), the regulariser off
 for the first 20% of steps and β falling linearly 20 → 2 after; the final codes are B + 1[V ≥ 0]. Should those
 score worse on L than the init (possible: the relaxation is not the hard problem), the init's codes are kept. Then
 `refine_iters` sweeps of TurboBoA's exact scale refinement run on the learned codes.
@@ -28,19 +31,15 @@ from boa.algorithms.solver import SolveState, obs_solve, refine_scales
 from boa.config import QuantConfig
 from boa.quant.quantizer import QuantizedWeight, QuantSpec
 from boa.stats.collect import LayerStats
+from boa_kernels.rounding import GAMMA, ZETA, relaxed_error, rounding_adam_step_
 
-GAMMA, ZETA = -0.1, 1.1     # the rectified sigmoid's stretch (Louizos et al.; AdaRound)
 START = 0.9                 # h starts at 0.5 ± START/2 on the side of the init's code
 WARMUP = 0.2                # fraction of steps before the rounding regulariser starts
 BETA_START, BETA_END = 20.0, 2.0
 
 
-def rectified_sigmoid(V: torch.Tensor) -> torch.Tensor:
-    return torch.clamp(torch.sigmoid(V) * (ZETA - GAMMA) + GAMMA, 0, 1)
-
-
 def rectified_sigmoid_inverse(h: torch.Tensor) -> torch.Tensor:
-    """V with rectified_sigmoid(V) = h, for h in [0, 1) (inside (γ, ζ), so V is finite)."""
+    """V with rectified_sigmoid(V) = h, for h in (0, 1)."""
     return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
 
 
@@ -63,35 +62,30 @@ def rounding_objective(Q: torch.Tensor, T: torch.Tensor, H: torch.Tensor, H_out:
 
 
 class _RoundingProblem:
-    """One layer's relaxed rounding problem: Q(V) = s (clamp(B + h(V), 0, maxq) − z) and its loss' gradient in V.
+    """One layer's relaxed rounding problem: Q(V) = s (clamp(B + h(V), 0, maxq) − z), its loss and Adam steps.
 
-    The gradient is written out rather than left to autograd: L's is 2 s ⊙ H_out E H (H, H_out symmetric), one
-    batched GEMM per step, which is most of a step's cost; autograd through the same expression would spend two
-    more (through a Cholesky factor, ‖L_outᵀ E L‖², one more)."""
+    A step is two fused element passes (boa_kernels.rounding: the error E, then gradient + Adam) around one batched
+    GEMM, G = H_out E H; the gradient of L is 2 s ⊙ G (H, H_out symmetric). Autograd through the same expression
+    would spend two more GEMMs a step (through a Cholesky factor, ‖L_outᵀ E L‖², one more)."""
 
     def __init__(self, state: SolveState, scale, zero, maxq: int, H_out, start_codes: torch.Tensor):
         self.T, self.H, self.H_out = state.target, state.H, H_out
-        self.scale, self.zero, self.maxq = scale, zero, maxq
-        self.base = torch.floor(state.compensated / scale) + zero
+        self.scale, self.zero, self.maxq = scale.contiguous(), zero.contiguous(), maxq
+        self.base = (torch.floor(state.compensated / scale) + zero).contiguous()
+        self.offset = (scale * zero + state.target).contiguous()
         self.start_codes = start_codes
         up = (start_codes - self.base).clamp(0, 1)  # the init rounded up (1) or down (0) from the floor
-        self.V0 = rectified_sigmoid_inverse(0.5 + START * (up - 0.5))
+        self.V0 = rectified_sigmoid_inverse(0.5 + START * (up - 0.5)).contiguous()
 
-    def gradient(self, V: torch.Tensor, round_weight: float, beta: float | None) -> torch.Tensor:
-        """d/dV of L(Q(V)) + round_weight · Σ(1 − |2h − 1|^β) (the regulariser only when β is not None)."""
-        u = torch.sigmoid(V)
-        h_raw = u * (ZETA - GAMMA) + GAMMA
-        h = h_raw.clamp(0, 1)
-        c = self.base + h
-        E = self.scale * (c.clamp(0, self.maxq) - self.zero) - self.T
+    def curvature(self, E: torch.Tensor) -> torch.Tensor:
+        """G = H_out E H, per head."""
         G = E @ self.H
-        if self.H_out is not None:
-            G = self.H_out @ G
-        grad_h = (2 * self.scale) * G * ((c >= 0) & (c <= self.maxq))
-        if beta is not None:
-            t = 2 * h - 1
-            grad_h -= (2 * beta * round_weight) * t.abs().pow(beta - 1) * t.sign()
-        return grad_h * ((ZETA - GAMMA) * u * (1 - u) * ((h_raw > 0) & (h_raw < 1)))
+        return G if self.H_out is None else self.H_out @ G
+
+    def step_(self, V, m, v, step: int, lr: float, round_weight: float, beta: float | None) -> None:
+        """Adam step `step` (from 1) on V, m, v in place."""
+        G = self.curvature(relaxed_error(V, self.base, self.scale, self.offset, self.maxq))
+        rounding_adam_step_(V, G, self.base, self.scale, m, v, self.maxq, beta, round_weight, lr, step)
 
     def hard_codes(self, V: torch.Tensor) -> torch.Tensor:
         return torch.clamp(self.base + (V >= 0).to(self.base.dtype), 0, self.maxq)
@@ -111,11 +105,10 @@ def learn_rounding(
     """Adam on the rounding variables V from their start; returns the final V (problem.hard_codes(V): the codes).
     progress: a label for a per-layer progress bar (None: no bar)."""
     V = problem.V0.clone()
-    optimizer = torch.optim.Adam([V], lr=lr)
+    m, v = torch.zeros_like(V), torch.zeros_like(V)
     bar = tqdm(range(iters), desc=progress, leave=False, disable=progress is None, unit="step")
     for step in bar:
-        V.grad = problem.gradient(V, round_weight, beta_at(step, iters))
-        optimizer.step()
+        problem.step_(V, m, v, step + 1, lr, round_weight, beta_at(step, iters))
         if progress is not None and (step % 100 == 0 or step == iters - 1):
             bar.set_postfix_str(f"loss {problem.loss(problem.hard_codes(V)):.4g}")
     return V

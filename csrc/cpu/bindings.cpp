@@ -7,6 +7,9 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
   m.def("packed_matmul", &boa::packed_matmul, "y = x · Wᵀ (+ bias) with W packed (csrc/cpu/packed_matmul.cpp)",
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("perm"), py::arg("bias"),
         py::arg("bits"), py::arg("group_size"));
+  m.def("relaxed_error", &boa::relaxed_error, "aespa: the relaxed weights' error E (csrc/cpu/rounding.cpp)");
+  m.def("rounding_adam_step_", &boa::rounding_adam_step_,
+        "aespa: gradient of the relaxed loss and one Adam update of V, m, v in place (csrc/cpu/rounding.cpp)");
   m.def("packed_isa", &boa::packed_isa, "the instruction set the packed kernels were compiled for");
   m.def("unpack_codes", &boa::unpack_codes, "codes (out, in_pad) of a packed weight, element by element");
 }

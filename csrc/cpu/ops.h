@@ -10,6 +10,12 @@ void compensate_block_(torch::Tensor W1, torch::Tensor E1, torch::Tensor codes, 
                        torch::Tensor scale, torch::Tensor zero, torch::Tensor group_of, double maxq,
                        int64_t start, int64_t stop);
 
+// csrc/cpu/rounding.cpp: aespa's learned-rounding step (boa/rounding_math.h), fused per element
+torch::Tensor relaxed_error(torch::Tensor V, torch::Tensor base, torch::Tensor scale, torch::Tensor offset, double maxq);
+void rounding_adam_step_(torch::Tensor V, torch::Tensor G, torch::Tensor base, torch::Tensor scale, torch::Tensor m,
+                         torch::Tensor v, double maxq, double beta, double round_weight, double lr, double beta1,
+                         double beta2, double eps, int64_t step);
+
 // csrc/cpu/packed_matmul.cpp: y = x · Wᵀ (+ bias), W in boa's packed layout (boa/export/packed.py)
 constexpr int64_t kGemvMaxBatch = 8;  // larger batches dequantize blocks of rows and use BLAS
 torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
