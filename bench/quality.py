@@ -1,6 +1,6 @@
 """Quality / speed benchmark: perplexity and quantization time of each method at each weight setting.
 
-    python bench/quality.py --model smollm2-135m --methods fp,rtn,gptq,boa,turboboa --settings w4g128,w3,w2g64 \\
+    python bench/quality.py --model smollm2-135m --methods fp,rtn,gptq,boa,turboboa,aespa --settings w4g128,w3,w2g64 \\
         --json bench/results/quality.json [--plot bench/results/quality.png] [--resume]
 
 What it measures. The model is loaded once and one set of calibration windows (`--nsamples` × `--seqlen` tokens
@@ -10,7 +10,8 @@ only: no loading, no evaluation) and scored by perplexity on `--eval-windows` he
 Wikipedia and of Jane Austen (boa.eval.evaluate_perplexity). "fp" is the unquantized model, scored once.
 
 Defaults. boa's own default calibration is 128 × 512; here it is 32 × 512 and 16 evaluation windows per corpus,
-so that the full table (fp, rtn, gptq, boa, turboboa at w4g128, w3, w2g64) fits in about an hour on 2 CPU cores.
+so that the full table (fp, rtn, gptq, boa, turboboa, aespa at w4g128, w3, w2g64) fits in about two hours on 2 CPU
+cores (aespa, with TurboBoA as its init and 500 learned-rounding steps per layer, is half of it).
 Compare numbers only between runs with the same --nsamples/--seqlen/--eval-windows (they are in the JSON).
 
 Methods. A method entry may carry QuantConfig overrides after colons, e.g. `turboboa:rows_per_step=4:refine_iters=0`
@@ -157,7 +158,7 @@ def plot(rows: list[dict], corpora: list[str], settings: list[tuple[int, int]], 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a name or path for boa.load_model")
-    parser.add_argument("--methods", default="fp,rtn,gptq,boa,turboboa",
+    parser.add_argument("--methods", default="fp,rtn,gptq,boa,turboboa,aespa",
                         help="comma-separated methods, each optionally with :key=value QuantConfig overrides")
     parser.add_argument("--settings", default="w4g128,w3,w2g64", help="comma-separated wBITS[gGROUP]")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (shared by every method)")

@@ -52,13 +52,16 @@ def beta_at(step: int, iters: int) -> float | None:
     return BETA_END + (BETA_START - BETA_END) * max(0.0, 1.0 - progress)
 
 
-def rounding_objective(Q: torch.Tensor, T: torch.Tensor, H: torch.Tensor, H_out: torch.Tensor | None) -> torch.Tensor:
-    """L(Q) = Σ_h tr(H_out,h (Q_h − T_h) H_h (Q_h − T_h)ᵀ); Q, T (heads, d, cols), H (1|heads, cols, cols)."""
-    E = Q - T
+def curvature(E: torch.Tensor, H: torch.Tensor, H_out: torch.Tensor | None) -> torch.Tensor:
+    """G = H_out,h E_h H_h per head: E (heads, d, cols), H (1|heads, cols, cols), H_out (heads, d, d) or None."""
     G = E @ H
-    if H_out is not None:
-        G = H_out @ G
-    return (E * G).sum()
+    return G if H_out is None else H_out @ G
+
+
+def rounding_objective(Q: torch.Tensor, T: torch.Tensor, H: torch.Tensor, H_out: torch.Tensor | None) -> torch.Tensor:
+    """L(Q) = Σ_h tr(H_out,h (Q_h − T_h) H_h (Q_h − T_h)ᵀ); Q, T (heads, d, cols)."""
+    E = Q - T
+    return (E * curvature(E, H, H_out)).sum()
 
 
 class _RoundingProblem:
@@ -77,14 +80,9 @@ class _RoundingProblem:
         up = (start_codes - self.base).clamp(0, 1)  # the init rounded up (1) or down (0) from the floor
         self.V0 = rectified_sigmoid_inverse(0.5 + START * (up - 0.5)).contiguous()
 
-    def curvature(self, E: torch.Tensor) -> torch.Tensor:
-        """G = H_out E H, per head."""
-        G = E @ self.H
-        return G if self.H_out is None else self.H_out @ G
-
     def step_(self, V, m, v, step: int, lr: float, round_weight: float, beta: float | None) -> None:
         """Adam step `step` (from 1) on V, m, v in place."""
-        G = self.curvature(relaxed_error(V, self.base, self.scale, self.offset, self.maxq))
+        G = curvature(relaxed_error(V, self.base, self.scale, self.offset, self.maxq), self.H, self.H_out)
         rounding_adam_step_(V, G, self.base, self.scale, m, v, self.maxq, beta, round_weight, lr, step)
 
     def hard_codes(self, V: torch.Tensor) -> torch.Tensor:
