@@ -54,7 +54,7 @@ def beta_at(step: int, iters: int) -> float | None:
 
 def curvature(E: torch.Tensor, H: torch.Tensor, H_out: torch.Tensor | None) -> torch.Tensor:
     """G = H_out,h E_h H_h per head: E (heads, d, cols), H (1|heads, cols, cols), H_out (heads, d, d) or None."""
-    G = E @ H
+    G = E @ H if H.shape[0] > 1 else (E.reshape(1, -1, E.shape[-1]) @ H).reshape(E.shape)  # shared H: one GEMM
     return G if H_out is None else H_out @ G
 
 

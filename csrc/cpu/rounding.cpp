@@ -53,13 +53,13 @@ void error_kernel(const T* V, const T* base, const T* scale, const T* offset, T*
   });
 }
 
-template <typename T>
-void step_kernel(T* V, const T* G, const T* base, const T* scale, T* m, T* v, int64_t n, T maxq, bool regularise,
-                 T beta, T round_weight, T lr_over_bc1, T beta1, T beta2, T eps, T sqrt_bc2) {
+template <bool Regularise, typename T>
+void step_kernel(T* V, const T* G, const T* base, const T* scale, T* m, T* v, int64_t n, T maxq, T beta,
+                 T round_weight, T lr_over_bc1, T beta1, T beta2, T eps, T sqrt_bc2) {
   at::parallel_for(0, n, kGrain, [&](int64_t i0, int64_t i1) {
 #pragma omp simd
     for (int64_t i = i0; i < i1; ++i) {
-      const T grad = boa::relaxed_gradient(V[i], base[i], scale[i], G[i], maxq, regularise, beta, round_weight);
+      const T grad = boa::relaxed_gradient<Regularise>(V[i], base[i], scale[i], G[i], maxq, beta, round_weight);
       V[i] = boa::adam_update(V[i], grad, m[i], v[i], lr_over_bc1, beta1, beta2, eps, sqrt_bc2);
     }
   });
@@ -89,9 +89,10 @@ void boa::rounding_adam_step_(torch::Tensor V, torch::Tensor G, torch::Tensor ba
   const bool regularise = beta > 0;  // β ≤ 0: the regulariser is off (warm-up)
   AT_DISPATCH_FLOATING_TYPES(V.scalar_type(), "rounding_adam_step_", [&] {
     using T = scalar_t;
-    step_kernel<T>(V.data_ptr<T>(), G.data_ptr<T>(), base.data_ptr<T>(), scale.data_ptr<T>(), m.data_ptr<T>(),
-                   v.data_ptr<T>(), V.numel(), static_cast<T>(maxq), regularise, static_cast<T>(beta),
-                   static_cast<T>(round_weight), static_cast<T>(lr / bc1), static_cast<T>(beta1),
-                   static_cast<T>(beta2), static_cast<T>(eps), static_cast<T>(std::sqrt(bc2)));
+    auto kernel = regularise ? step_kernel<true, T> : step_kernel<false, T>;
+    kernel(V.data_ptr<T>(), G.data_ptr<T>(), base.data_ptr<T>(), scale.data_ptr<T>(), m.data_ptr<T>(),
+           v.data_ptr<T>(), V.numel(), static_cast<T>(maxq), static_cast<T>(beta), static_cast<T>(round_weight),
+           static_cast<T>(lr / bc1), static_cast<T>(beta1), static_cast<T>(beta2), static_cast<T>(eps),
+           static_cast<T>(std::sqrt(bc2)));
   });
 }
