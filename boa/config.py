@@ -58,16 +58,13 @@ class QuantConfig:
 
     def __post_init__(self):
         if self.method == "aespa":
-            for name, value in AESPA_DEFAULTS.items():
-                if getattr(self, name) is None:
-                    setattr(self, name, value)
-            defaults = METHOD_DEFAULTS.get(self.init, {})
+            self.init = self.init or AESPA_DEFAULTS["init"]
+            defaults = {**METHOD_DEFAULTS.get(self.init, {}), **AESPA_DEFAULTS}
         else:
             defaults = METHOD_DEFAULTS.get(self.method, {})
-        if defaults:
-            for name, value in defaults.items():
-                if getattr(self, name) is None:
-                    setattr(self, name, value)
+        for name, value in defaults.items():
+            if getattr(self, name) is None:
+                setattr(self, name, value)
         self.validate()
 
     @property

@@ -165,10 +165,9 @@ class _GroupStatistics:
 
     def __call__(self, block, group, inputs, kwargs, fp=None) -> dict[str, LayerStats]:
         adapter = self.adapter
-        attention_layers = (adapter.q_proj, adapter.k_proj, adapter.v_proj)
         recorder = None
         if self.config.attention_aware and adapter.v_proj in group:
-            recorder = AttentionRecorder(values=True, dtype=self.dtype, stop=group[-1] in attention_layers)
+            recorder = AttentionRecorder(values=True, dtype=self.dtype, stop=group[-1] in adapter.qkv)
         hessians = collect_statistics(block, group, inputs, kwargs, self.dtype, fp=fp, recorder=recorder,
                                       adapter=adapter)
         stats = {name: LayerStats(acc.H, D=acc.D) for name, acc in hessians.items()}
@@ -236,7 +235,6 @@ def quantize(
     statistics = _GroupStatistics(model, adapter, config)
 
     groups = adapter.sequential_groups() if config.true_sequential else [adapter.linear_names()]
-    attention_layers = (adapter.q_proj, adapter.k_proj, adapter.v_proj)
     bar = tqdm(range(len(blocks)), desc=f"{config.method} w{config.bits}", disable=not progress, unit="block")
     for index in bar:
         block = blocks[index]
@@ -259,7 +257,7 @@ def quantize(
                     layer, layer_stats = modules[name], stats.get(name)
                     W = layer.weight.detach()
                     q = solve_layer(W.to(hessian_dtype if layer_stats else torch.float32), layer_stats, config,
-                                    qkv=name in attention_layers, progress=f"{name}" if progress else None)
+                                    qkv=name in adapter.qkv, progress=name if progress else None)
                     _write_back(layer, q)
                     block_layers[name] = q
                     block_losses[name] = layer_stats.loss(W, layer.weight) if layer_stats else float("nan")

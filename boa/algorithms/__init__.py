@@ -28,13 +28,12 @@ def solve_layer(W: torch.Tensor, stats: LayerStats | None, config: QuantConfig, 
         return rtn(W, spec, stats.H if stats is not None else None)
     if config.method == "aespa":
         return aespa_solve(W, stats, config, qkv=qkv, progress=progress)
-    D = stats.D * config.dx_alpha if stats.D is not None and config.dx_alpha > 0 else None
     return obs_solve(
         W,
         stats.H,
         spec,
         H_out=stats.H_out,
-        D=D,
+        D=stats.dx_term(config.dx_alpha),
         rows_per_step=config.rows_per_step,
         block_size=config.block_size,
         act_order=config.act_order,

@@ -118,14 +118,13 @@ def _init_solve(W: torch.Tensor, stats: LayerStats, spec: QuantSpec, config: Qua
         H = stats.H.reshape(-1, W.shape[-1], W.shape[-1])
         W3 = W.to(H.dtype).reshape(stats.heads, -1, W.shape[-1])
         return rtn(W, spec, H, heads=stats.heads), SolveState(W3, W3, H, stats.heads)
-    D = stats.D * config.dx_alpha if stats.D is not None and config.dx_alpha > 0 else None
     coupled = config.init in ("boa", "turboboa")
     return obs_solve(
         W, stats.H, spec,
         H_out=stats.H_out if coupled else None,
         heads=stats.heads,
-        D=D,
-        rows_per_step=config.rows_per_step if config.init == "turboboa" else 1,
+        D=stats.dx_term(config.dx_alpha),
+        rows_per_step=config.rows_per_step,  # the init's default (gptq/boa 1, turboboa 16) unless set
         block_size=config.block_size,
         act_order=config.act_order,
         row_order=config.row_order and coupled,

@@ -270,10 +270,13 @@ def obs_solve(
         W_int = codes - zero[..., group_of]
         scale = refine_scales(W_int, scale, group_of, T, H, H_out, refine_iters)
 
+    row_inverse = torch.argsort(rperm, dim=-1) if H_out is not None else None
+    column_inverse = torch.argsort(perm)
+
     def to_original(x, columns=True):  # rows (and columns) back to W's order
-        if H_out is not None:
-            x = _take_rows(x, torch.argsort(rperm, dim=-1))
-        return x[..., torch.argsort(perm)] if columns else x
+        if row_inverse is not None:
+            x = _take_rows(x, row_inverse)
+        return x[..., column_inverse] if columns else x
 
     g_idx = torch.empty_like(group_of)
     g_idx[perm] = group_of

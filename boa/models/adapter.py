@@ -78,9 +78,14 @@ class Adapter:
         """The per-head-dim weights of norms applied to q and k before RoPE (Qwen3), if any."""
         return None
 
+    @property
+    def qkv(self) -> tuple[str, str, str]:
+        """The q, k and v projections: the layers with attention-aware statistics, fed one input."""
+        return (self.q_proj, self.k_proj, self.v_proj)
+
     def sequential_groups(self) -> list[list[str]]:
         """A block's linear layers in true-sequential order: each group's inputs depend only on earlier groups."""
-        return [[self.q_proj, self.k_proj, self.v_proj], [self.o_proj], list(self.mlp_in), [self.mlp_out]]
+        return [list(self.qkv), [self.o_proj], list(self.mlp_in), [self.mlp_out]]
 
     def linear_names(self) -> list[str]:
         return [name for group in self.sequential_groups() for name in group]
