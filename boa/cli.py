@@ -1,4 +1,4 @@
-"""`boa quantize | eval | prepare`: parse arguments, build a QuantConfig, call the same functions `import boa` offers."""
+"""`boa quantize | eval | prepare | quantize-vision | ...`: parse arguments, build a QuantConfig, call the same functions `import boa` offers."""
 from __future__ import annotations
 
 import argparse
@@ -8,7 +8,9 @@ import sys
 from pathlib import Path
 
 from boa.config import BITS, GRIDS, INITS, METHODS, V_ROW_FACTORS, QuantConfig
+from boa.algorithms.genie import DistillConfig, ReconstructConfig
 from boa.errors import BoaError
+from boa.vision import DATA_SOURCES, VISION_METHODS
 from boa_kernels.dispatch import BackendError
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
@@ -19,6 +21,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-seqlen", type=int, default=512, help="perplexity window length")
     p.add_argument("--eval-windows", type=int, default=64, help="windows per corpus (0: the whole held-out text)")
     p.add_argument("--tasks", default="", help="lm-eval-harness tasks, comma-separated (needs boa[eval] and network)")
+    p.add_argument("--json", type=Path, help="also write the report here as JSON")
+
+
+def _add_vision_eval_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--eval-images", type=int, default=0,
+                   help="evaluate on the first N images (0: all: the Fashion-MNIST test set, or the bundled photos)")
     p.add_argument("--json", type=Path, help="also write the report here as JSON")
 
 
@@ -73,6 +81,27 @@ def _parser() -> argparse.ArgumentParser:
     x.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                    help="compressed-tensors (llm-compressor's pack-quantized, for vLLM and transformers) or gptq (v1)")
     x.add_argument("--out", type=Path, required=True, help="the folder to write")
+
+    v = sub.add_parser("quantize-vision", help="quantize a BatchNorm CNN (Genie: zero-shot from distilled images)")
+    v.add_argument("model", help="built-in CNN: fmnist-resnet (train it with bench/train_fmnist.py) or efficientnet-lite0")
+    v.add_argument("--method", choices=VISION_METHODS, default="genie-m",
+                   help="genie-m: block reconstruction with learned steps and rounding; rtn: round to nearest")
+    v.add_argument("--data", choices=DATA_SOURCES, default="genie",
+                   help="calibration images: genie (distilled from BN statistics, zero-shot), real, noise")
+    v.add_argument("--w-bits", type=int, default=4, help="weights of every layer but the first and last (8 bits)")
+    v.add_argument("--a-bits", type=int, default=4, help="inputs of every layer but the first two and last")
+    v.add_argument("--images", type=int, default=1024, help="calibration images")
+    v.add_argument("--iters", type=int, default=ReconstructConfig.iters, help="Genie-M steps per block")
+    v.add_argument("--batch-size", type=int, default=ReconstructConfig.batch_size, help="Genie-M batch")
+    v.add_argument("--distill-iters", type=int, default=DistillConfig.iters, help="Genie-D steps per batch")
+    v.add_argument("--distill-batch", type=int, default=DistillConfig.batch_size, help="Genie-D batch")
+    v.add_argument("--seed", type=int, default=0)
+    v.add_argument("--out", type=Path, help="save the quantized network here")
+    _add_vision_eval_args(v)
+
+    ev = sub.add_parser("eval-vision", help="accuracy of a built-in CNN or a folder written by `boa quantize-vision`")
+    ev.add_argument("model", help="built-in CNN name or a quantized folder")
+    _add_vision_eval_args(ev)
 
     g = sub.add_parser("generate", help="stream text from a boa-quantized folder (packed kernels) or any model")
     g.add_argument("model", help="a folder written by `boa quantize --out`, or a built-in name / model folder")
@@ -232,6 +261,67 @@ def _kernels(args, report) -> None:
               "(override with BOA_KERNELS=torch|cpp|triton|cuda)")
 
 
+def _vision_eval_set(spec, args):
+    from boa.data.images import evaluation_images
+
+    images, labels = evaluation_images(spec)
+    if args.eval_images:
+        images = images[: args.eval_images]
+        labels = None if labels is None else labels[: args.eval_images]
+    return images, labels
+
+
+def _vision_row(name, model, images, labels, reference, report, **extra) -> dict:
+    from boa.eval.vision import classifier_metrics, logits_of
+
+    with report.phase("eval"):
+        logits = logits_of(model, images)
+    report.rows.append({"model": name, **classifier_metrics(logits, labels, reference), **extra})
+    return logits
+
+
+def _quantize_vision(args, report) -> None:
+    from boa.models.vision import load_vision_model
+    from boa.vision import VisionQuantConfig, quantize_vision, save_vision
+
+    config = VisionQuantConfig(method=args.method, data=args.data, n_images=args.images, w_bits=args.w_bits,
+                               a_bits=args.a_bits, seed=args.seed,
+                               distill=DistillConfig(iters=args.distill_iters, batch_size=args.distill_batch),
+                               reconstruct=ReconstructConfig(iters=args.iters, batch_size=args.batch_size))
+    config.validate()
+    config.reconstruct_config()  # bad bits fail before minutes of distillation
+    with report.phase("load"):
+        model, spec = load_vision_model(args.model)
+        images, labels = _vision_eval_set(spec, args)
+    reference = _vision_row("fp", model, images, labels, None, report)
+    result = quantize_vision(model, spec, config)
+    for phase, seconds in result.seconds.items():
+        report.seconds[phase] = seconds
+    tag = f"{config.method} W{config.w_bits}A{config.a_bits} ({config.data})"
+    _vision_row(tag, result.model, images, labels, reference, report)
+    report.info["config"] = config.to_dict()
+    if args.out:
+        with report.phase("save"):
+            save_vision(result, args.out, report={"results": report.rows})
+        print(f"saved to {args.out}", file=sys.stderr)
+
+
+def _eval_vision(args, report) -> None:
+    from boa.export.vision import MANIFEST, load_vision
+    from boa.models.vision import load_vision_model
+
+    with report.phase("load"):
+        if (Path(args.model) / MANIFEST).exists():
+            model, spec, manifest = load_vision(args.model)
+            fp, _ = load_vision_model(manifest["model"])
+        else:
+            model, spec = load_vision_model(args.model)
+            fp = None
+        images, labels = _vision_eval_set(spec, args)
+    reference = None if fp is None else _vision_row("fp", fp, images, labels, None, report)
+    _vision_row(args.model, model, images, labels, reference, report)
+
+
 def main(argv=None) -> int:
     from boa.eval import Report
 
@@ -240,7 +330,8 @@ def main(argv=None) -> int:
     report = Report()
     try:
         {"quantize": _quantize, "eval": _eval, "prepare": _prepare, "kernels": _kernels,
-         "export": _export, "generate": _generate}[args.command](args, report)
+         "export": _export, "generate": _generate, "quantize-vision": _quantize_vision,
+         "eval-vision": _eval_vision}[args.command](args, report)
     except (BoaError, BackendError) as err:
         print(f"boa: error: {err}", file=sys.stderr)
         return 2

@@ -1,0 +1,98 @@
+"""Saving and loading quantized CNNs (Genie-M or RTN): one folder that `boa.load_vision` turns back into a model.
+
+    quantization.json     {"format": "boa-vision", "version", "model": built-in name, "config", "report",
+                           "layers": {NAME: {"weight_bits", "input_bits", "input_signed", "in_features"}}}
+    model.safetensors     every float tensor (BatchNorm, biases) under its state-dict name, and per quantized layer
+                          NAME its packed weight as in boa's LLM format (NAME.qweight uint8, NAME.scales float32,
+                          NAME.zeros uint8; per output channel, the conv weight flattened to (out, C·kh·kw)) and
+                          NAME.input_step (the activation step, absent for a float input)
+
+The loaded model computes exactly what the quantized model computed when it was saved (same codes, same
+dequantization, same activation steps).
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import asdict, is_dataclass
+from pathlib import Path
+
+import torch
+from safetensors.torch import load_file, save_file
+
+from boa.errors import BoaError
+from boa.export.packed import PackedWeight, pack
+from boa.io import atomic_dir
+from boa.nn.fake_quant import FrozenLayer, apply_frozen, quant_layers
+from boa.quant.quantizer import QuantizedWeight
+
+FORMAT = "boa-vision"
+VERSION = 1
+MANIFEST = "quantization.json"
+WEIGHTS = "model.safetensors"
+
+
+def save_vision(model: torch.nn.Module, layers: dict[str, FrozenLayer], model_name: str, folder,
+                config=None, report: dict | None = None) -> Path:
+    """Writes a quantized CNN (the frozen model and its layers, as boa.quantize_vision returns them) atomically."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / MANIFEST).exists())):
+        raise BoaError(f"output path {folder} exists and is not a boa-vision folder; choose another --out")
+    tensors = {}
+    for name, tensor in model.state_dict().items():
+        owner, _, leaf = name.rpartition(".")
+        if owner in layers and leaf == "weight" or ".input_quantizer." in f".{name}":
+            continue
+        tensors[name] = tensor.detach().contiguous()
+    entries = {}
+    for name, layer in layers.items():
+        out, fan_in = layer.codes.shape
+        packed = pack(QuantizedWeight(layer.codes, layer.scale.float(), layer.zero.float(),
+                                      torch.zeros(fan_in, dtype=torch.int32), layer.weight_bits))
+        tensors.update({f"{name}.{k}": v.contiguous() for k, v in packed.tensors().items()})
+        if layer.input_bits is not None:
+            tensors[f"{name}.input_step"] = layer.input_step.reshape(1).float()
+        entries[name] = {"weight_bits": layer.weight_bits, "input_bits": layer.input_bits,
+                         "input_signed": layer.input_signed, "in_features": fan_in}
+    manifest = {"format": FORMAT, "version": VERSION, "model": model_name,
+                "config": asdict(config) if is_dataclass(config) else config, "report": report, "layers": entries}
+    with atomic_dir(folder) as tmp:
+        save_file(tensors, str(tmp / WEIGHTS))
+        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    return folder
+
+
+def load_vision(folder):
+    """(model, VisionSpec, manifest) from a folder written by save_vision; the model is in eval mode."""
+    from boa.models.vision import build_vision_model
+
+    folder = Path(folder)
+    path = folder / MANIFEST
+    manifest = json.loads(path.read_text()) if path.exists() else None
+    if manifest is None or manifest.get("format") != FORMAT:
+        raise BoaError(f"{folder} is not a quantized CNN saved by boa (no {FORMAT} {MANIFEST}); "
+                       "make one with `boa quantize-vision`")
+    if manifest.get("version") != VERSION:
+        raise BoaError(f"{folder} was written by {FORMAT} version {manifest.get('version')}; this boa reads {VERSION}")
+    model, spec = build_vision_model(manifest["model"])
+    tensors = load_file(str(folder / WEIGHTS))
+    by_name = dict(quant_layers(model))
+    for name, info in manifest["layers"].items():
+        if name not in by_name:
+            raise BoaError(f"{folder}: layer {name} is not in {manifest['model']}; the file is damaged")
+        try:
+            packed = PackedWeight(qweight=tensors.pop(f"{name}.qweight"), scales=tensors.pop(f"{name}.scales"),
+                                  zeros=tensors.pop(f"{name}.zeros"), perm=None, bits=info["weight_bits"],
+                                  in_features=info["in_features"], group_size=info["in_features"])
+            step = tensors.pop(f"{name}.input_step") if info["input_bits"] is not None else None
+        except KeyError as err:
+            raise BoaError(f"{folder} is missing {err.args[0]}; the file is damaged") from None
+        q = packed.to_quantized()
+        apply_frozen(by_name[name], FrozenLayer(info["weight_bits"], q.codes, q.scale, q.zero, info["input_bits"],
+                                                None if step is None else step.reshape(()), info["input_signed"]))
+    missing, unexpected = model.load_state_dict(tensors, strict=False)
+    quantized = {f"{name}.weight" for name in manifest["layers"]}
+    missing = [k for k in missing if k not in quantized and ".input_quantizer." not in f".{k}"]
+    if missing or unexpected:
+        raise BoaError(f"{folder} does not match {manifest['model']} (missing {missing[:5]}, "
+                       f"unexpected {unexpected[:5]}); the file is damaged")
+    return model.eval(), spec, manifest
