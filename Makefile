@@ -17,8 +17,10 @@ $(VENV)/.installed: setup.py
 	touch $@
 
 setup: $(VENV)/.installed
-	# Debian's package lists are needed once to fetch the Austen corpus (cached afterwards).
-	@if [ ! -f "$${BOA_CACHE:-$$HOME/.cache/boa}/data/austen.txt" ] && [ "$$(id -u)" = 0 ]; then apt-get update -qq || true; fi
+	# Debian's package lists are needed once to fetch the Austen corpus and Fashion-MNIST (cached afterwards).
+	@data="$${BOA_CACHE:-$$HOME/.cache/boa}/data"; \
+	if { [ ! -f "$$data/austen.txt" ] || [ ! -f "$$data/fashion-mnist.npz" ]; } && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -qq || true; fi
 	$(VENV)/bin/boa prepare
 
 demo: setup

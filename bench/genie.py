@@ -61,6 +61,7 @@ def bench_model(name: str, settings, calib_sources, args, results: list) -> dict
     distill_config = DistillConfig(n_images=n, batch_size=min(n, args.distill_batch),
                                    iters=args.fmnist_distill_iters if name == "fmnist-resnet" else args.lite0_distill_iters)
     recon_iters = args.fmnist_iters if name == "fmnist-resnet" else args.lite0_iters
+    recon_batch = args.fmnist_batch if name == "fmnist-resnet" else args.lite0_batch
     reference = logits_of(model, images)
     results.append(row(name, "fp", "none", 32, 32, reference, labels, None, 0.0))
     print_row(results[-1])
@@ -81,13 +82,14 @@ def bench_model(name: str, settings, calib_sources, args, results: list) -> dict
         runs = [("rtn", rtn_source)] + [("genie-m", source) for source in calib_sources]
         for method, source in runs:
             config = boa.VisionQuantConfig(method=method, data=source, n_images=n, w_bits=w_bits, a_bits=a_bits,
-                                           reconstruct=ReconstructConfig(iters=recon_iters))
+                                           reconstruct=ReconstructConfig(iters=recon_iters, batch_size=recon_batch))
             result = boa.quantize_vision(model, spec, config, images=data[source])
             seconds = result.seconds["quantize"] + (data_seconds[source] if source == "genie" else 0.0)
             results.append(row(name, method, source, w_bits, a_bits, logits_of(result.model, images), labels,
                                reference, seconds))
             print_row(results[-1])
     return {"calibration_images": n, "distill": distill_config.__dict__, "reconstruct_iters": recon_iters,
+            "reconstruct_batch": recon_batch,
             "data_seconds": data_seconds, "eval_images": len(images), "settings": settings}
 
 
@@ -96,12 +98,14 @@ def main() -> None:
     parser.add_argument("--models", default="fmnist-resnet,efficientnet-lite0")
     parser.add_argument("--fmnist-settings", default="w4a4,w2a4")
     parser.add_argument("--fmnist-images", type=int, default=1024)
-    parser.add_argument("--fmnist-distill-iters", type=int, default=500)
+    parser.add_argument("--fmnist-distill-iters", type=int, default=200, help="Genie-D steps per batch")
     parser.add_argument("--fmnist-iters", type=int, default=2000, help="Genie-M steps per block")
+    parser.add_argument("--fmnist-batch", type=int, default=32, help="Genie-M batch")
     parser.add_argument("--lite0-settings", default="w4a8")
-    parser.add_argument("--lite0-images", type=int, default=64)
-    parser.add_argument("--lite0-distill-iters", type=int, default=200)
-    parser.add_argument("--lite0-iters", type=int, default=300)
+    parser.add_argument("--lite0-images", type=int, default=32)
+    parser.add_argument("--lite0-distill-iters", type=int, default=50)
+    parser.add_argument("--lite0-iters", type=int, default=100)
+    parser.add_argument("--lite0-batch", type=int, default=16)
     parser.add_argument("--distill-batch", type=int, default=128)
     parser.add_argument("--eval-images", type=int, default=0, help="0: the whole evaluation set")
     parser.add_argument("--threads", type=int, default=0, help="torch threads (0: torch's default)")

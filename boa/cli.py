@@ -71,7 +71,7 @@ def _parser() -> argparse.ArgumentParser:
     e.add_argument("model", help="built-in name, model folder, hub id, or a folder written by `boa quantize`")
     _add_eval_args(e)
 
-    p = sub.add_parser("prepare", help="convert the built-in model, fetch the offline corpora and build the kernels")
+    p = sub.add_parser("prepare", help="convert the built-in model, fetch the offline corpora and images, build the kernels")
     p.add_argument("--model", default="smollm2-135m")
 
     sub.add_parser("kernels", help="build the compiled kernels if needed and show which backend runs on each device")
@@ -222,12 +222,14 @@ def _generate(args, report) -> None:
 
 def _prepare(args, report) -> None:
     from boa.data import corpus_text
+    from boa.data.images import fashion_mnist
     from boa.models import model_folder
 
     with report.phase("prepare"):
         print(f"model {args.model}: {model_folder(args.model)}")
         for corpus, split in (("wikipedia", "calib"), ("wikipedia", "eval"), ("austen", "eval")):
             print(f"corpus {corpus}/{split}: {len(corpus_text(corpus, split)):,} characters")
+        print(f"images fashion-mnist: {len(fashion_mnist('train')[0]):,} train, {len(fashion_mnist('test')[0]):,} test")
     _kernels(args, report)
 
 

@@ -228,8 +228,10 @@ def test_saved_network_loads_with_identical_outputs(tmp_path):
 
 def test_bad_inputs_get_clear_errors(tiny_cnn, tmp_path):
     images = smooth_images(8)
-    with pytest.raises(BoaError, match="2 to 8 bits"):
-        reconstruct(tiny_cnn, images, ReconstructConfig(w_bits=9, iters=0), progress=False)
+    with pytest.raises(BoaError, match="w_bits=5: weights are saved packed"):
+        reconstruct(tiny_cnn, images, ReconstructConfig(w_bits=5, iters=0), progress=False)
+    with pytest.raises(BoaError, match="a_bits=9"):
+        reconstruct(tiny_cnn, images, ReconstructConfig(a_bits=9, iters=0), progress=False)
     with pytest.raises(BoaError, match="nn.Sequential"):
         reconstruct(Block(3, 3, 1), images, ReconstructConfig(iters=0), progress=False)
     with pytest.raises(BoaError, match="multiple of 4"):
@@ -252,3 +254,34 @@ def test_bad_inputs_get_clear_errors(tiny_cnn, tmp_path):
         save_vision(tiny_cnn, {}, "fmnist-resnet", tmp_path / "taken")
     with pytest.raises(BoaError, match="not a quantized CNN"):
         boa.load_vision(tmp_path / "taken")
+
+
+def test_cli_quantize_vision_saves_a_network_that_evaluates_the_same(tmp_path, capsys):
+    """`boa quantize-vision` (zero-shot, tiny budgets) on EfficientNet-Lite0: a report with agreement and KL against
+    the float model on the bundled photos, a saved folder that `boa eval-vision` scores identically."""
+    pytest.importorskip("skimage")
+    from boa.cli import main
+    from boa.models.vision import _lite0_weights_file
+
+    try:
+        _lite0_weights_file()
+    except BoaError as err:
+        pytest.skip(str(err))
+    out, report = tmp_path / "lite0-w4a8", tmp_path / "report.json"
+    args = ["quantize-vision", "efficientnet-lite0", "--w-bits", "4", "--a-bits", "8", "--images", "4",
+            "--distill-iters", "2", "--distill-batch", "4", "--iters", "2", "--batch-size", "2", "--eval-images", "6",
+            "--out", str(out), "--json", str(report)]
+    assert main(args) == 0
+    import json
+
+    rows = json.loads(report.read_text())["results"]
+    assert [r["model"] for r in rows] == ["fp", "genie-m W4A8 (genie)"]
+    assert rows[0]["agreement"] is None and 0 <= rows[1]["agreement"] <= 100 and rows[1]["kl"] >= 0
+    again = tmp_path / "again.json"
+    assert main(["eval-vision", str(out), "--eval-images", "6", "--json", str(again)]) == 0
+    assert json.loads(again.read_text())["results"][1]["kl"] == rows[1]["kl"]
+
+    assert main(["quantize-vision", "efficientnet-lite0", "--data", "real", "--images", "4"]) == 2
+    assert "no real imagenet training images" in capsys.readouterr().err
+    assert main(["quantize-vision", "efficientnet-lite0", "--w-bits", "5", "--images", "4"]) == 2
+    assert "w_bits=5" in capsys.readouterr().err

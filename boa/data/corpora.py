@@ -7,15 +7,13 @@ import bz2
 import glob
 import gzip
 import json
-import os
 import re
 import struct
-import subprocess
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
 
+from boa.data.debian import unpacked_deb
 from boa.errors import BoaError
 from boa.io import atomic_file, cache_dir
 
@@ -84,19 +82,8 @@ def _read_r_lazyload(data_dir: Path) -> dict:
 
 
 def _austen_text() -> str:
-    deb = os.environ.get("BOA_AUSTEN_DEB")
-    with tempfile.TemporaryDirectory() as tmp:
-        if not deb:
-            result = subprocess.run(["apt-get", "download", AUSTEN_DEB], cwd=tmp, capture_output=True, text=True)
-            found = glob.glob(os.path.join(tmp, f"{AUSTEN_DEB}_*.deb"))
-            if result.returncode != 0 or not found:
-                raise BoaError(
-                    f"could not fetch Debian's {AUSTEN_DEB} for the austen corpus ({result.stderr.strip()[-200:]}). "
-                    f"Run `apt-get update` and retry, or download the .deb and set BOA_AUSTEN_DEB=/path/to/it"
-                )
-            deb = found[0]
-        subprocess.run(["dpkg", "-x", deb, os.path.join(tmp, "x")], check=True)
-        (data_dir,) = glob.glob(os.path.join(tmp, "x", "usr", "lib", "R", "site-library", "janeaustenr", "data"))
+    with unpacked_deb(AUSTEN_DEB, "BOA_AUSTEN_DEB", "the austen corpus") as root:
+        (data_dir,) = glob.glob(str(root / "usr" / "lib" / "R" / "site-library" / "janeaustenr" / "data"))
         books = _read_r_lazyload(Path(data_dir))
     return "\n\n".join("\n".join(str(line) for line in books[name]) for name in AUSTEN_NOVELS)
 

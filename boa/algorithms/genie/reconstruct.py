@@ -24,6 +24,7 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from boa.errors import BoaError
+from boa.export.packed import PACKED_BITS
 from boa.nn.fake_quant import FrozenLayer, attach_learned, bit_plan, freeze, quant_layers, weight_quantizer
 from boa.quant.learned import ActQuantizer
 
@@ -47,9 +48,11 @@ class ReconstructConfig:
     seed: int = 0
 
     def validate(self) -> None:
-        for name, bits in (("w_bits", self.w_bits), ("a_bits", self.a_bits), ("boundary_bits", self.boundary_bits)):
-            if not 2 <= bits <= 8:
-                raise BoaError(f"{name}={bits}: CNN quantization supports 2 to 8 bits")
+        for name, bits in (("w_bits", self.w_bits), ("boundary_bits", self.boundary_bits)):
+            if bits not in PACKED_BITS:
+                raise BoaError(f"{name}={bits}: weights are saved packed, at {', '.join(map(str, PACKED_BITS))} bits")
+        if not 2 <= self.a_bits <= 8:
+            raise BoaError(f"a_bits={self.a_bits}: activations are quantized at 2 to 8 bits")
         if self.iters < 0 or self.batch_size < 1:
             raise BoaError("iters must be ≥ 0 (0 = RTN) and batch_size ≥ 1")
         if not 0 <= self.qdrop < 1:
