@@ -97,6 +97,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--distill-batch", type=int, default=DistillConfig.batch_size, help="Genie-D batch")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", type=Path, help="save the quantized network here")
+    v.add_argument("--resume", action="store_true",
+                   help="keep the distilled batches found in OUT.partial from an interrupted run with the same settings")
     _add_vision_eval_args(v)
 
     ev = sub.add_parser("eval-vision", help="accuracy of a built-in CNN or a folder written by `boa quantize-vision`")
@@ -283,6 +285,7 @@ def _vision_row(name, model, images, labels, reference, report, **extra) -> dict
 
 
 def _quantize_vision(args, report) -> None:
+    from boa.export.vision import check_output
     from boa.models.vision import load_vision_model
     from boa.vision import VisionQuantConfig, quantize_vision, save_vision
 
@@ -292,11 +295,19 @@ def _quantize_vision(args, report) -> None:
                                reconstruct=ReconstructConfig(iters=args.iters, batch_size=args.batch_size))
     config.validate()
     config.reconstruct_config()  # bad bits fail before minutes of distillation
+    if args.resume and not args.out:
+        raise BoaError("--resume continues the run saved under --out; give the same --out as the interrupted run")
+    checkpoint = None
+    if args.out:
+        check_output(args.out)
+        checkpoint = Path(f"{args.out}.partial")
+        if checkpoint.exists() and not args.resume:
+            shutil.rmtree(checkpoint)
     with report.phase("load"):
         model, spec = load_vision_model(args.model)
         images, labels = _vision_eval_set(spec, args)
     reference = _vision_row("fp", model, images, labels, None, report)
-    result = quantize_vision(model, spec, config)
+    result = quantize_vision(model, spec, config, checkpoint_dir=checkpoint)
     for phase, seconds in result.seconds.items():
         report.seconds[phase] = seconds
     tag = f"{config.method} W{config.w_bits}A{config.a_bits} ({config.data})"
@@ -305,6 +316,7 @@ def _quantize_vision(args, report) -> None:
     if args.out:
         with report.phase("save"):
             save_vision(result, args.out, report={"results": report.rows})
+        shutil.rmtree(checkpoint, ignore_errors=True)
         print(f"saved to {args.out}", file=sys.stderr)
 
 

@@ -23,7 +23,7 @@ from tqdm.auto import tqdm
 from boa.algorithms import needs_statistics, solve_layer
 from boa.config import QuantConfig
 from boa.errors import BoaError
-from boa.io import atomic_file, write_json
+from boa.io import atomic_file, hash_tensors, write_json
 from boa.models.adapter import Adapter, adapter_for
 from boa.models.loader import check_finite
 from boa.quant.quantizer import QuantizedWeight
@@ -51,9 +51,7 @@ def run_fingerprint(model: nn.Module, config: QuantConfig, calib: torch.Tensor |
     Hashes every tensor's bytes (about a second per GB)."""
     digest = hashlib.blake2b(config.fingerprint().encode(), digest_size=16)
     digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    for name, tensor in model.state_dict().items():
-        digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
-        digest.update(tensor.detach().cpu().contiguous().view(torch.uint8).numpy().data)
+    hash_tensors(digest, model.state_dict())
     if calib is not None:
         digest.update(calib.cpu().contiguous().numpy().data)
     return digest.hexdigest()

@@ -68,8 +68,10 @@ class VisionResult:
     unit_loss: list[dict]                # per unit: RTN's output error and the learned one
 
 
-def calibration_images(model: nn.Module, spec, config: VisionQuantConfig, progress: bool = True) -> torch.Tensor:
-    """config.n_images images in the model's input space, from config.data."""
+def calibration_images(model: nn.Module, spec, config: VisionQuantConfig, progress: bool = True,
+                       checkpoint_dir=None) -> torch.Tensor:
+    """config.n_images images in the model's input space, from config.data (distilled batches are checkpointed in
+    checkpoint_dir when given, and a run that finds them there resumes)."""
     from boa.data.images import gaussian_noise, real_images
 
     if config.data == "noise":
@@ -77,19 +79,20 @@ def calibration_images(model: nn.Module, spec, config: VisionQuantConfig, progre
     if config.data == "real":
         return real_images(spec, config.n_images, config.seed)
     distill_config = DistillConfig(**{**config.distill.__dict__, "n_images": config.n_images, "seed": config.seed})
-    return distill(model, spec.in_channels, spec.image_size, distill_config, progress=progress).images
+    return distill(model, spec.in_channels, spec.image_size, distill_config, progress, checkpoint_dir).images
 
 
 def quantize_vision(model: nn.Sequential, spec, config: VisionQuantConfig | None = None,
-                    images: torch.Tensor | None = None, progress: bool = True) -> VisionResult:
-    """A quantized copy of `model`; `images` (model inputs) replace config.data's when given."""
+                    images: torch.Tensor | None = None, progress: bool = True, checkpoint_dir=None) -> VisionResult:
+    """A quantized copy of `model`; `images` (model inputs) replace config.data's when given. checkpoint_dir keeps
+    Genie-D's finished batches (the long part), so an interrupted run resumes from them."""
     config = config or VisionQuantConfig()
     config.validate()
     recon = config.reconstruct_config()
     seconds = {}
     if images is None:
         start = time.perf_counter()
-        images = calibration_images(model, spec, config, progress)
+        images = calibration_images(model, spec, config, progress, checkpoint_dir)
         seconds["data"] = time.perf_counter() - start
     expected = (spec.in_channels, spec.image_size, spec.image_size)
     if images.dim() != 4 or tuple(images.shape[1:]) != expected:

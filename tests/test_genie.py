@@ -285,3 +285,35 @@ def test_cli_quantize_vision_saves_a_network_that_evaluates_the_same(tmp_path, c
     assert "no real imagenet training images" in capsys.readouterr().err
     assert main(["quantize-vision", "efficientnet-lite0", "--w-bits", "5", "--images", "4"]) == 2
     assert "w_bits=5" in capsys.readouterr().err
+    assert main(["quantize-vision", "efficientnet-lite0", "--resume"]) == 2
+    assert "give the same --out" in capsys.readouterr().err
+    assert not (tmp_path / "lite0-w4a8.partial").exists()  # the finished run removed its checkpoint
+
+
+def test_interrupted_distillation_resumes_with_identical_images(tiny_cnn, tmp_path, monkeypatch):
+    import importlib
+
+    genie_d = importlib.import_module("boa.algorithms.genie.distill")  # the module (the package exports the function)
+
+    config = DistillConfig(n_images=12, batch_size=4, iters=5)
+    uninterrupted = distill(tiny_cnn, 3, 12, config, progress=False).images
+    real_batch, calls = genie_d._distill_batch, []
+
+    def stop_at_second_batch(*args):
+        calls.append(1)
+        if len(calls) == 2:
+            raise RuntimeError("interrupted")  # (pytest would take a KeyboardInterrupt for its own)
+        return real_batch(*args)
+
+    monkeypatch.setattr(genie_d, "_distill_batch", stop_at_second_batch)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        distill(tiny_cnn, 3, 12, config, progress=False, checkpoint_dir=tmp_path / "ckpt")
+    assert sorted(p.name for p in (tmp_path / "ckpt").iterdir()) == ["genie-d-0000.safetensors", "genie-d.json"]
+    calls.clear()
+    monkeypatch.setattr(genie_d, "_distill_batch", lambda *args: calls.append(1) or real_batch(*args))
+    resumed = distill(tiny_cnn, 3, 12, config, progress=False, checkpoint_dir=tmp_path / "ckpt").images
+    assert len(calls) == 2  # batches 1 and 2 only
+    assert torch.equal(resumed, uninterrupted)
+    with pytest.raises(BoaError, match="another model's or setting's distillation"):
+        distill(tiny_cnn, 3, 12, DistillConfig(n_images=12, batch_size=4, iters=6), progress=False,
+                checkpoint_dir=tmp_path / "ckpt")

@@ -31,12 +31,18 @@ MANIFEST = "quantization.json"
 WEIGHTS = "model.safetensors"
 
 
+def check_output(folder) -> None:
+    """An output folder may be new, empty or a quantized CNN (replaced); anything else is not ours to overwrite."""
+    folder = Path(folder)
+    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / MANIFEST).exists())):
+        raise BoaError(f"output path {folder} exists and is not a boa-vision folder; choose another --out")
+
+
 def save_vision(model: torch.nn.Module, layers: dict[str, FrozenLayer], model_name: str, folder,
                 config=None, report: dict | None = None) -> Path:
     """Writes a quantized CNN (the frozen model and its layers, as boa.quantize_vision returns them) atomically."""
     folder = Path(folder)
-    if folder.exists() and (not folder.is_dir() or (any(folder.iterdir()) and not (folder / MANIFEST).exists())):
-        raise BoaError(f"output path {folder} exists and is not a boa-vision folder; choose another --out")
+    check_output(folder)
     tensors = {}
     for name, tensor in model.state_dict().items():
         owner, _, leaf = name.rpartition(".")

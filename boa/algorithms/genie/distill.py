@@ -14,15 +14,20 @@ Defaults are the public code's: 4000 iterations per batch of 128, Adam on z (lr 
 from __future__ import annotations
 
 import contextlib
+import hashlib
+import json
 import time
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from safetensors.torch import load_file, save_file
 from tqdm.auto import tqdm
 
 from boa.errors import BoaError
+from boa.io import atomic_file, hash_tensors, write_json
 
 STD_EPS = 1e-6
 
@@ -149,13 +154,78 @@ def _frozen(model: nn.Module):
             p.requires_grad_(flag)
 
 
+def _distill_batch(model: nn.Module, stats: BNStatistics, channels: int, image_size: int, size: int,
+                   config: DistillConfig, bar) -> tuple[torch.Tensor, float, float]:
+    """One batch: a fresh generator and latents trained together; (images, first loss, last loss)."""
+    generator = Generator(channels, image_size, config.latent_dim)
+    z = nn.Parameter(torch.randn(size, config.latent_dim))
+    opt_z = torch.optim.Adam([z], lr=config.lr_latent)
+    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr_generator)
+    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, patience=100, min_lr=1e-4)
+    decay = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=0.95)
+    first = None
+    for it in range(config.iters):
+        x = generator(z)
+        model(x)
+        loss = stats.pop() + input_prior(x)
+        opt_z.zero_grad(set_to_none=True)
+        opt_g.zero_grad(set_to_none=True)
+        loss.backward()
+        opt_z.step()
+        opt_g.step()
+        plateau.step(loss.item())
+        if (it + 1) % 100 == 0:
+            decay.step()
+        first = loss.item() if first is None else first
+        bar.update()
+        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
+    with torch.no_grad():
+        return generator(z), first, loss.item()
+
+
+class DistillCheckpoint:
+    """Finished batches in a folder, each written atomically with the random states that follow it, so an
+    interrupted distillation resumes at its next batch and ends with the images an uninterrupted run makes.
+
+        genie-d.json                 {"fingerprint": model weights + config + image shape}
+        genie-d-KKKK.safetensors     images, losses (first, last), rng, shifts_rng
+    """
+
+    def __init__(self, folder, model: nn.Module, channels: int, image_size: int, config: DistillConfig):
+        self.folder = Path(folder)
+        digest = hashlib.blake2b(json.dumps([asdict(config), channels, image_size]).encode(), digest_size=16)
+        hash_tensors(digest, model.state_dict())
+        self.fingerprint = digest.hexdigest()
+        manifest = self.folder / "genie-d.json"
+        if manifest.exists():
+            if json.loads(manifest.read_text()).get("fingerprint") != self.fingerprint:
+                raise BoaError(f"{self.folder} holds another model's or setting's distillation; delete it, or "
+                               "run without --resume")
+        else:
+            write_json(manifest, {"fingerprint": self.fingerprint})
+
+    def _path(self, k: int) -> Path:
+        return self.folder / f"genie-d-{k:04d}.safetensors"
+
+    def load(self, k: int) -> dict | None:
+        return load_file(str(self._path(k))) if self._path(k).exists() else None
+
+    def save(self, k: int, images: torch.Tensor, first: float, last: float, shifts: torch.Generator) -> None:
+        with atomic_file(self._path(k)) as tmp:
+            save_file({"images": images.contiguous(), "losses": torch.tensor([first, last], dtype=torch.float64),
+                       "rng": torch.get_rng_state(), "shifts_rng": shifts.get_state()}, str(tmp))
+
+
 def distill(model: nn.Module, channels: int, image_size: int, config: DistillConfig | None = None,
-            progress: bool = True) -> DistillResult:
-    """Genie-D images for `model` (inputs (N, channels, image_size, image_size)), seeded by config.seed."""
+            progress: bool = True, checkpoint_dir=None) -> DistillResult:
+    """Genie-D images for `model` (inputs (N, channels, image_size, image_size)), seeded by config.seed.
+    With checkpoint_dir, finished batches are kept there and found again by a later call (resume)."""
     config = config or DistillConfig()
     if config.iters < 1 or config.n_images < 1 or config.batch_size < 2:
         raise BoaError("Genie-D needs iters ≥ 1, n_images ≥ 1 and batch_size ≥ 2 (BatchNorm statistics need a batch)")
     start = time.perf_counter()
+    checkpoint = None if checkpoint_dir is None else DistillCheckpoint(checkpoint_dir, model, channels, image_size,
+                                                                       config)
     result = DistillResult(torch.empty(0))
     batches = []
     with torch.random.fork_rng(), _frozen(model):
@@ -167,32 +237,20 @@ def distill(model: nn.Module, channels: int, image_size: int, config: DistillCon
         bar = tqdm(total=len(sizes) * config.iters, desc="Genie-D", unit="it", disable=not progress)
         try:
             with swing:
-                for size in sizes:
-                    generator = Generator(channels, image_size, config.latent_dim)
-                    z = nn.Parameter(torch.randn(size, config.latent_dim))
-                    opt_z = torch.optim.Adam([z], lr=config.lr_latent)
-                    opt_g = torch.optim.Adam(generator.parameters(), lr=config.lr_generator)
-                    plateau = torch.optim.lr_scheduler.ReduceLROnPlateau(opt_z, patience=100, min_lr=1e-4)
-                    decay = torch.optim.lr_scheduler.ExponentialLR(opt_g, gamma=0.95)
-                    for it in range(config.iters):
-                        x = generator(z)
-                        model(x)
-                        loss = stats.pop() + input_prior(x)
-                        opt_z.zero_grad(set_to_none=True)
-                        opt_g.zero_grad(set_to_none=True)
-                        loss.backward()
-                        opt_z.step()
-                        opt_g.step()
-                        plateau.step(loss.item())
-                        if (it + 1) % 100 == 0:
-                            decay.step()
-                        if it == 0:
-                            result.first_loss.append(loss.item())
-                        bar.update()
-                        bar.set_postfix(loss=f"{loss.item():.4f}", refresh=False)
-                    result.last_loss.append(loss.item())
-                    with torch.no_grad():
-                        batches.append(generator(z))
+                for k, size in enumerate(sizes):
+                    saved = None if checkpoint is None else checkpoint.load(k)
+                    if saved is None:
+                        images, first, last = _distill_batch(model, stats, channels, image_size, size, config, bar)
+                        if checkpoint is not None:
+                            checkpoint.save(k, images, first, last, shifts)
+                    else:  # continue from the random states this batch left
+                        images, (first, last) = saved["images"], saved["losses"].tolist()
+                        torch.set_rng_state(saved["rng"])
+                        shifts.set_state(saved["shifts_rng"])
+                        bar.update(config.iters)
+                    batches.append(images)
+                    result.first_loss.append(first)
+                    result.last_loss.append(last)
         finally:
             stats.remove()
             bar.close()
