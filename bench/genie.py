@@ -23,10 +23,11 @@ import time
 import torch
 
 import boa
-from boa.algorithms.genie import DistillConfig, ReconstructConfig, distill
-from boa.data.images import evaluation_images, gaussian_noise, real_images
+from boa.algorithms.genie import DistillConfig, ReconstructConfig
+from boa.data.images import evaluation_images
 from boa.eval.vision import classifier_metrics, logits_of
 from boa.io import write_json
+from boa.vision import calibration_images
 
 
 def parse_settings(text: str) -> list[tuple[int, int]]:
@@ -52,16 +53,19 @@ def print_row(r: dict) -> None:
                                           "seconds")), flush=True)
 
 
-def bench_model(name: str, settings, calib_sources, args, results: list) -> dict:
+# Per model: its option prefix and calibration sources (no ImageNet training images are packaged for Lite0).
+MODELS = {"fmnist-resnet": ("fmnist", ("noise", "genie", "real")), "efficientnet-lite0": ("lite0", ("genie",))}
+
+
+def bench_model(name: str, args, results: list) -> dict:
+    prefix, calib_sources = MODELS[name]
+    budget = {k: getattr(args, f"{prefix}_{k}") for k in ("settings", "images", "distill_iters", "iters", "batch")}
+    n = budget["images"]
     model, spec = boa.load_vision_model(name)
     images, labels = evaluation_images(spec)
     if args.eval_images:
         images, labels = images[: args.eval_images], None if labels is None else labels[: args.eval_images]
-    n = args.fmnist_images if name == "fmnist-resnet" else args.lite0_images
-    distill_config = DistillConfig(n_images=n, batch_size=min(n, args.distill_batch),
-                                   iters=args.fmnist_distill_iters if name == "fmnist-resnet" else args.lite0_distill_iters)
-    recon_iters = args.fmnist_iters if name == "fmnist-resnet" else args.lite0_iters
-    recon_batch = args.fmnist_batch if name == "fmnist-resnet" else args.lite0_batch
+    distill_config = DistillConfig(batch_size=min(n, args.distill_batch), iters=budget["distill_iters"])
     reference = logits_of(model, images)
     results.append(row(name, "fp", "none", 32, 32, reference, labels, None, 0.0))
     print_row(results[-1])
@@ -69,27 +73,25 @@ def bench_model(name: str, settings, calib_sources, args, results: list) -> dict
     data, data_seconds = {}, {}
     for source in calib_sources:
         start = time.perf_counter()
-        if source == "genie":
-            data[source] = distill(model, spec.in_channels, spec.image_size, distill_config).images
-        elif source == "real":
-            data[source] = real_images(spec, n, seed=0)
-        else:
-            data[source] = gaussian_noise(n, spec, seed=0)
+        config = boa.VisionQuantConfig(data=source, n_images=n, distill=distill_config)
+        data[source] = calibration_images(model, spec, config)
         data_seconds[source] = time.perf_counter() - start
 
     rtn_source = "real" if "real" in data else "genie"
+    settings = parse_settings(budget["settings"])
     for w_bits, a_bits in settings:
         runs = [("rtn", rtn_source)] + [("genie-m", source) for source in calib_sources]
         for method, source in runs:
             config = boa.VisionQuantConfig(method=method, data=source, n_images=n, w_bits=w_bits, a_bits=a_bits,
-                                           reconstruct=ReconstructConfig(iters=recon_iters, batch_size=recon_batch))
+                                           reconstruct=ReconstructConfig(iters=budget["iters"],
+                                                                         batch_size=budget["batch"]))
             result = boa.quantize_vision(model, spec, config, images=data[source])
             seconds = result.seconds["quantize"] + (data_seconds[source] if source == "genie" else 0.0)
             results.append(row(name, method, source, w_bits, a_bits, logits_of(result.model, images), labels,
                                reference, seconds))
             print_row(results[-1])
-    return {"calibration_images": n, "distill": distill_config.__dict__, "reconstruct_iters": recon_iters,
-            "reconstruct_batch": recon_batch,
+    return {"calibration_images": n, "distill": {**distill_config.__dict__, "n_images": n},
+            "reconstruct_iters": budget["iters"], "reconstruct_batch": budget["batch"],
             "data_seconds": data_seconds, "eval_images": len(images), "settings": settings}
 
 
@@ -117,11 +119,7 @@ def main() -> None:
     start = time.perf_counter()
     print("model | method | data | w_bits | a_bits | top1 | agreement | kl | seconds")
     for name in filter(None, args.models.split(",")):
-        if name == "fmnist-resnet":
-            setup[name] = bench_model(name, parse_settings(args.fmnist_settings), ("noise", "genie", "real"), args,
-                                      results)
-        else:
-            setup[name] = bench_model(name, parse_settings(args.lite0_settings), ("genie",), args, results)
+        setup[name] = bench_model(name, args, results)
         write_json(args.json, {"results": results, "setup": setup})
     write_json(args.json, {"results": results, "setup": setup, "seconds": round(time.perf_counter() - start, 1),
                            "threads": torch.get_num_threads(), "machine": platform.machine(),

@@ -16,8 +16,8 @@ from boa.errors import BoaError
 from boa.export import load, save
 from boa.models import load_model
 from boa.pipeline import QuantResult, quantize
-from boa.vision import VisionQuantConfig, quantize_vision, save_vision
-from boa.export.vision import load_vision
+from boa.vision import VisionQuantConfig, quantize_vision
+from boa.export.vision import load_vision, save_vision
 from boa.models.vision import load_vision_model
 
 __version__ = "0.1.0"

@@ -1,4 +1,5 @@
-"""`boa quantize | eval | prepare | quantize-vision | ...`: parse arguments, build a QuantConfig, call the same functions `import boa` offers."""
+"""`boa quantize | eval | quantize-vision | ...`: parse arguments, build a config, call the functions `import boa`
+offers."""
 from __future__ import annotations
 
 import argparse
@@ -275,26 +276,26 @@ def _vision_eval_set(spec, args):
     return images, labels
 
 
-def _vision_row(name, model, images, labels, reference, report, **extra) -> dict:
+def _vision_row(name, model, images, labels, reference, report):
+    """Appends the model's report row; returns its logits (the reference for the quantized rows)."""
     from boa.eval.vision import classifier_metrics, logits_of
 
     with report.phase("eval"):
         logits = logits_of(model, images)
-    report.rows.append({"model": name, **classifier_metrics(logits, labels, reference), **extra})
+    report.rows.append({"model": name, **classifier_metrics(logits, labels, reference)})
     return logits
 
 
 def _quantize_vision(args, report) -> None:
-    from boa.export.vision import check_output
+    from boa.export.vision import check_output, save_vision
     from boa.models.vision import load_vision_model
-    from boa.vision import VisionQuantConfig, quantize_vision, save_vision
+    from boa.vision import VisionQuantConfig, quantize_vision
 
     config = VisionQuantConfig(method=args.method, data=args.data, n_images=args.images, w_bits=args.w_bits,
                                a_bits=args.a_bits, seed=args.seed,
                                distill=DistillConfig(iters=args.distill_iters, batch_size=args.distill_batch),
                                reconstruct=ReconstructConfig(iters=args.iters, batch_size=args.batch_size))
-    config.validate()
-    config.reconstruct_config()  # bad bits fail before minutes of distillation
+    config.validate()  # bad bits fail before minutes of distillation
     if args.resume and not args.out:
         raise BoaError("--resume continues the run saved under --out; give the same --out as the interrupted run")
     checkpoint = None

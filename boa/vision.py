@@ -41,6 +41,7 @@ class VisionQuantConfig:
             raise BoaError(f"data {self.data!r}: choose one of {', '.join(DATA_SOURCES)}")
         if self.n_images < 1:
             raise BoaError("n_images must be at least 1")
+        self.reconstruct_config()  # validates bits, steps and QDrop
 
     def reconstruct_config(self) -> ReconstructConfig:
         config = ReconstructConfig(**{**self.reconstruct.__dict__, "w_bits": self.w_bits, "a_bits": self.a_bits,
@@ -88,7 +89,6 @@ def quantize_vision(model: nn.Sequential, spec, config: VisionQuantConfig | None
     Genie-D's finished batches (the long part), so an interrupted run resumes from them."""
     config = config or VisionQuantConfig()
     config.validate()
-    recon = config.reconstruct_config()
     seconds = {}
     if images is None:
         start = time.perf_counter()
@@ -99,12 +99,7 @@ def quantize_vision(model: nn.Sequential, spec, config: VisionQuantConfig | None
         raise BoaError(f"calibration images must be (N, {', '.join(map(str, expected))}); got {tuple(images.shape)}")
     if not torch.isfinite(images).all():
         raise BoaError("calibration images hold NaN or Inf values")
-    result = reconstruct(model, images, recon, progress=progress)
+    result = reconstruct(model, images, config.reconstruct_config(), progress=progress)
     seconds["quantize"] = result.seconds
     return VisionResult(result.model, result.layers, spec.name, config, seconds, result.unit_loss)
 
-
-def save_vision(result: VisionResult, folder, report: dict | None = None):
-    from boa.export.vision import save_vision as _save
-
-    return _save(result.model, result.layers, result.model_name, folder, result.config.to_dict(), report)

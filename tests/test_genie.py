@@ -11,6 +11,7 @@ import boa
 from boa.algorithms.genie import DistillConfig, ReconstructConfig, distill, reconstruct
 from boa.algorithms.genie.distill import swing_convolution
 from boa.errors import BoaError
+from boa.models.vision import VisionSpec
 from boa.nn.fake_quant import bit_plan
 from boa.quant.learned import ActQuantizer, LearnedWeightQuantizer
 from boa.quant.quantizer import QuantSpec, find_grid
@@ -192,18 +193,20 @@ def test_reconstruction_beats_rtn(tiny_cnn):
     assert all(not hasattr(m, "input_quantizer") for m in tiny_cnn.modules())
     for name, layer in genie.layers.items():
         weight = dict(genie.model.named_modules())[name].weight
-        torch.testing.assert_close(weight.reshape(len(layer.codes), -1),
-                                   layer.scale * (layer.codes.float() - layer.zero), rtol=0, atol=0)
-        assert int(layer.codes.max()) < 2**layer.weight_bits
+        q = layer.weight
+        torch.testing.assert_close(weight.reshape(len(q.codes), -1), q.scale * (q.codes.float() - q.zero),
+                                   rtol=0, atol=0)
+        assert int(q.codes.max()) < 2**q.bits
 
 
 def test_rtn_weights_are_round_to_nearest(tiny_cnn):
     result = reconstruct(tiny_cnn, smooth_images(32), ReconstructConfig(w_bits=4, a_bits=8, iters=0), progress=False)
     float_layers = dict(tiny_cnn.named_modules())
     for name, layer in result.layers.items():
-        w = float_layers[name].weight.detach().reshape(len(layer.codes), -1)
-        scale, zero = find_grid(w, QuantSpec(layer.weight_bits, grid="mse"))
-        assert torch.equal(layer.codes.float(), torch.clamp(torch.round(w / scale) + zero, 0, 2**layer.weight_bits - 1))
+        q = layer.weight
+        w = float_layers[name].weight.detach().reshape(len(q.codes), -1)
+        scale, zero = find_grid(w, QuantSpec(q.bits, grid="mse"))
+        assert torch.equal(q.codes.float(), torch.clamp(torch.round(w / scale) + zero, 0, 2**q.bits - 1))
 
 
 def test_saved_network_loads_with_identical_outputs(tmp_path):
@@ -242,16 +245,21 @@ def test_bad_inputs_get_clear_errors(tiny_cnn, tmp_path):
     broken = nn.Sequential(nn.Conv2d(3, 3, 1))
     with torch.no_grad():
         broken[0].weight[0, 0] = math.nan
-    with pytest.raises(BoaError, match="NaN or Inf"):
+    with pytest.raises(BoaError, match=r"weight 0.weight holds NaN/Inf"):
         reconstruct(broken, images, ReconstructConfig(iters=0), progress=False)
+    stale = nn.Sequential(nn.Conv2d(3, 3, 1), nn.BatchNorm2d(3))
+    stale[1].running_var[0] = math.inf
+    with pytest.raises(BoaError, match=r"buffer 1.running_var holds NaN/Inf"):
+        reconstruct(stale, images, ReconstructConfig(iters=0), progress=False)
     with pytest.raises(BoaError, match="data"):
         boa.VisionQuantConfig(data="imagenet").validate()
     (tmp_path / "taken").mkdir()
     (tmp_path / "taken" / "notes.txt").write_text("mine")
+    spec = VisionSpec("tiny", 3, 12, (0.0,) * 3, (1.0,) * 3, 10, "none")
+    config = boa.VisionQuantConfig(method="rtn", data="noise", n_images=8, a_bits=8)
+    rtn = boa.quantize_vision(tiny_cnn, spec, config, images=images, progress=False)
     with pytest.raises(BoaError, match="not a boa-vision folder"):
-        from boa.export.vision import save_vision
-
-        save_vision(tiny_cnn, {}, "fmnist-resnet", tmp_path / "taken")
+        boa.save_vision(rtn, tmp_path / "taken")
     with pytest.raises(BoaError, match="not a quantized CNN"):
         boa.load_vision(tmp_path / "taken")
 

@@ -13,17 +13,14 @@ dequantization, same activation steps).
 from __future__ import annotations
 
 import json
-from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
-import torch
 from safetensors.torch import load_file, save_file
 
 from boa.errors import BoaError
 from boa.export.packed import PackedWeight, pack
 from boa.io import atomic_dir
 from boa.nn.fake_quant import FrozenLayer, apply_frozen, quant_layers
-from boa.quant.quantizer import QuantizedWeight
 
 FORMAT = "boa-vision"
 VERSION = 1
@@ -38,29 +35,27 @@ def check_output(folder) -> None:
         raise BoaError(f"output path {folder} exists and is not a boa-vision folder; choose another --out")
 
 
-def save_vision(model: torch.nn.Module, layers: dict[str, FrozenLayer], model_name: str, folder,
-                config=None, report: dict | None = None) -> Path:
-    """Writes a quantized CNN (the frozen model and its layers, as boa.quantize_vision returns them) atomically."""
+def save_vision(result, folder, report: dict | None = None) -> Path:
+    """Writes what boa.quantize_vision returned (a VisionResult) atomically, with an optional report."""
     folder = Path(folder)
     check_output(folder)
+    layers = result.layers
     tensors = {}
-    for name, tensor in model.state_dict().items():
+    for name, tensor in result.model.state_dict().items():
         owner, _, leaf = name.rpartition(".")
         if owner in layers and leaf == "weight" or ".input_quantizer." in f".{name}":
             continue
         tensors[name] = tensor.detach().contiguous()
     entries = {}
     for name, layer in layers.items():
-        out, fan_in = layer.codes.shape
-        packed = pack(QuantizedWeight(layer.codes, layer.scale.float(), layer.zero.float(),
-                                      torch.zeros(fan_in, dtype=torch.int32), layer.weight_bits))
+        packed = pack(layer.weight)
         tensors.update({f"{name}.{k}": v.contiguous() for k, v in packed.tensors().items()})
         if layer.input_bits is not None:
             tensors[f"{name}.input_step"] = layer.input_step.reshape(1).float()
-        entries[name] = {"weight_bits": layer.weight_bits, "input_bits": layer.input_bits,
-                         "input_signed": layer.input_signed, "in_features": fan_in}
-    manifest = {"format": FORMAT, "version": VERSION, "model": model_name,
-                "config": asdict(config) if is_dataclass(config) else config, "report": report, "layers": entries}
+        entries[name] = {"weight_bits": packed.bits, "input_bits": layer.input_bits,
+                         "input_signed": layer.input_signed, "in_features": packed.in_features}
+    manifest = {"format": FORMAT, "version": VERSION, "model": result.model_name, "config": result.config.to_dict(),
+                "report": report, "layers": entries}
     with atomic_dir(folder) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
@@ -92,8 +87,7 @@ def load_vision(folder):
             step = tensors.pop(f"{name}.input_step") if info["input_bits"] is not None else None
         except KeyError as err:
             raise BoaError(f"{folder} is missing {err.args[0]}; the file is damaged") from None
-        q = packed.to_quantized()
-        apply_frozen(by_name[name], FrozenLayer(info["weight_bits"], q.codes, q.scale, q.zero, info["input_bits"],
+        apply_frozen(by_name[name], FrozenLayer(packed.to_quantized(), info["input_bits"],
                                                 None if step is None else step.reshape(()), info["input_signed"]))
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     quantized = {f"{name}.weight" for name in manifest["layers"]}

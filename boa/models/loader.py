@@ -83,8 +83,11 @@ def load_model(
 
 
 def check_finite(model: torch.nn.Module) -> None:
-    for name, param in model.named_parameters():
-        if not torch.isfinite(param).all():
+    """Every float weight and buffer (e.g. BatchNorm statistics) is finite, else a BoaError naming it."""
+    parameters = {name for name, _ in model.named_parameters()}
+    for name, tensor in model.state_dict().items():
+        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
+            kind = "weight" if name in parameters else "buffer"
             raise BoaError(
-                f"weight {name} holds NaN/Inf; quantizing it would spread the damage. Repair or re-export the model"
+                f"{kind} {name} holds NaN/Inf; quantizing it would spread the damage. Repair or re-export the model"
             )

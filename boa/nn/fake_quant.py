@@ -17,7 +17,7 @@ from torch import nn
 from torch.nn.utils import parametrize
 
 from boa.quant.learned import ActQuantizer, LearnedWeightQuantizer
-from boa.quant.quantizer import dequantize
+from boa.quant.quantizer import QuantizedWeight
 
 QUANTIZABLE = (nn.Conv2d, nn.Linear)
 
@@ -64,12 +64,10 @@ def weight_quantizer(layer: nn.Module) -> LearnedWeightQuantizer:
 
 @dataclass
 class FrozenLayer:
-    """What a quantized layer is, for saving: integer codes (out, fan_in), per-channel grid (out, 1), input step."""
+    """What a quantized layer is, for saving: its weight (codes (out, fan_in), one grid per output channel) and its
+    input quantizer's step."""
 
-    weight_bits: int
-    codes: torch.Tensor
-    scale: torch.Tensor
-    zero: torch.Tensor
+    weight: QuantizedWeight
     input_bits: int | None = None
     input_step: torch.Tensor | None = None
     input_signed: bool = False
@@ -80,9 +78,10 @@ def freeze(layer: nn.Module) -> FrozenLayer:
     quantizer = weight_quantizer(layer)
     quantizer.hard = True
     with torch.no_grad():
-        codes = quantizer.codes(layer.parametrizations.weight.original)
-        frozen = FrozenLayer(quantizer.bits, codes.to(torch.uint8), quantizer.scale.detach().clone(),
-                             quantizer.zero.clone())
+        codes = quantizer.codes(layer.parametrizations.weight.original).to(torch.uint8)
+        g_idx = torch.zeros(codes.shape[1], dtype=torch.int32)  # one group: the whole row
+        frozen = FrozenLayer(QuantizedWeight(codes, quantizer.scale.detach().clone(), quantizer.zero.clone(), g_idx,
+                                             quantizer.bits))
     parametrize.remove_parametrizations(layer, "weight", leave_parametrized=False)
     _set_weight(layer, frozen)
     act = getattr(layer, "input_quantizer", None)
@@ -94,8 +93,8 @@ def freeze(layer: nn.Module) -> FrozenLayer:
 
 
 def _set_weight(layer: nn.Module, frozen: FrozenLayer) -> None:
-    # The same dequantize(codes, s, z) as the learned quantizer's forward, so saved and live outputs are identical.
-    weight = dequantize(frozen.codes.float(), frozen.scale, frozen.zero).reshape(layer.weight.shape)
+    # s · (codes − z) element by element, as the learned quantizer's forward: saved and live outputs are identical.
+    weight = frozen.weight.dequantize().reshape(layer.weight.shape)
     layer.weight = nn.Parameter(weight, requires_grad=False)
 
 

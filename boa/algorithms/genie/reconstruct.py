@@ -25,6 +25,7 @@ from tqdm.auto import tqdm
 
 from boa.errors import BoaError
 from boa.export.packed import PACKED_BITS
+from boa.models.loader import check_finite
 from boa.nn.fake_quant import FrozenLayer, attach_learned, bit_plan, freeze, quant_layers, weight_quantizer
 from boa.quant.learned import ActQuantizer
 
@@ -89,7 +90,8 @@ def _initialise_act_steps(unit: nn.Module, x: torch.Tensor) -> None:
 
     handles = [q.register_forward_pre_hook(init) for q in _act_quantizers(unit)]
     try:
-        _batched(unit, x, batch=len(x))
+        with torch.no_grad():
+            unit(x)
     finally:
         for handle in handles:
             handle.remove()
@@ -150,9 +152,7 @@ def reconstruct(model: nn.Sequential, images: torch.Tensor, config: ReconstructC
     if not isinstance(model, nn.Sequential):
         raise BoaError("Genie-M reconstructs the top-level units of an nn.Sequential (stem, blocks, head); "
                        f"got {type(model).__name__}")
-    bad = [name for name, t in model.state_dict().items() if t.is_floating_point() and not torch.isfinite(t).all()]
-    if bad:
-        raise BoaError(f"the model holds NaN or Inf values in {', '.join(bad[:5])}; fix or retrain it first")
+    check_finite(model)
     start = time.perf_counter()
     model = model.eval()
     qmodel = copy.deepcopy(model).eval()
@@ -176,13 +176,16 @@ def reconstruct(model: nn.Sequential, images: torch.Tensor, config: ReconstructC
             if i in learned_units:
                 _initialise_act_steps(qunit, x_q[: config.init_images])
                 _set_hard(qunit, True)  # the untrained hard rounding is round-to-nearest: RTN's error
-                rtn = output_error(_batched(qunit, x_q), y).item()
+                y_q = _batched(qunit, x_q)
+                rtn = output_error(y_q, y).item()
                 if config.iters:
                     _set_hard(qunit, False)
                     _learn_unit(qunit, x_q, x_fp, y, config, bar)
-                learned = output_error(_batched(qunit, x_q), y).item()
-                result.unit_loss.append({"unit": i, "rtn": rtn, "learned": learned})
-            x_q, x_fp = _batched(qunit, x_q), y
+                    y_q = _batched(qunit, x_q)
+                result.unit_loss.append({"unit": i, "rtn": rtn, "learned": output_error(y_q, y).item()})
+            else:
+                y_q = _batched(qunit, x_q)
+            x_q, x_fp = y_q, y
     bar.close()
     for name, layer in layers:
         result.layers[name] = freeze(layer)
