@@ -22,7 +22,7 @@ import torch
 
 import boa
 from boa.eval import evaluate_perplexity
-from boa.io import atomic_file
+from boa.core.io import atomic_file
 
 from _common import parse_settings, setting_label  # bench/ is on sys.path
 

@@ -21,6 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 import boa
+from boa.config import QuantConfig
 
 LLM_RUNS = {
     "rtn_w4g128": dict(method="rtn", bits=4, group_size=128),
@@ -47,7 +48,7 @@ def llm_digests(name: str, settings: dict) -> dict:
     model.model.layers = model.model.layers[:2]
     model.config.num_hidden_layers = 2
     calib = boa.data.calibration_windows(tokenizer, "wikipedia", nsamples=8, seqlen=128, seed=0)
-    result = boa.quantize(model, boa.QuantConfig(**settings), calib=calib, progress=False)
+    result = boa.quantize(model, QuantConfig.from_dict(settings), calib=calib, progress=False)
     return {layer: {"codes": digest(q.codes), "grid": digest(q.scale, q.zero, q.g_idx), "bits": q.bits,
                     "loss": repr(result.losses[layer])}
             for layer, q in sorted(result.layers.items())}

@@ -62,7 +62,7 @@ def gptq_python() -> Path:
     """The gptq venv's python, creating the venv on first use."""
     from _common import side_venv  # imported here: the worker runs this file inside the gptq venv, without boa
 
-    from boa.io import cache_dir
+    from boa.core.io import cache_dir
 
     return side_venv(cache_dir("venvs", "gptq"), REQUIREMENTS)
 
@@ -89,7 +89,7 @@ def windows(tokenizer, n: int, seqlen: int, seed: int):
 
 def fp16_grid_weights(layers) -> dict:
     """Each quantized layer's scale16 · (codes − zero), in float16."""
-    from boa.quant.quantizer import QuantizedWeight
+    from boa.core.quantizer import QuantizedWeight
 
     return {name: QuantizedWeight(q.codes, q.scale.half().float(), q.zero, q.g_idx, q.bits).dequantize().half()
             for name, q in layers.items()}

@@ -6,7 +6,7 @@ of whole models with their linear layers packed.
 
 results: y = x · Wᵀ for W (out × in) of real layers' shapes (SmolLM2-135M's MLP, Llama-3-8B's attention and MLP),
 random codes at 2/3/4 bits with grids per group of 128 input columns (576-wide inputs end in a partial group),
-packed by boa.export.packed.pack; batch 1 (op "gemv": the kernel's GEMV path, one decode step) and batch 16 (op
+packed by boa.core.packed.pack; batch 1 (op "gemv": the kernel's GEMV path, one decode step) and batch 16 (op
 "gemm": dequantize blocks + BLAS). Ours is the C++ CPU kernel called directly (load_cpu().packed_matmul), with x in
 float32 (split in two bf16 parts, ~fp32 accuracy) and in bfloat16 (one exact bf16 product): x_dtype. All of one
 shape is timed together, against:
@@ -50,10 +50,10 @@ import torch
 
 import boa
 import boa.nn
-from boa.export.packed import PackedWeight, pack
+from boa.core.packed import PackedWeight, pack
 from boa.generate import generate
-from boa.io import write_json
-from boa.quant.quantizer import QuantizedWeight
+from boa.core.io import write_json
+from boa.core.quantizer import QuantizedWeight
 from boa_kernels.loader import load_cpu
 from boa_kernels.dispatch import backend_for
 from boa_kernels.packed_matmul import GEMV_MAX_BATCH, packed_matmul, packed_matmul_torch

@@ -23,11 +23,9 @@ import time
 import torch
 
 import boa
-from boa.algorithms.genie import DistillConfig, ReconstructConfig
-from boa.data.images import evaluation_images
-from boa.eval.vision import classifier_metrics, logits_of
-from boa.io import write_json
-from boa.vision import calibration_images
+from boa.core.io import write_json
+from boa.vision import (DistillConfig, ReconstructConfig, calibration_images, classifier_metrics, evaluation_images,
+                        logits_of)
 
 
 def parse_settings(text: str) -> list[tuple[int, int]]:

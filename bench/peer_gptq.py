@@ -27,7 +27,7 @@ import torch
 from safetensors.torch import load_file, save_file
 
 import boa
-from boa.io import cache_dir
+from boa.core.io import cache_dir
 
 from _common import side_venv
 

@@ -24,7 +24,7 @@ import torch
 
 import boa
 from boa.generate import generate
-from boa.io import cache_dir, write_json
+from boa.core.io import cache_dir, write_json
 from boa.models.loader import BUILTIN_MODELS
 from boa.nn import pack_model
 

@@ -39,7 +39,7 @@ import torch
 
 import boa
 from boa.eval import EVAL_CORPORA, evaluate_perplexity
-from boa.io import atomic_file
+from boa.core.io import atomic_file
 
 from _common import FP, MethodEntry, parse_methods, parse_settings, setting_label  # bench/ is on sys.path
 

@@ -25,7 +25,7 @@ op "turboboa_layer" / "gptq_layer": the whole obs_solve (factors, grids included
     On the sliced Llama rows, the cols × cols factor (~2 s on CPU) and TurboBoA's Hessian-weighted grid search
     (61 candidate scores, each a rows × cols × cols product) dominate.
 op "inverse_cholesky": U = chol(H⁻¹) of a batch of damped SPD matrices, float32 and float64, shape = [batch, n, n].
-    backend torch: ours, boa.quant.hessian.inverse_cholesky_upper (chol(cholesky_inverse(chol(H))), upper, batched);
+    backend torch: ours, boa.core.hessian.inverse_cholesky_upper (chol(cholesky_inverse(chol(H))), upper, batched);
     flip: one Cholesky of the reversed matrix J H J = L Lᵀ and one triangular solve, U = J L⁻¹ J; loop: ours one
     matrix at a time (batched shapes only). max_rel_diff: max |U − U_ours| / max |U_ours|.
 
@@ -46,9 +46,9 @@ import torch
 
 from boa.algorithms.solver import _ColumnPass, obs_solve, row_update
 from boa.config import ATTENTION_AWARE, METHOD_DEFAULTS
-from boa.io import write_json
-from boa.quant.hessian import damp, inverse_cholesky_upper
-from boa.quant.quantizer import QuantSpec, dequantize, find_grid, quantize
+from boa.core.io import write_json
+from boa.core.hessian import damp, inverse_cholesky_upper
+from boa.core.quantizer import QuantSpec, dequantize, find_grid, quantize
 from boa_kernels.dispatch import ENV, backend_for
 
 SEED = 0

@@ -4,7 +4,7 @@
 
 CPU only, a few minutes on 2 cores: SGD (Nesterov momentum 0.9, weight decay 5e-4) with a one-cycle learning rate
 peaking at 0.1, batches of 128, random 28-px crops of the 2-px zero-padded image and horizontal flips. The weights go
-to boa's cache (where boa.models.vision.load_vision_model("fmnist-resnet") reads them) and the run's epochs, seconds
+to boa's cache (where boa.vision.load_vision_model("fmnist-resnet") reads them) and the run's epochs, seconds
 and test accuracy to bench/results/fmnist_resnet_train.json. If the weights are already cached, the script only
 evaluates them, unless --force.
 """
@@ -20,9 +20,9 @@ import torch.nn.functional as F
 from safetensors.torch import save_file
 from tqdm import tqdm
 
-from boa.data.images import fashion_mnist
-from boa.io import atomic_file, write_json
-from boa.models.vision import build_vision_model, fmnist_weights_path, load_vision_model
+from boa.core.io import atomic_file, write_json
+from boa.vision.images import fashion_mnist
+from boa.vision.models import build_vision_model, fmnist_weights_path, load_vision_model
 
 RESULTS = Path(__file__).resolve().parent / "results" / "fmnist_resnet_train.json"
 PAD = 2

@@ -3,23 +3,56 @@
     import boa
     model, tokenizer, _ = boa.load_model("smollm2-135m")
     calib = boa.data.calibration_windows(tokenizer, "wikipedia", nsamples=128, seqlen=512)
-    result = boa.quantize(model, boa.QuantConfig(method="gptq", bits=4, group_size=128), calib=calib)
+    result = boa.quantize(model, boa.GPTQ(bits=4, group_size=128), calib=calib)
     boa.save(result, "out/smollm2-w4g128", tokenizer)
     qmodel, tokenizer, config = boa.load("out/smollm2-w4g128")
 
 CNNs with BatchNorm (Genie, zero-shot): boa.load_vision_model, boa.quantize_vision, boa.save_vision, boa.load_vision
-(see boa/vision.py).
+(the package boa.vision, which never imports transformers).
+
+Names are imported on first use, so `import boa.vision` (or boa.core) does not load the LLM path.
 """
-from boa import data, eval  # noqa: A004 - the evaluation subpackage
-from boa.config import QuantConfig
-from boa.errors import BoaError
-from boa.export import load, save
-from boa.models import load_model
-from boa.pipeline import QuantResult, quantize
-from boa.vision import VisionQuantConfig, quantize_vision
-from boa.export.vision import load_vision, save_vision
-from boa.models.vision import load_vision_model
+from __future__ import annotations
+
+import importlib
 
 __version__ = "0.1.0"
-__all__ = ["BoaError", "QuantConfig", "QuantResult", "VisionQuantConfig", "data", "eval", "load", "load_model",
-           "load_vision", "load_vision_model", "quantize", "quantize_vision", "save", "save_vision"]
+
+# public name -> the module that defines it
+_EXPORTS = {
+    "BoaError": "boa.core.errors",
+    "QuantConfig": "boa.config",
+    "RTN": "boa.algorithms",
+    "GPTQ": "boa.algorithms",
+    "BoA": "boa.algorithms",
+    "TurboBoA": "boa.algorithms",
+    "Aespa": "boa.algorithms",
+    "QuantResult": "boa.pipeline",
+    "quantize": "boa.pipeline",
+    "load": "boa.export",
+    "save": "boa.export",
+    "load_model": "boa.models",
+    "VisionQuantConfig": "boa.vision",
+    "quantize_vision": "boa.vision",
+    "load_vision": "boa.vision",
+    "save_vision": "boa.vision",
+    "load_vision_model": "boa.vision",
+}
+_SUBPACKAGES = ("algorithms", "core", "data", "eval", "export", "models", "nn", "stats", "vision")
+
+__all__ = sorted([*_EXPORTS, "data", "eval"])
+
+
+def __getattr__(name: str):
+    if name in _EXPORTS:
+        value = getattr(importlib.import_module(_EXPORTS[name]), name)
+    elif name in _SUBPACKAGES:
+        value = importlib.import_module(f"boa.{name}")
+    else:
+        raise AttributeError(f"module 'boa' has no attribute {name!r}")
+    globals()[name] = value
+    return value
+
+
+def __dir__():
+    return sorted([*globals(), *_EXPORTS, *_SUBPACKAGES])

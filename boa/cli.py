@@ -8,10 +8,11 @@ import shutil
 import sys
 from pathlib import Path
 
-from boa.config import BITS, GRIDS, INITS, METHODS, V_ROW_FACTORS, QuantConfig
-from boa.algorithms.genie import DistillConfig, ReconstructConfig
-from boa.errors import BoaError
-from boa.vision import DATA_SOURCES, VISION_METHODS
+from boa.algorithms import REGISTRY, Aespa
+from boa.algorithms.aespa import INITS
+from boa.algorithms.base import BITS, GRIDS, V_ROW_FACTORS
+from boa.core.errors import BoaError
+from boa.vision.config import DATA_SOURCES, VISION_METHODS, DistillConfig, ReconstructConfig
 from boa_kernels.dispatch import BackendError
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
@@ -38,7 +39,7 @@ def _parser() -> argparse.ArgumentParser:
 
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", help="built-in name (smollm2-135m), model folder or hub id")
-    q.add_argument("--method", choices=METHODS, default="gptq")
+    q.add_argument("--method", choices=list(REGISTRY), default="gptq")
     q.add_argument("--bits", type=int, default=4, help=f"one of {BITS}")
     q.add_argument("--group-size", type=int, default=128, help="-1 for per-channel grids")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
@@ -55,8 +56,8 @@ def _parser() -> argparse.ArgumentParser:
     t.add_argument("--row-order", action="store_true", help="rows of each head by decreasing diag(H_out)")
     a = q.add_argument_group("aespa (learned rounding on the same statistics; N/dX/refinement follow --init)")
     a.add_argument("--init", choices=INITS, help="the method whose rounding aespa starts from (default turboboa)")
-    a.add_argument("--rounding-iters", type=int, default=QuantConfig.rounding_iters, help="Adam steps per layer")
-    a.add_argument("--rounding-lr", type=float, default=QuantConfig.rounding_lr, help="Adam learning rate")
+    a.add_argument("--rounding-iters", type=int, default=Aespa.rounding_iters, help="Adam steps per layer")
+    a.add_argument("--rounding-lr", type=float, default=Aespa.rounding_lr, help="Adam learning rate")
     q.add_argument("--calib", default="wikipedia", help="corpus: wikipedia, a .txt/.jsonl file, wikitext2, c4")
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
@@ -141,47 +142,53 @@ def _evaluate(name, model, tokenizer, args, report) -> None:
     report.rows.append(row)
 
 
+METHOD_FLAGS = ("bits", "group_size", "sym", "grid", "act_order", "static_groups", "percdamp", "rows_per_step",
+                "dx_alpha", "refine_iters", "v_row_factor", "row_order", "init", "rounding_iters", "rounding_lr")
+
+
+def _method(args):
+    """The method config the flags describe (flags a method has no use for are ignored; unset ones take the
+    method's defaults)."""
+    from boa.algorithms import method_from_dict
+
+    if args.init is not None and args.method != "aespa":
+        raise BoaError("--init applies only to --method aespa (it names where learned rounding starts)")
+    return method_from_dict({"method": args.method, **{k: getattr(args, k) for k in METHOD_FLAGS}})
+
+
 def _quantize(args, report) -> None:
     from boa import data
-    from boa.algorithms import needs_statistics
-    from boa.export import check_output_dir, save
+    from boa.config import QuantConfig
+    from boa.core.output import check_output
+    from boa.export import MANIFEST, save
     from boa.models import load_model
-    from boa.pipeline import quantize, run_fingerprint
+    from boa.pipeline import quantize
 
     if args.resume and not args.out:
         raise BoaError("--resume continues the run saved under --out; give the same --out as the interrupted run")
-    config = QuantConfig(
-        method=args.method, bits=args.bits, group_size=args.group_size, sym=args.sym, grid=args.grid,
-        act_order=args.act_order, static_groups=args.static_groups, percdamp=args.percdamp, nsamples=args.nsamples,
-        seqlen=args.seqlen, seed=args.seed, hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype,
-        rows_per_step=args.rows_per_step, dx_alpha=args.dx_alpha, refine_iters=args.refine_iters,
-        v_row_factor=args.v_row_factor, row_order=args.row_order, init=args.init,
-        rounding_iters=args.rounding_iters, rounding_lr=args.rounding_lr,
-    )
+    config = QuantConfig(_method(args), hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype)
+    method = config.method
+    if args.out:  # the cheap part of the output check, before minutes of work (quantize checks the rest)
+        check_output(args.out, MANIFEST, writer="boa quantize")
     with report.phase("load"):
         model, tokenizer, adapter = load_model(args.model)
     calib = None
-    if needs_statistics(config):
+    if method.needs().hessian:
         with report.phase("calibration data"):
-            calib = data.calibration_windows(tokenizer, args.calib, config.nsamples, config.seqlen, config.seed)
-    checkpoint = None
-    if args.out:
-        check_output_dir(args.out, run_fingerprint(model, config, calib))
-        checkpoint = Path(f"{args.out}.partial")
-        if checkpoint.exists() and not args.resume:
-            shutil.rmtree(checkpoint)
+            calib = data.calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     if args.eval_fp:
         _evaluate("fp", model, tokenizer, args, report)
     with report.phase("quantize"):
-        result = quantize(model, config, calib, adapter=adapter, checkpoint_dir=checkpoint, resume=args.resume)
+        result = quantize(model, config, calib, adapter=adapter, out=args.out, resume=args.resume)
+    if result.calibration is not None:
+        result.calibration.update(corpus=args.calib, seed=args.seed)
     if args.out:
         with report.phase("save"):
             save(result, args.out, tokenizer)
-        shutil.rmtree(checkpoint, ignore_errors=True)
         print(f"saved to {args.out}", file=sys.stderr)
     report.info["config"] = config.to_dict()
-    tag = f"{config.method} w{config.bits}" + (f"g{config.group_size}" if config.group_size != -1 else "")
-    _evaluate(tag, model, tokenizer, args, report)
+    report.info["calibration"] = result.calibration
+    _evaluate(method.label, model, tokenizer, args, report)
 
 
 def _load_any(name: str, report):
@@ -225,8 +232,8 @@ def _generate(args, report) -> None:
 
 def _prepare(args, report) -> None:
     from boa.data import corpus_text
-    from boa.data.images import fashion_mnist
     from boa.models import model_folder
+    from boa.vision.images import fashion_mnist
 
     with report.phase("prepare"):
         print(f"model {args.model}: {model_folder(args.model)}")
@@ -267,7 +274,7 @@ def _kernels(args, report) -> None:
 
 
 def _vision_eval_set(spec, args):
-    from boa.data.images import evaluation_images
+    from boa.vision.images import evaluation_images
 
     images, labels = evaluation_images(spec)
     if args.eval_images:
@@ -278,7 +285,7 @@ def _vision_eval_set(spec, args):
 
 def _vision_row(name, model, images, labels, reference, report):
     """Appends the model's report row; returns its logits (the reference for the quantized rows)."""
-    from boa.eval.vision import classifier_metrics, logits_of
+    from boa.vision.evaluate import classifier_metrics, logits_of
 
     with report.phase("eval"):
         logits = logits_of(model, images)
@@ -287,43 +294,33 @@ def _vision_row(name, model, images, labels, reference, report):
 
 
 def _quantize_vision(args, report) -> None:
-    from boa.export.vision import check_output, save_vision
-    from boa.models.vision import load_vision_model
-    from boa.vision import VisionQuantConfig, quantize_vision
+    from boa.vision import VisionQuantConfig, load_vision_model, quantize_vision, save_vision
 
     config = VisionQuantConfig(method=args.method, data=args.data, n_images=args.images, w_bits=args.w_bits,
                                a_bits=args.a_bits, seed=args.seed,
                                distill=DistillConfig(iters=args.distill_iters, batch_size=args.distill_batch),
                                reconstruct=ReconstructConfig(iters=args.iters, batch_size=args.batch_size))
-    config.validate()  # bad bits fail before minutes of distillation
-    if args.resume and not args.out:
-        raise BoaError("--resume continues the run saved under --out; give the same --out as the interrupted run")
-    checkpoint = None
-    if args.out:
-        check_output(args.out)
-        checkpoint = Path(f"{args.out}.partial")
-        if checkpoint.exists() and not args.resume:
-            shutil.rmtree(checkpoint)
+    config.validate()  # bad bits fail before loading anything
     with report.phase("load"):
         model, spec = load_vision_model(args.model)
         images, labels = _vision_eval_set(spec, args)
-    reference = _vision_row("fp", model, images, labels, None, report)
-    result = quantize_vision(model, spec, config, checkpoint_dir=checkpoint)
+    # quantize_vision checks --out (and --resume) before any work, and keeps Genie-D's batches in OUT.partial
+    result = quantize_vision(model, spec, config, out=args.out, resume=args.resume)
     for phase, seconds in result.seconds.items():
         report.seconds[phase] = seconds
+    reference = _vision_row("fp", model, images, labels, None, report)
     tag = f"{config.method} W{config.w_bits}A{config.a_bits} ({config.data})"
     _vision_row(tag, result.model, images, labels, reference, report)
     report.info["config"] = config.to_dict()
     if args.out:
         with report.phase("save"):
-            save_vision(result, args.out, report={"results": report.rows})
-        shutil.rmtree(checkpoint, ignore_errors=True)
+            save_vision(result, args.out, report={"results": report.rows})  # removes OUT.partial once written
         print(f"saved to {args.out}", file=sys.stderr)
 
 
 def _eval_vision(args, report) -> None:
-    from boa.export.vision import MANIFEST, load_vision
-    from boa.models.vision import load_vision_model
+    from boa.vision import load_vision, load_vision_model
+    from boa.vision.format import MANIFEST
 
     with report.phase("load"):
         if (Path(args.model) / MANIFEST).exists():

@@ -12,22 +12,21 @@ they are single BLAS calls already. Backends: C++ (csrc/cpu/compensate.cpp), CUD
 """
 from __future__ import annotations
 
+import torch
+
 from boa_kernels.dispatch import backend_for
 from boa_kernels.loader import load_cpu, load_cuda
 
 
 def compensate_block_torch(W1, E1, codes, U1, scale, zero, group_of, maxq: float, start: int, stop: int) -> None:
     """Reference: one column at a time in torch (the public GPTQ/BoA code's shape of computation)."""
-    # Imported here: boa's solver imports this package, so a module-level import of boa would be circular.
-    from boa.quant.quantizer import dequantize, quantize
-
     groups = group_of.tolist()
     for j in range(start, stop):
         w = W1[..., j]
         s, z = scale[..., groups[j]], zero[..., groups[j]]
-        c = quantize(w, s, z, maxq)
+        c = torch.clamp(torch.round(w / s) + z, 0, maxq)  # boa.core.quantizer's quantize / dequantize
         codes[..., j] = c
-        e = (w - dequantize(c, s, z)) / U1[:, j, j, None]
+        e = (w - s * (c - z)) / U1[:, j, j, None]
         W1[..., j:] -= e[..., None] * U1[:, None, j, j:]
         E1[..., j] = e
 

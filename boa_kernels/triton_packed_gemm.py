@@ -1,7 +1,7 @@
 """Triton GEMM of the packed low-bit matmul, for any batch (the op in boa_kernels/packed_matmul.py; its reference is
 `packed_matmul_torch` there, its CPU twin csrc/cpu/packed_matmul.cpp).
 
-Sizes and layout (boa/export/packed.py):
+Sizes and layout (boa/core/packed.py):
     x        (M, K)               float32, float16 or bfloat16, rows contiguous; y (M, N) in x's dtype
     qweight  uint8 (N, K_pad·b/8)  a row = K_pad / 64 tiles of 8·b bytes, bit planes low bits first:
                                    8-bit byte i = c_i; 4-bit byte i = c_i | c_{i+32} << 4;

@@ -1,5 +1,10 @@
 """Shared fixtures: tiny random models built from configs (no downloads), calibration windows, an offline word-level
-tokenizer, and a model folder the CLI can load. Tests that need the packaged SmolLM2 are marked `smollm2`."""
+tokenizer, a model folder the CLI can load, an empty cache and an occupied output folder. Tests that need the
+packaged SmolLM2 are marked `smollm2`.
+
+The tests live in folders named after boa's packages (tests/core, tests/algorithms, ...); this folder stays on
+sys.path, so a test anywhere imports the builders here (`from conftest import build_llama`) and the shared random
+problems (`from problems import correlated_problem`)."""
 import importlib.util
 import os
 import random
@@ -13,7 +18,7 @@ if shutil.which("nvidia-smi") is None:
 
 import pytest
 import torch
-from transformers import LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 VOCAB = 256
 
@@ -50,6 +55,14 @@ def build_opt(num_layers: int = 2, seed: int = 0) -> OPTForCausalLM:
         word_embed_proj_dim=64, max_position_embeddings=128,
     )
     return OPTForCausalLM(config).float().eval()
+
+
+def build_bert() -> BertModel:
+    """A random BERT-style encoder: bidirectional attention, no RoPE."""
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=VOCAB, max_position_embeddings=64)
+    return BertModel(config, add_pooling_layer=False).float().eval()
 
 
 def random_windows(n: int = 8, seqlen: int = 32, seed: int = 0) -> torch.Tensor:
@@ -137,3 +150,21 @@ def snapshot(folder) -> dict:
 @pytest.fixture
 def folder_snapshot():
     return snapshot
+
+
+@pytest.fixture
+def empty_cache(tmp_path, monkeypatch):
+    """An empty BOA_CACHE: a test asserts it is still empty afterwards (nothing cached for a failed call)."""
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    monkeypatch.setenv("BOA_CACHE", str(cache))
+    return cache
+
+
+@pytest.fixture
+def occupied_out(tmp_path, tiny_opt):
+    """An output folder already holding a different (boa-quantized OPT) model."""
+    import boa
+
+    result = boa.quantize(tiny_opt, boa.RTN(bits=4), progress=False)
+    return boa.save(result, tmp_path / "occupied")

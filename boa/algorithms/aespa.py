@@ -23,33 +23,22 @@ score worse on L than the init (possible: the relaxation is not the hard problem
 """
 from __future__ import annotations
 
+from dataclasses import dataclass, field
+from typing import ClassVar
+
 import torch
 from tqdm.auto import tqdm
 
-from boa.algorithms.rtn import rtn
-from boa.algorithms.solver import SolveState, obs_solve, refine_scales
-from boa.config import QuantConfig
-from boa.quant.quantizer import QuantizedWeight, QuantSpec
-from boa.stats.collect import LayerStats
-from boa_kernels.rounding import GAMMA, ZETA, relaxed_error, rounding_adam_step_
+from boa.algorithms.base import REGISTRY, Method, Needs, check_number, check_positive_int, register
+from boa.algorithms.obs import BoA, TurboBoA
+from boa.algorithms.solver import SolveState, refine_scales
+from boa.core.adaround import beta_at, rectified_sigmoid_inverse
+from boa.core.errors import BoaError
+from boa.core.quantizer import QuantizedWeight, QuantSpec
+from boa_kernels.rounding import relaxed_error, rounding_adam_step_
 
 START = 0.9                 # h starts at 0.5 ± START/2 on the side of the init's code
-WARMUP = 0.2                # fraction of steps before the rounding regulariser starts
-BETA_START, BETA_END = 20.0, 2.0
-
-
-def rectified_sigmoid_inverse(h: torch.Tensor) -> torch.Tensor:
-    """V with rectified_sigmoid(V) = h, for h in (0, 1)."""
-    return -torch.log((ZETA - GAMMA) / (h - GAMMA) - 1)
-
-
-def beta_at(step: int, iters: int) -> float | None:
-    """The regulariser's exponent β at `step`, or None while it is off (the first WARMUP of the steps)."""
-    start = WARMUP * iters
-    if step < start:
-        return None
-    progress = (step - start) / max(iters - start, 1)
-    return BETA_END + (BETA_START - BETA_END) * max(0.0, 1.0 - progress)
+INITS = ("rtn", "gptq", "boa", "turboboa")  # what the learned rounding can start from
 
 
 def curvature(E: torch.Tensor, H: torch.Tensor, H_out: torch.Tensor | None) -> torch.Tensor:
@@ -112,28 +101,6 @@ def learn_rounding(
     return V
 
 
-def _init_solve(W: torch.Tensor, stats: LayerStats, spec: QuantSpec, config: QuantConfig):
-    """The init's codes and the state learned rounding starts from (no scale refinement yet: that runs last)."""
-    if config.init == "rtn":
-        H = stats.H.reshape(-1, W.shape[-1], W.shape[-1])
-        W3 = W.to(H.dtype).reshape(stats.heads, -1, W.shape[-1])
-        return rtn(W, spec, H, heads=stats.heads), SolveState(W3, W3, H, stats.heads)
-    coupled = config.init in ("boa", "turboboa")
-    return obs_solve(
-        W, stats.H, spec,
-        H_out=stats.H_out if coupled else None,
-        heads=stats.heads,
-        D=stats.dx_term(config.dx_alpha),
-        rows_per_step=config.rows_per_step,  # the init's default (gptq/boa 1, turboboa 16) unless set
-        block_size=config.block_size,
-        act_order=config.act_order,
-        row_order=config.row_order and coupled,
-        static_groups=config.static_groups,
-        percdamp=config.percdamp,
-        keep_state=True,
-    )
-
-
 def rounding_problem(init: QuantizedWeight, state: SolveState, H_out: torch.Tensor | None) -> _RoundingProblem:
     """The relaxed problem on init's grid, split by head like state, starting at init's codes."""
     g = init.g_idx.long()
@@ -147,22 +114,65 @@ def rounding_problem(init: QuantizedWeight, state: SolveState, H_out: torch.Tens
                             init.codes.to(state.H.dtype).reshape(shape))
 
 
-def aespa_solve(W: torch.Tensor, stats: LayerStats, config: QuantConfig, *, qkv: bool = False,
-                progress: str | None = None) -> QuantizedWeight:
-    """Quantizes W (rows, cols) by learned rounding from config.init's solution (see the module docstring).
-    qkv: the layer is q/k/v_proj (its regulariser weight is round_weight_qkv)."""
-    spec = QuantSpec(bits=config.bits, sym=config.sym, group_size=config.group_size, grid=config.grid)
-    init, state = _init_solve(W, stats, spec, config)
-    problem = rounding_problem(init, state, stats.H_out)
-    V = learn_rounding(problem, iters=config.rounding_iters, lr=config.rounding_lr,
-                       round_weight=config.round_weight_qkv if qkv else config.round_weight, progress=progress)
-    codes = problem.hard_codes(V)
-    if problem.loss(codes) > problem.loss(problem.start_codes):
-        codes = problem.start_codes
+@register
+@dataclass
+class Aespa(Method):
+    """aespa: learned rounding (module docstring) from the codes and grids of `init` (RTN, GPTQ, BoA or TurboBoA;
+    TurboBoA with the H-weighted grid by default), on the attention-aware objectives of every layer."""
 
-    scale = init.scale.to(state.H.dtype).reshape(state.heads, -1, init.scale.shape[-1])
-    if config.refine_iters:
-        scale = refine_scales(codes - problem.zero, scale, init.g_idx.long(), state.target, state.H, problem.H_out,
-                              config.refine_iters)
-    return QuantizedWeight(codes.reshape(W.shape).to(torch.uint8), scale.reshape(init.scale.shape), init.zero,
-                           init.g_idx, spec.bits)
+    name: ClassVar[str] = "aespa"
+    init: Method = field(default_factory=TurboBoA)
+    rounding_iters: int = 500          # Adam steps per layer
+    rounding_lr: float = 0.1
+    round_weight: float = 1.0          # weight of the rounding regulariser Σ(1 − |2h − 1|^β)
+    round_weight_qkv: float = 1.5      # ... for q/k/v
+
+    @property
+    def spec(self) -> QuantSpec:
+        return self.init.spec
+
+    def validate(self) -> None:
+        if self.init.name not in INITS:
+            raise BoaError(f"init={self.init.name!r} is not supported; aespa starts from one of {', '.join(INITS)}")
+        check_positive_int(self, "rounding_iters")
+        for name in ("rounding_lr", "round_weight", "round_weight_qkv"):
+            check_number(self, name, 0)
+
+    def needs(self) -> Needs:
+        init = self.init.needs()
+        return Needs(hessian=True, attention=True, v_row_factor=init.v_row_factor, dx=init.dx)
+
+    def to_dict(self) -> dict:
+        return {"method": self.name, "init": self.init.to_dict(), "rounding_iters": self.rounding_iters,
+                "rounding_lr": self.rounding_lr, "round_weight": self.round_weight,
+                "round_weight_qkv": self.round_weight_qkv}
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Aespa":
+        """From {"init": {method record}, ...}, or from one flat record with "init" a method name (the CLI's flags, a
+        manifest of boa ≤ 0.1): the init takes the record's grid settings, with the H-weighted grid unless given."""
+        init = data.get("init") or "turboboa"
+        if isinstance(init, str):
+            if init not in REGISTRY or init not in INITS:
+                raise BoaError(f"init={init!r} is not supported; aespa starts from one of {', '.join(INITS)}")
+            init = {**data, "method": init, "grid": data.get("grid") or "hessian"}
+        knobs = ("rounding_iters", "rounding_lr", "round_weight", "round_weight_qkv")
+        return cls(init=REGISTRY[init["method"]].from_dict(init),
+                   **{k: data[k] for k in knobs if data.get(k) is not None})
+
+    def solve(self, W, stats, *, qkv=False, progress=None) -> QuantizedWeight:
+        """Quantizes W (rows, cols) by learned rounding from the init's solution (see the module docstring)."""
+        init, state = self.init.solve_state(W, stats)
+        problem = rounding_problem(init, state, stats.H_out)
+        V = learn_rounding(problem, iters=self.rounding_iters, lr=self.rounding_lr,
+                           round_weight=self.round_weight_qkv if qkv else self.round_weight, progress=progress)
+        codes = problem.hard_codes(V)
+        if problem.loss(codes) > problem.loss(problem.start_codes):
+            codes = problem.start_codes
+
+        scale = init.scale.to(state.H.dtype).reshape(state.heads, -1, init.scale.shape[-1])
+        if self.init.refine_iters:
+            scale = refine_scales(codes - problem.zero, scale, init.g_idx.long(), state.target, state.H,
+                                  problem.H_out, self.init.refine_iters)
+        return QuantizedWeight(codes.reshape(W.shape).to(torch.uint8), scale.reshape(init.scale.shape), init.zero,
+                               init.g_idx, init.bits)

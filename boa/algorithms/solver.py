@@ -33,8 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from boa_kernels import compensate_block_
-from boa.quant.hessian import inverse_cholesky_upper, remove_dead_inputs
-from boa.quant.quantizer import QuantizedWeight, QuantSpec, find_grid, grids_by_group
+from boa.core.hessian import inverse_cholesky_upper, remove_dead_inputs
+from boa.core.quantizer import QuantizedWeight, QuantSpec, find_grid, grids_by_group
 
 
 @dataclass
@@ -169,6 +169,48 @@ def refine_scales(
     return scale
 
 
+@dataclass
+class _Order:
+    """The order a solve processes W in, and the way back: columns by `columns` (act-order: decreasing diag(H_in),
+    averaged over heads, so every head shares one column order), each head's rows by `rows` (row_order: decreasing
+    diag(H_out); None without a row factor)."""
+
+    columns: torch.Tensor
+    rows: torch.Tensor | None
+
+    @classmethod
+    def choose(cls, H, H_out, act_order: bool, row_order: bool) -> "_Order":
+        cols = H.shape[-1]
+        if act_order:
+            columns = torch.argsort(torch.diagonal(H, dim1=-2, dim2=-1).mean(0), descending=True, stable=True)
+        else:
+            columns = torch.arange(cols, device=H.device)
+        rows = None
+        if H_out is not None:
+            heads, d = H_out.shape[:2]
+            rows = (torch.argsort(torch.diagonal(H_out, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
+                    if row_order else torch.arange(d, device=H.device).expand(heads, d))
+        return cls(columns, rows)
+
+    def square(self, M: torch.Tensor) -> torch.Tensor:
+        """A (batch, cols, cols) matrix over the columns, in processing order."""
+        return M[:, self.columns][:, :, self.columns]
+
+    def square_rows(self, M: torch.Tensor) -> torch.Tensor:
+        """A symmetric (heads, d, d) matrix over each head's rows, in processing order."""
+        return _take_rows(_take_rows(M, self.rows).transpose(1, 2), self.rows)
+
+    def weights(self, W: torch.Tensor) -> torch.Tensor:
+        """W (heads, d, cols): columns in processing order (rows follow once the row factor is ordered)."""
+        return W[..., self.columns]
+
+    def original(self, x: torch.Tensor, columns: bool = True) -> torch.Tensor:
+        """x (heads, d, cols or groups) back to W's row (and column) order."""
+        if self.rows is not None:
+            x = _take_rows(x, torch.argsort(self.rows, dim=-1))
+        return x[..., torch.argsort(self.columns)] if columns else x
+
+
 def obs_solve(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -201,27 +243,17 @@ def obs_solve(
         heads = H_out.shape[0]
     d = rows // heads
     W = W.detach().to(H.dtype).clone().reshape(heads, d, cols)
-    H = remove_dead_inputs(H.reshape(-1, cols, cols), W)
-    H_original = H
-    if D is not None:
-        D = D.reshape(-1, cols, cols).to(H.dtype)
+    H_original = H = remove_dead_inputs(H.reshape(-1, cols, cols), W)
+    order = _Order.choose(H, H_out, act_order, row_order)
 
-    order = torch.diagonal(H, dim1=-2, dim2=-1).mean(0)
-    perm = torch.argsort(order, descending=True, stable=True) if act_order else torch.arange(cols, device=W.device)
-    H = H[:, perm][:, :, perm]
+    H = order.square(H)
     U = inverse_cholesky_upper(H, percdamp)
-    W = W[..., perm]
+    W = order.weights(W)
     if D is not None:  # the target T = W + W D H⁻¹, H⁻¹ = Uᵀ U of the damped H
-        W = W + ((W @ D[:, perm][:, :, perm]) @ U.transpose(-1, -2)) @ U
-
+        W = W + ((W @ order.square(D.reshape(-1, cols, cols).to(H.dtype))) @ U.transpose(-1, -2)) @ U
     if H_out is not None:
-        rperm = (
-            torch.argsort(torch.diagonal(H_out, dim1=-2, dim2=-1), dim=-1, descending=True, stable=True)
-            if row_order
-            else torch.arange(d, device=W.device).expand(heads, d)
-        )
-        H_out = _take_rows(_take_rows(H_out, rperm).transpose(1, 2), rperm).to(H.dtype)  # symmetric
-        W = _take_rows(W, rperm)
+        H_out = order.square_rows(H_out).to(H.dtype)
+        W = _take_rows(W, order.rows)
         U_out = inverse_cholesky_upper(H_out, percdamp)
         step = rows_per_step
     else:
@@ -230,11 +262,10 @@ def obs_solve(
 
     width = spec.group_width(cols)
     n_groups = spec.n_groups(cols)
-    position = torch.arange(cols, device=W.device)
     # group of the column processed j-th: fixed by its original index for static grids, by processing order else.
-    group_of = (perm if static_groups else position) // width
+    group_of = (order.columns if static_groups else torch.arange(cols, device=W.device)) // width
     if static_groups:  # from the target in original column order
-        inverse = torch.argsort(perm)
+        inverse = torch.argsort(order.columns)
         scale, zero = grids_by_group(W[..., inverse], spec, H[:, inverse][:, :, inverse])
     else:
         scale = torch.empty(heads, d, n_groups, dtype=W.dtype, device=W.device)
@@ -270,44 +301,15 @@ def obs_solve(
         W_int = codes - zero[..., group_of]
         scale = refine_scales(W_int, scale, group_of, T, H, H_out, refine_iters)
 
-    row_inverse = torch.argsort(rperm, dim=-1) if H_out is not None else None
-    column_inverse = torch.argsort(perm)
-
-    def to_original(x, columns=True):  # rows (and columns) back to W's order
-        if row_inverse is not None:
-            x = _take_rows(x, row_inverse)
-        return x[..., column_inverse] if columns else x
-
     g_idx = torch.empty_like(group_of)
-    g_idx[perm] = group_of
+    g_idx[order.columns] = group_of
     q = QuantizedWeight(
-        to_original(codes).reshape(rows, cols).to(torch.uint8),
-        to_original(scale, columns=False).reshape(rows, n_groups),
-        to_original(zero, columns=False).reshape(rows, n_groups),
+        order.original(codes).reshape(rows, cols).to(torch.uint8),
+        order.original(scale, columns=False).reshape(rows, n_groups),
+        order.original(zero, columns=False).reshape(rows, n_groups),
         g_idx.to(torch.int32),
         spec.bits,
     )
     if not keep_state:
         return q
-    return q, SolveState(to_original(compensated), to_original(T), H_original, heads)
-
-
-def gptq(
-    W: torch.Tensor,
-    H: torch.Tensor,
-    spec: QuantSpec,
-    *,
-    block_size: int = 128,
-    act_order: bool = False,
-    static_groups: bool = False,
-    percdamp: float = 0.01,
-    D: torch.Tensor | None = None,
-    refine_iters: int = 0,
-) -> QuantizedWeight:
-    """GPTQ on W (rows, cols) with input Hessian H (cols, cols): the solver without a row factor.
-
-    act_order: columns by decreasing diag(H). static_groups: group grids from the original W before any update
-    (per-channel grids are always static). A group size that does not divide cols leaves a narrower last group.
-    """
-    return obs_solve(W, H, spec, D=D, block_size=block_size, act_order=act_order, static_groups=static_groups,
-                     percdamp=percdamp, refine_iters=refine_iters)
+    return q, SolveState(order.original(compensated), order.original(T), H_original, heads)

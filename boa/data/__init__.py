@@ -4,7 +4,7 @@ from __future__ import annotations
 import torch
 
 from boa.data.corpora import corpus_text
-from boa.errors import BoaError
+from boa.core.errors import BoaError
 
 __all__ = ["calibration_windows", "corpus_text", "eval_tokens", "tokenize"]
 

@@ -13,9 +13,9 @@ import warnings
 import zlib
 from pathlib import Path
 
-from boa.data.debian import unpacked_deb
-from boa.errors import BoaError
-from boa.io import atomic_file, cache_dir
+from boa.core.debian import unpacked_deb
+from boa.core.errors import BoaError
+from boa.core.io import atomic_file, cache_dir
 
 WIKIPEDIA_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKIPEDIA_HELDOUT_ARTICLES = 30

@@ -1,7 +1,7 @@
 """lm-eval-harness tasks on an in-memory model (the optional `eval` extra; its tasks download data, so online only)."""
 from __future__ import annotations
 
-from boa.errors import BoaError
+from boa.core.errors import BoaError
 
 
 def lm_eval_tasks(model, tokenizer, tasks: list[str], limit: int | None = None, batch_size: int = 8) -> dict:

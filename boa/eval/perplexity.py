@@ -7,7 +7,7 @@ import torch
 import torch.nn.functional as F
 from tqdm.auto import tqdm
 
-from boa.errors import BoaError
+from boa.core.errors import BoaError
 
 
 @torch.no_grad()

@@ -9,7 +9,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from boa.io import write_json
+from boa.core.io import write_json
 
 
 def peak_memory_mb() -> float:

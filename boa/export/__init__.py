@@ -1,6 +1,6 @@
 """Saving and loading quantized models, and exporting them to formats other tools serve."""
-from boa.export.boa_format import check_output_dir, load, read_manifest, save
+from boa.export.boa_format import MANIFEST, load, read_manifest, save
 from boa.export.compressed_tensors import export_compressed_tensors
 from boa.export.gptq_format import export_gptq
 
-__all__ = ["check_output_dir", "export_compressed_tensors", "export_gptq", "load", "read_manifest", "save"]
+__all__ = ["MANIFEST", "export_compressed_tensors", "export_gptq", "load", "read_manifest", "save"]

@@ -1,10 +1,11 @@
 """boa's own checkpoint format: one folder that `boa.load` turns back into a model.
 
     config.json, tokenizer files      the base model's, as transformers writes them
-    quantization.json                 {"format": "boa", "version", "config": QuantConfig, "fingerprint", "layers"}
+    quantization.json                 {"format": "boa", "version", "config": QuantConfig.to_dict(), "fingerprint",
+                                      "calibration": {nsamples, seqlen, sha256, ...} or null, "dtype", "layers"}
     model.safetensors                 every tensor that is not quantized (embeddings, norms, biases, lm_head) under
                                       its state-dict name, and per quantized layer NAME its packed weight
-                                      (boa/export/packed.py): NAME.qweight uint8, NAME.scales float32, NAME.zeros
+                                      (boa/core/packed.py): NAME.qweight uint8, NAME.scales float32, NAME.zeros
                                       uint8, NAME.perm int32 (act-order only); its bits, group_size and in_features
                                       are in quantization.json's "layers"
 Version 1 (unpacked: NAME.codes uint8 (out, in), NAME.scale, NAME.zero, NAME.g_idx) is still read.
@@ -22,11 +23,13 @@ from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
 from boa.config import QuantConfig
-from boa.errors import BoaError
-from boa.io import atomic_dir
-from boa.export.packed import PackedWeight, pack
+from boa.core.errors import BoaError
+from boa.core.io import atomic_dir
+from boa.core.output import check_output, finish_output
+from boa.core.output import read_manifest as _read_manifest
+from boa.core.packed import PackedWeight, pack
 from boa.nn.quant_linear import pack_model
-from boa.quant.quantizer import QuantizedWeight
+from boa.core.quantizer import QuantizedWeight
 
 FORMAT_VERSION = 2
 READS = (1, 2)
@@ -35,28 +38,14 @@ WEIGHTS = "model.safetensors"
 
 
 def read_manifest(folder) -> dict | None:
-    path = Path(folder) / MANIFEST
-    return json.loads(path.read_text()) if path.exists() else None
-
-
-def check_output_dir(folder, fingerprint: str) -> None:
-    """An output folder may be new, empty, or hold this very run's model; anything else is not ours to overwrite."""
-    folder = Path(folder)
-    if folder.exists() and not folder.is_dir():
-        raise BoaError(f"output path {folder} is a file, not a folder; choose another --out")
-    if not folder.exists() or not any(folder.iterdir()):
-        return
-    manifest = read_manifest(folder)
-    if manifest is None or manifest.get("fingerprint") != fingerprint:
-        raise BoaError(
-            f"output folder {folder} already holds a different model; choose another --out or delete it first"
-        )
+    return _read_manifest(folder, MANIFEST)
 
 
 def save(result, folder, tokenizer=None) -> Path:
-    """Writes a QuantResult (see boa.quantize) to `folder`, atomically."""
+    """Writes a QuantResult (see boa.quantize) to `folder`, atomically; then the run's checkpoint (folder.partial)
+    is removed."""
     folder = Path(folder)
-    check_output_dir(folder, result.fingerprint)
+    check_output(folder, MANIFEST, result.fingerprint, writer="boa quantize")
     model = result.model
     quantized = set(result.layers)
     tensors, seen = {}, {}
@@ -77,6 +66,7 @@ def save(result, folder, tokenizer=None) -> Path:
         "version": FORMAT_VERSION,
         "config": result.config.to_dict(),
         "fingerprint": result.fingerprint,
+        "calibration": result.calibration,
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "layers": layers,
     }
@@ -86,6 +76,7 @@ def save(result, folder, tokenizer=None) -> Path:
             tokenizer.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
         (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
+    finish_output(folder)
     return folder
 
 

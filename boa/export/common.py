@@ -9,9 +9,10 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from boa.errors import BoaError
-from boa.io import atomic_dir
-from boa.quant.quantizer import QuantizedWeight
+from boa.core.errors import BoaError
+from boa.core.io import atomic_dir
+from boa.core.output import check_output
+from boa.core.quantizer import QuantizedWeight
 
 EXPORT_MANIFEST = "boa_export.json"
 WEIGHTS = "model.safetensors"
@@ -62,15 +63,6 @@ def plain_tensors(model: nn.Module, layers: dict) -> dict[str, torch.Tensor]:
     return tensors
 
 
-def check_export_dir(out_dir: Path) -> None:
-    """An export folder may be new, empty, or hold an earlier boa export; anything else is not ours to replace."""
-    if out_dir.exists() and not out_dir.is_dir():
-        raise BoaError(f"output path {out_dir} is a file, not a folder; choose another --out")
-    if out_dir.exists() and any(out_dir.iterdir()) and not (out_dir / EXPORT_MANIFEST).exists():
-        raise BoaError(f"output folder {out_dir} is not empty and was not written by `boa export`; "
-                       "choose another --out or delete it first")
-
-
 def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantization_config: dict,
                  tokenizer=None, config=None) -> Path:
     """Writes config.json (the model's, with `quantization_config`), the tokenizer, model.safetensors and the export
@@ -78,7 +70,7 @@ def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantizatio
     from boa import __version__
 
     out_dir = Path(out_dir)
-    check_export_dir(out_dir)
+    check_output(out_dir, EXPORT_MANIFEST, writer="boa export")
     hf_config = model.config.to_dict()
     hf_config["quantization_config"] = quantization_config
     hf_config["dtype"] = str(model_dtype(model)).removeprefix("torch.")

@@ -37,11 +37,11 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from boa.errors import BoaError
+from boa.core.errors import BoaError
 from boa.export.common import (
     group_width, has_plain_groups, is_symmetric, model_dtype, pack_int32, plain_tensors, write_export,
 )
-from boa.quant.quantizer import QuantizedWeight
+from boa.core.quantizer import QuantizedWeight
 
 
 def _scheme(name: str, q: QuantizedWeight) -> tuple[int, bool, int | None]:

@@ -38,11 +38,11 @@ import math
 import torch
 from torch import nn
 
-from boa.errors import BoaError
+from boa.core.errors import BoaError
 from boa.export.common import (
     group_width, has_plain_groups, is_symmetric, pack_int32, plain_tensors, write_export,
 )
-from boa.quant.quantizer import QuantizedWeight
+from boa.core.quantizer import QuantizedWeight
 
 GPTQ_BITS = (2, 3, 4, 8)
 

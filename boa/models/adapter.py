@@ -11,7 +11,7 @@ from operator import attrgetter
 import torch
 from torch import nn
 
-from boa.errors import BoaError
+from boa.core.errors import BoaError
 
 _REGISTRY: dict[str, type["Adapter"]] = {}
 

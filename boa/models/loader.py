@@ -8,8 +8,9 @@ from pathlib import Path
 import torch
 from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 
-from boa.errors import BoaError
-from boa.io import atomic_dir, cache_dir
+from boa.core.errors import BoaError
+from boa.core.checks import check_finite
+from boa.core.io import atomic_dir, cache_dir
 from boa.models.adapter import Adapter, adapter_for
 
 log = logging.getLogger(__name__)
@@ -80,14 +81,3 @@ def load_model(
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_finite(model)
     return model, tokenizer, adapter
-
-
-def check_finite(model: torch.nn.Module) -> None:
-    """Every float weight and buffer (e.g. BatchNorm statistics) is finite, else a BoaError naming it."""
-    parameters = {name for name, _ in model.named_parameters()}
-    for name, tensor in model.state_dict().items():
-        if tensor.is_floating_point() and not torch.isfinite(tensor).all():
-            kind = "weight" if name in parameters else "buffer"
-            raise BoaError(
-                f"{kind} {name} holds NaN/Inf; quantizing it would spread the damage. Repair or re-export the model"
-            )

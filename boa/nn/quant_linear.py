@@ -1,4 +1,4 @@
-"""QuantLinear: a linear layer that holds its weight packed (boa/export/packed.py) and runs on the packed kernels
+"""QuantLinear: a linear layer that holds its weight packed (boa/core/packed.py) and runs on the packed kernels
 (boa_kernels.packed_matmul: C++ on a CPU, CUDA/Triton on a GPU, torch's dequantize-then-matmul anywhere else).
 
 The weight stays packed for the module's whole life; nothing is unpacked or cached on first use.
@@ -8,8 +8,8 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from boa.export.packed import PackedWeight, pack
-from boa.quant.quantizer import QuantizedWeight
+from boa.core.packed import PackedWeight, pack
+from boa.core.quantizer import QuantizedWeight
 from boa_kernels.packed_matmul import packed_matmul
 
 

@@ -1,9 +1,12 @@
 """Calibration statistics: input Hessians, dX terms and BoA's attention factors, gathered by running blocks."""
 from boa.stats.attention import AttentionRecorder, StopForward, attention_probabilities, back_rotate, capturing
-from boa.stats.collect import LayerStats, attention_layer_stats, collect_statistics
+from boa.stats.collect import FPPass, LayerStats, attention_layer_stats, collect_statistics, run_block, run_fp_block
+from boa.stats.group import GroupStatistics
 
 __all__ = [
     "AttentionRecorder",
+    "FPPass",
+    "GroupStatistics",
     "LayerStats",
     "StopForward",
     "attention_layer_stats",
@@ -11,4 +14,6 @@ __all__ = [
     "back_rotate",
     "capturing",
     "collect_statistics",
+    "run_block",
+    "run_fp_block",
 ]

@@ -159,13 +159,17 @@ def capture_attention(module, query, key, value, attention_mask, **kwargs):
     return _stock_implementation(module)(module, query, key, value, attention_mask, **kwargs)
 
 
-AttentionInterface.register(CAPTURE, capture_attention)
+def _register_capture() -> None:
+    """Makes CAPTURE a transformers attention implementation: on first use, not when boa is imported."""
+    if ALL_ATTENTION_FUNCTIONS.get(CAPTURE) is not capture_attention:
+        AttentionInterface.register(CAPTURE, capture_attention)
 
 
 @contextlib.contextmanager
 def capturing(attentions: dict[str, nn.Module], recorder: AttentionRecorder):
     """Routes the given attention modules ({"fp": module, "quantized": module}) through `capture_attention` for the
     duration, recording into `recorder`; restores their configs' implementation afterwards."""
+    _register_capture()
     configs = {id(module.config): module.config for module in attentions.values()}
     for key, config in configs.items():
         _replaced[key] = config._attn_implementation

@@ -10,7 +10,7 @@ import torch
 from torch import nn
 
 from boa.models.adapter import Adapter
-from boa.quant.hessian import HessianAccumulator
+from boa.core.hessian import HessianAccumulator
 from boa.stats.attention import AttentionRecorder, StopForward, back_rotate, capturing, output_row_factor
 
 

@@ -16,7 +16,7 @@ void rounding_adam_step_(torch::Tensor V, torch::Tensor G, torch::Tensor base, t
                          torch::Tensor v, double maxq, double beta, double round_weight, double lr, double beta1,
                          double beta2, double eps, int64_t step);
 
-// csrc/cpu/packed_matmul.cpp: y = x · Wᵀ (+ bias), W in boa's packed layout (boa/export/packed.py)
+// csrc/cpu/packed_matmul.cpp: y = x · Wᵀ (+ bias), W in boa's packed layout (boa/core/packed.py)
 constexpr int64_t kGemvMaxBatch = 8;  // larger batches dequantize blocks of rows and use BLAS
 torch::Tensor packed_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                             c10::optional<torch::Tensor> perm, c10::optional<torch::Tensor> bias, int64_t bits,

@@ -1,4 +1,4 @@
-// Packed low-bit matmul on the CPU: y = x · Wᵀ (+ bias) with W held in boa's packed layout (boa/export/packed.py).
+// Packed low-bit matmul on the CPU: y = x · Wᵀ (+ bias) with W held in boa's packed layout (boa/core/packed.py).
 //
 // Sizes: x (batch, in) any float dtype; qweight uint8 (out, in_pad·bits/8), in_pad = in rounded up to 64;
 // scales float32 / zeros uint8 (out, groups); perm int32 (in,) or none; y (batch, out) in x's dtype.

@@ -3,7 +3,7 @@
 // with a plain C++ interface (no torch headers, so that `nvcc -c` of it is quick); csrc/cuda/bindings.cpp checks the
 // tensors and calls it.
 //
-// Sizes and layout (device pointers, contiguous, row-major; boa/export/packed.py):
+// Sizes and layout (device pointers, contiguous, row-major; boa/core/packed.py):
 //   x        (batch, in)              float32, float16 or bfloat16 (`x_kind`); y (batch, out) in the same type
 //   qweight  uint8 (out, in_pad·b/8)  a row = in_pad / 64 tiles of 8·b bytes (bit planes, boa/packed_math.h)
 //   scales   float32 (out, G), zeros uint8 (out, G); packed column j is in group min(j / group_size, G − 1)

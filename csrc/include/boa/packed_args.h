@@ -1,5 +1,5 @@
 // Argument checks of the packed matmul, shared by its CPU (csrc/cpu/packed_matmul.cpp) and CUDA
-// (csrc/cuda/bindings.cpp) bindings: the layout contract of boa/export/packed.py, with errors naming the fix.
+// (csrc/cuda/bindings.cpp) bindings: the layout contract of boa/core/packed.py, with errors naming the fix.
 #pragma once
 
 #include <torch/extension.h>

@@ -1,7 +1,7 @@
 // Per-element math of the packed low-bit matmul, shared by the C++ CPU kernel (its portable path) and the CUDA GEMV,
 // so that the CPU build the tests run proves the unpacking and dequantizing the GPU does.
 //
-// Layout (boa/export/packed.py): a row is tiles of 64 codes, 8·bits bytes each, bit planes low bits first:
+// Layout (boa/core/packed.py): a row is tiles of 64 codes, 8·bits bytes each, bit planes low bits first:
 //   8-bit plane: byte i = c_i;  4-bit: byte i = c_i | c_{i+32} << 4;  2-bit: byte i = c_i | c_{i+16} << 2 | …;
 //   1-bit: bit i of the little-endian 64-bit word = c_i.   3 bits = a 2-bit plane then a 1-bit plane.
 // A grid per (row, group): w = scale · (code − zero), group of packed column j = min(j / group_size, G − 1).

@@ -1,7 +1,7 @@
 // Per-element math of the quantization hot loop, shared by the C++ CPU kernels and the CUDA kernels so that the CPU
 // build (which the tests run) proves the arithmetic the GPU runs; only the thread mapping differs.
 //
-// Uniform asymmetric/symmetric grid (boa/quant/quantizer.py):  code = clamp(rint(w / s) + z, 0, maxq),
+// Uniform asymmetric/symmetric grid (boa/core/quantizer.py):  code = clamp(rint(w / s) + z, 0, maxq),
 // q = s · (code − z).  Compensation step of the column pass (boa/algorithms/solver.py):  e = (w − q) / U_jj.
 // Each function is one expression in the order torch evaluates it, so that fp64 results are bit-identical to the
 // torch reference (build with -ffp-contract=off / --fmad=false on the host; the GPU may contract to FMA).

@@ -1,0 +1,83 @@
+"""Checkpoints of long runs (an LLM's blocks, Genie-D's image batches): each finished step is one atomic unit, so an
+interrupted run resumes after its last finished step and ends with what an uninterrupted run gives.
+
+    progress.json           {"fingerprint", "kind", "next_step", "carry"}: written last, it names what counts
+    step-KKKK.safetensors   step K's results: tensors, and string metadata
+    carry-KKKK.safetensors  what step K + 1 starts from (e.g. the next block's inputs); only the newest is kept
+
+A kill at any point leaves progress.json naming a complete set: a step or carry file written after it is ignored (and
+overwritten by the rerun), and the carry it names is removed only after a newer progress.json replaced it.
+"""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+from safetensors import safe_open
+from safetensors.torch import load_file, save_file
+
+from boa.core.errors import BoaError
+from boa.core.io import atomic_file, write_json
+
+PROGRESS = "progress.json"
+
+
+class Checkpoint:
+    """The steps of one run (identified by `fingerprint`) in `folder`; `kind` names the run type in errors."""
+
+    def __init__(self, folder, fingerprint: str, kind: str):
+        self.folder = Path(folder)
+        self.fingerprint = fingerprint
+        self.kind = kind
+
+    def _state(self) -> dict | None:
+        path = self.folder / PROGRESS
+        if not path.exists():
+            return None
+        state = json.loads(path.read_text())
+        if state.get("fingerprint") != self.fingerprint or state.get("kind") != self.kind:
+            raise BoaError(
+                f"the checkpoint in {self.folder} belongs to a different run (model, settings or calibration "
+                "differ); drop --resume to start over, or delete that folder"
+            )
+        return state
+
+    def next_step(self) -> int:
+        """Where a resumed run starts: 0 if there is no checkpoint yet."""
+        state = self._state()
+        return 0 if state is None else state["next_step"]
+
+    def _step_path(self, step: int) -> Path:
+        return self.folder / f"step-{step:04d}.safetensors"
+
+    def save(self, step: int, tensors: dict[str, torch.Tensor], meta: dict | None = None,
+             carry: dict[str, torch.Tensor] | None = None) -> None:
+        """Records step `step` as finished, with the state the next step starts from (if any)."""
+        self.folder.mkdir(parents=True, exist_ok=True)
+        with atomic_file(self._step_path(step)) as tmp:
+            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                      metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
+        carry_name = None
+        if carry is not None:
+            carry_name = f"carry-{step:04d}.safetensors"
+            with atomic_file(self.folder / carry_name) as tmp:
+                save_file({k: v.contiguous() for k, v in carry.items()}, str(tmp))
+        write_json(self.folder / PROGRESS, {"fingerprint": self.fingerprint, "kind": self.kind,
+                                            "next_step": step + 1, "carry": carry_name})
+        for old in self.folder.glob("carry-*.safetensors"):
+            if old.name != carry_name:
+                old.unlink()
+
+    def load(self, step: int) -> tuple[dict[str, torch.Tensor], dict]:
+        """A finished step's tensors and metadata."""
+        path = self._step_path(step)
+        with safe_open(str(path), "pt") as f:
+            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+        return load_file(str(path)), meta
+
+    def load_carry(self) -> dict[str, torch.Tensor]:
+        """The state the next step starts from ({} when the last step saved none)."""
+        state = self._state()
+        name = None if state is None else state.get("carry")
+        return {} if name is None else load_file(str(self.folder / name))

@@ -1,0 +1,54 @@
+"""Output folders, for every format boa writes: what may be replaced, and the `.partial` checkpoint beside them.
+
+A run writing OUT keeps its checkpoint in OUT.partial while it works; the finished folder replaces OUT atomically
+(boa.core.io.atomic_dir) and the checkpoint is then removed.
+"""
+from __future__ import annotations
+
+import json
+import shutil
+from pathlib import Path
+
+from boa.core.errors import BoaError
+
+
+def read_manifest(folder, manifest: str) -> dict | None:
+    """The JSON manifest `manifest` in `folder`, or None when there is none."""
+    path = Path(folder) / manifest
+    return json.loads(path.read_text()) if path.exists() else None
+
+
+def check_output(folder, manifest: str, fingerprint: str | None = None, writer: str = "boa") -> None:
+    """An output folder may be new, empty, or hold an earlier output of the same kind (the file `manifest`, and when
+    `fingerprint` is given, this very run's); anything else is not boa's to replace. `writer` names the command that
+    writes such folders, for the message."""
+    folder = Path(folder)
+    if folder.exists() and not folder.is_dir():
+        raise BoaError(f"output path {folder} is a file, not a folder; choose another --out")
+    if not folder.exists() or not any(folder.iterdir()):
+        return
+    found = read_manifest(folder, manifest)
+    if found is None:
+        raise BoaError(f"output folder {folder} is not empty and was not written by `{writer}`; "
+                       "choose another --out or delete it first")
+    if fingerprint is not None and found.get("fingerprint") != fingerprint:
+        raise BoaError(f"output folder {folder} already holds a different model; choose another --out or delete it "
+                       "first")
+
+
+def partial_folder(out) -> Path:
+    """Where a run writing `out` keeps its checkpoint."""
+    return Path(f"{out}.partial")
+
+
+def checkpoint_folder(out, resume: bool) -> Path:
+    """The checkpoint folder of a run writing `out`: kept when resuming, else an earlier one is discarded."""
+    partial = partial_folder(out)
+    if partial.exists() and not resume:
+        shutil.rmtree(partial)
+    return partial
+
+
+def finish_output(out) -> None:
+    """After `out` was written: its checkpoint has served its purpose."""
+    shutil.rmtree(partial_folder(out), ignore_errors=True)

@@ -1,0 +1,150 @@
+"""boa's packed low-bit layout: how a QuantLinear holds its weight in memory and on disk, and what every packed
+kernel reads (csrc/cpu/packed_matmul.cpp, csrc/cuda/packed_gemv.cu, boa_kernels/triton_packed_gemm.py).
+
+A layer W (out × in) quantized at b ∈ {2, 3, 4, 8} bits, with grids for groups of g input columns:
+
+    qweight  uint8   (out, in_pad·b/8)  each row's codes in tiles of 64 packed columns; in_pad = in rounded up to
+                                        a multiple of 64, the padding codes are 0
+    scales   float32 (out, G)           group k's grid covers packed columns [k·g, (k+1)·g); the last group may be
+    zeros    uint8   (out, G)           partial and also owns the padding; per-channel grids: G = 1, g = in
+    perm     int32   (in,) or None      packed column j holds input column perm[j]. None when every group is already a
+                                        run of consecutive columns; set under act-order, whose groups are scattered
+
+    W[o, perm[j]] = scales[o, j // g] · (code[o, j] − zeros[o, j // g])
+
+A tile of 64 codes c_0 … c_63 takes 8·b bytes: bit planes, low bits first (b = 3: a 2-bit plane, then a 1-bit plane
+holding each code's bit 2):
+
+    8-bit plane (64 bytes)  byte i: c_i
+    4-bit plane (32 bytes)  byte i: c_i in bits 0–3, c_{i+32} in bits 4–7
+    2-bit plane (16 bytes)  byte i: c_i, c_{i+16}, c_{i+32}, c_{i+48} in bits 0–1, 2–3, 4–5, 6–7
+    1-bit plane ( 8 bytes)  bit i of the little-endian 64-bit word (byte i // 8, bit i % 8): c_i
+
+Why this shape: 16 consecutive bytes widen to 16 int32 lanes in one instruction (vpmovzxbd); a shift and a mask of
+those lanes then give 16 *consecutive* codes (one AVX-512 register, two AVX2 registers, a warp's half-row), so a
+register never straddles two groups when g is a multiple of 16, and a 16-bit slice of the 1-bit plane is an AVX-512
+lane mask as it stands. Scales are float32 so that every model dtype's grid is held exactly; zeros are integers in
+[0, 2^b − 1], so a byte.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from boa.core.errors import BoaError
+from boa.core.quantizer import QuantizedWeight
+
+TILE = 64
+# Each width's bit planes, low bits first.
+PLANES = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
+PACKED_BITS = tuple(PLANES)
+
+
+@dataclass
+class PackedWeight:
+    qweight: torch.Tensor
+    scales: torch.Tensor
+    zeros: torch.Tensor
+    perm: torch.Tensor | None
+    bits: int
+    in_features: int
+    group_size: int
+
+    @property
+    def out_features(self) -> int:
+        return self.qweight.shape[0]
+
+    def codes(self) -> torch.Tensor:
+        """Codes (out, in_pad) uint8, in packed column order."""
+        return unpack_codes(self.qweight, self.bits)
+
+    def dequantize(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """W (out, in) in input column order, computed in float32."""
+        return self.to_quantized(torch.float32).dequantize().to(dtype)
+
+    def group_index(self) -> torch.Tensor:
+        """Each packed column's group (in,)."""
+        j = torch.arange(self.in_features, device=self.qweight.device)
+        return torch.clamp(j // self.group_size, max=self.scales.shape[1] - 1)
+
+    def to_quantized(self, dtype: torch.dtype = torch.float32) -> QuantizedWeight:
+        """The QuantizedWeight this was packed from (codes, grids and g_idx in input column order)."""
+        codes = self.codes()[:, : self.in_features]
+        g_idx = self.group_index().to(torch.int32)
+        if self.perm is not None:
+            perm = self.perm.long()
+            codes = torch.empty_like(codes).index_copy_(1, perm, codes)
+            g_idx = torch.empty_like(g_idx).index_copy_(0, perm, g_idx)
+        return QuantizedWeight(codes, self.scales.to(dtype), self.zeros.to(dtype), g_idx, self.bits)
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        out = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
+        return out if self.perm is None else {**out, "perm": self.perm}
+
+    def nbytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+
+def _padded(n: int) -> int:
+    return -(-n // TILE) * TILE
+
+
+def pack(q: QuantizedWeight) -> PackedWeight:
+    """Packs a QuantizedWeight; its groups, after sorting columns by g_idx, must be runs of one width (the last may be
+    narrower), which every boa quantizer produces."""
+    if q.bits not in PLANES:
+        raise BoaError(f"{q.bits}-bit weights cannot be packed; boa packs {PACKED_BITS} bits")
+    out, n = q.codes.shape
+    g_idx = q.g_idx.long()
+    n_groups = q.scale.shape[1]
+    sizes = torch.bincount(g_idx, minlength=n_groups).tolist()
+    width = sizes[0]
+    if any(s != width for s in sizes[:-1]) or not 0 < sizes[-1] <= width:
+        raise BoaError(f"groups of sizes {sorted(set(sizes))} cannot be packed; boa packs groups of one width "
+                       "(the last may be narrower), as `boa quantize` makes them")
+    sorted_order = bool((g_idx[1:] >= g_idx[:-1]).all())
+    perm = None if sorted_order else torch.sort(g_idx, stable=True).indices
+    codes = q.codes if perm is None else q.codes[:, perm]
+    padded = torch.zeros(out, _padded(n), dtype=torch.uint8, device=codes.device)
+    padded[:, :n] = codes
+    return PackedWeight(
+        qweight=pack_codes(padded, q.bits), scales=q.scale.float().contiguous(),
+        zeros=q.zero.round().to(torch.uint8).contiguous(),
+        perm=None if perm is None else perm.to(torch.int32), bits=q.bits, in_features=n,
+        group_size=n if n_groups == 1 else width,
+    )
+
+
+def pack_codes(codes: torch.Tensor, bits: int) -> torch.Tensor:
+    """Codes (out, in_pad) uint8 → qweight (out, in_pad·bits/8) uint8, tile by tile, plane by plane."""
+    out, n = codes.shape
+    tiles = codes.view(out, n // TILE, TILE).to(torch.int32)
+    planes, shift = [], 0
+    for width in PLANES[bits]:
+        values = (tiles >> shift) & ((1 << width) - 1)
+        if width == 1:  # bit i of the plane's 64-bit word: byte i // 8, bit i % 8
+            parts = values.view(out, -1, 8, 8)
+            planes.append(sum(parts[..., k] << k for k in range(8)))
+        else:  # byte i holds c_{i + m·8w} at bits m·w
+            parts = values.view(out, -1, 8 // width, 8 * width)
+            planes.append(sum(parts[:, :, m] << (m * width) for m in range(8 // width)))
+        shift += width
+    return torch.cat(planes, dim=-1).to(torch.uint8).reshape(out, -1)
+
+
+def unpack_codes(qweight: torch.Tensor, bits: int) -> torch.Tensor:
+    """qweight (out, in_pad·bits/8) → codes (out, in_pad) uint8; the inverse of pack_codes."""
+    out = qweight.shape[0]
+    tiles = qweight.view(out, -1, 8 * bits).to(torch.int32)
+    codes, offset, shift = 0, 0, 0
+    for width in PLANES[bits]:
+        plane = tiles[..., offset : offset + 8 * width]
+        if width == 1:
+            values = torch.stack([(plane >> k) & 1 for k in range(8)], dim=-1)
+        else:
+            values = torch.stack([(plane >> (m * width)) & ((1 << width) - 1) for m in range(8 // width)], dim=-2)
+        codes = codes + (values.reshape(out, -1, TILE) << shift)
+        offset += 8 * width
+        shift += width
+    return codes.reshape(out, -1).to(torch.uint8)

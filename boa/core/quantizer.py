@@ -1,0 +1,181 @@
+"""The uniform quantizer: grids (scale s, zero point z), integer codes and fake-quantization.
+
+    q = s · (clamp(round(w / s) + z, 0, 2^b − 1) − z)
+
+Shapes: weights are (..., rows, n); a grid holds one (s, z) per row, shaped (..., rows, 1) so it broadcasts over
+the n columns it covers (a whole row per-channel, or one group of columns).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from boa.core.errors import BoaError
+
+# Clip-ratio search: candidates p = 1 − i/100 for i = 0..CLIP_STEPS−1 (ALGORITHMS.md §3).
+CLIP_STEPS = 100
+# The H-weighted search scores every COARSE-th clip ratio, then the ratios around each row's best (31 of 100).
+COARSE = 4
+# The "MMSE" grid search scores candidates by Σ|q − w|^NORM.
+MSE_NORM = 2.4
+
+
+@dataclass(frozen=True)
+class QuantSpec:
+    bits: int
+    sym: bool = False
+    group_size: int = -1      # -1: per-channel
+    grid: str = "minmax"      # "minmax" | "mse" | "hessian"
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.bits - 1
+
+    def n_groups(self, cols: int) -> int:
+        return 1 if self.group_size == -1 else -(-cols // self.group_size)
+
+    def group_width(self, cols: int) -> int:
+        return cols if self.group_size == -1 else self.group_size
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    """Integer codes in [0, maxq], as floats of w's dtype."""
+    return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
+
+
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    return scale * (codes - zero)
+
+
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+    return dequantize(quantize(w, scale, zero, maxq), scale, zero)
+
+
+def _minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero) covering [xmin, xmax] (which always contains 0)."""
+    if spec.sym:
+        xmax = torch.maximum(xmin.abs(), xmax)
+        xmin = torch.where(xmin < 0, -xmax, xmin)
+    flat = (xmin == 0) & (xmax == 0)  # an all-zero row: any grid works, keep the scale finite
+    xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
+    xmax = torch.where(flat, torch.ones_like(xmax), xmax)
+    scale = (xmax - xmin) / spec.maxq
+    if spec.sym:
+        zero = torch.full_like(scale, (spec.maxq + 1) / 2)
+    else:
+        zero = torch.round(-xmin / scale)
+    return scale, zero
+
+
+# The candidate search scores grids in chunks of at most this many weights (candidates × the weights of w).
+SEARCH_CHUNK = 1 << 20
+
+
+def find_grid(
+    w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """One (scale, zero) per row of w (..., rows, n), each shaped (..., rows, 1).
+
+    grid "minmax" covers each row's range; "mse" and "hessian" search clip ratios p = 1 − i/100 (and, asymmetric,
+    the zero point rounded down or up) for the lowest Σ|q − w|^2.4, or the lowest (q − w) H (q − w)ᵀ with H the
+    (n × n) input-Hessian block of these columns. The H-weighted search, whose scores cost a matrix product each,
+    is coarse-to-fine: every COARSE-th ratio, then the ratios between each row's best and its coarse neighbours.
+    Candidates are scored many at a time (one batched product per chunk); ties go to the earlier candidate, the
+    min-max grid first.
+    """
+    xmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
+    xmax = w.amax(dim=-1, keepdim=True).clamp(min=0)
+    if spec.grid == "minmax":
+        return _minmax_grid(xmin, xmax, spec)
+    if spec.grid == "hessian" and hessian is None:
+        raise BoaError("grid='hessian' needs the layer's input Hessian; use grid='mse' or 'minmax' for RTN")
+
+    def candidates(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Grids for clip steps (K, ..., rows, 1), each with its zero point(s): (scale, zero, step), K·Z of them."""
+        p = (1 - steps.double() / 100).to(w.dtype)  # as 1 − i/100 in Python floats, then w's dtype
+        scale, zero = _minmax_grid(p * xmin, p * xmax, spec)
+        if spec.sym:
+            return scale, zero, steps
+        zeros = torch.stack([torch.floor(-p * xmin / scale), torch.ceil(-p * xmin / scale)], 1)  # (K, 2, ...)
+        return (scale.unsqueeze(1).expand_as(zeros).flatten(0, 1), zeros.flatten(0, 1),
+                steps.unsqueeze(1).expand_as(zeros).flatten(0, 1))
+
+    def score(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+        """Scores of K candidate grids (K, ..., rows, 1)."""
+        err = fake_quantize(w, scale, zero, spec.maxq) - w
+        if spec.grid == "mse":
+            return err.abs().pow(MSE_NORM).sum(-1, keepdim=True)
+        # The candidates join the rows, (..., K·rows, n) @ (..., n, n): a per-head H is then never broadcast
+        # (copied) along the candidates.
+        stacked = err.movedim(0, -3)
+        HE = (stacked.reshape(*stacked.shape[:-3], -1, w.shape[-1]) @ hessian).reshape(stacked.shape)
+        return (HE.movedim(-3, 0) * err).sum(-1, keepdim=True)
+
+    best_scale, best_zero = _minmax_grid(xmin, xmax, spec)
+    best = score(best_scale[None], best_zero[None])[0]
+    best_step = torch.zeros_like(best, dtype=torch.long)
+
+    def consider(steps: torch.Tensor) -> None:
+        """Keeps, per row, the first strictly better of the candidates for these steps (K, ..., rows, 1)."""
+        nonlocal best, best_scale, best_zero, best_step
+        scale, zero, step = candidates(steps)
+        chunk = max(1, SEARCH_CHUNK // max(1, w.numel()))
+        for c0 in range(0, scale.shape[0], chunk):
+            s, z, k = scale[c0 : c0 + chunk], zero[c0 : c0 + chunk], step[c0 : c0 + chunk]
+            err, i = score(s, z).min(0)  # the first minimum: the earliest candidate on a tie
+            better = err < best
+
+            def pick(x):  # each row's chosen candidate
+                return torch.gather(x.expand(-1, *err.shape), 0, i[None])[0]
+
+            best = torch.where(better, err, best)
+            best_scale = torch.where(better, pick(s), best_scale)
+            best_zero = torch.where(better, pick(z), best_zero)
+            best_step = torch.where(better, pick(k), best_step)
+
+    def as_steps(values) -> torch.Tensor:
+        return torch.as_tensor(values, device=w.device).reshape(-1, *[1] * xmin.dim())
+
+    if spec.grid == "mse":
+        consider(as_steps(range(1, CLIP_STEPS)))
+    else:  # each H-weighted score is a (rows × n) @ (n × n) product: every COARSE-th ratio, then around each best
+        consider(as_steps(range(COARSE, CLIP_STEPS, COARSE)))
+        offsets = as_steps([o for o in range(1 - COARSE, COARSE) if o])
+        consider((best_step + offsets).clamp(0, CLIP_STEPS - 1))
+    return best_scale, best_zero
+
+
+def grids_by_group(
+    w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, zero), each (..., rows, n_groups): one grid per row and run of group_size columns of w (..., rows, cols)
+    (the last group may be narrower). The Hessian-weighted search uses each group's diagonal block of H."""
+    cols = w.shape[-1]
+    width = spec.group_width(cols)
+    scales, zeros = [], []
+    for c0 in range(0, cols, width):
+        block = None if hessian is None else hessian[..., c0 : c0 + width, c0 : c0 + width]
+        scale, zero = find_grid(w[..., c0 : c0 + width], spec, block)
+        scales.append(scale)
+        zeros.append(zero)
+    return torch.cat(scales, dim=-1), torch.cat(zeros, dim=-1)
+
+
+@dataclass
+class QuantizedWeight:
+    """A quantized weight: W ≈ scale[:, g_idx] · (codes − zero[:, g_idx]).
+
+    codes (rows, cols) uint8; scale, zero (rows, n_groups) in the weight's dtype; g_idx (cols,) int32 maps each
+    input column to its group (under act-order a group is a run of the *processing* order, so g_idx is stored).
+    """
+
+    codes: torch.Tensor
+    scale: torch.Tensor
+    zero: torch.Tensor
+    g_idx: torch.Tensor
+    bits: int
+
+    def dequantize(self) -> torch.Tensor:
+        g = self.g_idx.long()
+        return dequantize(self.codes.to(self.scale.dtype), self.scale[:, g], self.zero[:, g])

@@ -1,0 +1,213 @@
+"""The block loop: quantize a model one decoder block at a time on calibration windows.
+
+capture block 0's inputs once (BlockInputs) -> for each block: for each sequential group of layers ([q,k,v] -> [o]
+-> [gate,up] -> [down]): run the block on the *quantized* path up to that group and gather the statistics the
+method needs (GroupStatistics: input Hessians; BoA: attention row factors; TurboBoA: dX terms against the FP path,
+which runs beside it on its own inputs), solve each layer (method.solve), write its dequantized weight back -> the
+block's outputs are the next block's inputs -> checkpoint (the block's codes and the next inputs, one atomic step)
+so that an interrupted run resumes from the last finished block.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+from tqdm.auto import tqdm
+
+from boa.algorithms import Method
+from boa.config import QuantConfig
+from boa.core.checkpoint import Checkpoint
+from boa.core.checks import check_finite
+from boa.core.errors import BoaError
+from boa.core.io import hash_tensors
+from boa.core.output import check_output, checkpoint_folder
+from boa.core.quantizer import QuantizedWeight
+from boa.models.adapter import Adapter, adapter_for
+from boa.pipeline.inputs import BlockInputs
+from boa.stats import GroupStatistics, run_fp_block
+from boa_kernels import backend_for
+
+log = logging.getLogger(__name__)
+
+CHECKPOINT_KIND = "boa-blocks"
+
+
+@dataclass
+class QuantResult:
+    model: nn.Module
+    config: QuantConfig
+    layers: dict[str, QuantizedWeight] = field(default_factory=dict)  # full module name -> codes and grids
+    losses: dict[str, float] = field(default_factory=dict)             # each layer's objective (LayerStats.loss)
+    seconds: float = 0.0
+    fingerprint: str = ""
+    calibration: dict | None = None  # the windows used: nsamples, seqlen, sha256 (callers may add corpus, seed)
+
+
+def run_fingerprint(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None) -> str:
+    """Identifies (model weights, config, calibration windows), so a checkpoint or output folder is never mixed up.
+    Hashes every tensor's bytes (about a second per GB)."""
+    digest = hashlib.blake2b(config.fingerprint().encode(), digest_size=16)
+    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
+    hash_tensors(digest, model.state_dict())
+    if calib is not None:
+        digest.update(calib.cpu().contiguous().numpy().data)
+    return digest.hexdigest()
+
+
+def calibration_record(calib: torch.Tensor) -> dict:
+    """What identifies a set of calibration windows."""
+    return {"nsamples": calib.shape[0], "seqlen": calib.shape[1],
+            "sha256": hashlib.sha256(calib.cpu().contiguous().numpy().data).hexdigest()}
+
+
+def _check_calibration(model: nn.Module, method: Method, calib: torch.Tensor | None) -> None:
+    if method.needs().hessian and calib is None:
+        raise BoaError(f"method {method.name!r} needs calibration windows: pass calib=boa.data.calibration_windows(...)")
+    if calib is None:
+        return
+    if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
+        raise BoaError("calib must be a LongTensor (nsamples, seqlen) of token ids")
+    vocab = model.get_input_embeddings().num_embeddings
+    if calib.min() < 0 or calib.max() >= vocab:
+        raise BoaError(
+            f"calibration token ids span [{int(calib.min())}, {int(calib.max())}] but the model's vocabulary has "
+            f"{vocab} entries; tokenize the calibration text with this model's tokenizer"
+        )
+
+
+def _write_back(layer: nn.Linear, q: QuantizedWeight) -> None:
+    dtype = layer.weight.dtype
+    q.scale, q.zero = q.scale.to(dtype), q.zero.to(dtype)
+    layer.weight.data = q.dequantize().to(dtype).to(layer.weight.device)
+
+
+def _save_block(checkpoint: Checkpoint, index: int, layers: dict[str, QuantizedWeight], losses: dict,
+                inputs: BlockInputs | None) -> None:
+    tensors = {}
+    for name, q in layers.items():
+        tensors.update({f"{name}.codes": q.codes, f"{name}.scale": q.scale, f"{name}.zero": q.zero,
+                        f"{name}.g_idx": q.g_idx})
+    meta = {"losses": losses, "bits": {n: q.bits for n, q in layers.items()}}
+    checkpoint.save(index, tensors, meta, carry=None if inputs is None else inputs.state())
+
+
+def _load_block(checkpoint: Checkpoint, index: int) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
+    tensors, meta = checkpoint.load(index)
+    layers = {name: QuantizedWeight(tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors[f"{name}.zero"],
+                                    tensors[f"{name}.g_idx"], bits)
+              for name, bits in meta["bits"].items()}
+    return layers, meta["losses"]
+
+
+def quantize_block(block: nn.Module, method: Method, adapter: Adapter, groups: list[list[str]],
+                   statistics: GroupStatistics | None, inputs: BlockInputs | None, hessian_dtype: torch.dtype,
+                   progress: bool = True, bar=None) -> tuple[dict[str, QuantizedWeight], dict[str, float], list | None]:
+    """Quantizes one block in place, group by group: (codes per layer, loss per layer, the FP path's outputs when
+    the dX correction runs)."""
+    modules = dict(block.named_modules())
+    layers, losses = {}, {}
+    # the FP path: this block before quantization, on the FP path's inputs (TurboBoA's dX reference)
+    fp = None
+    if inputs is not None and inputs.fp is not None:
+        fp = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, inputs.dtype, method.needs().attention)
+    for group in groups:
+        stats = statistics(block, group, inputs.hidden, inputs.kwargs, fp) if statistics is not None else {}
+        for name in group:
+            layer, layer_stats = modules[name], stats.get(name)
+            W = layer.weight.detach()
+            q = method.solve(W.to(hessian_dtype if layer_stats else torch.float32), layer_stats,
+                             qkv=name in adapter.qkv, progress=name if progress else None)
+            _write_back(layer, q)
+            layers[name] = q
+            losses[name] = layer_stats.loss(W, layer.weight) if layer_stats else float("nan")
+            if layer_stats:
+                log.info("%s loss %.6g", name, losses[name])
+                if bar is not None:
+                    bar.set_postfix_str(f"{name.split('.')[-1]} loss {losses[name]:.4g}")
+    return layers, losses, None if fp is None else fp.outputs
+
+
+def quantize(
+    model: nn.Module,
+    config: QuantConfig | Method,
+    calib: torch.Tensor | None = None,
+    *,
+    adapter: Adapter | None = None,
+    out: str | Path | None = None,
+    checkpoint_dir: str | Path | None = None,
+    resume: bool = False,
+    progress: bool = True,
+    on_block_done=None,
+) -> QuantResult:
+    """Quantizes `model` in place (its linear weights become their fake-quantized values) and returns the codes.
+
+    config: a QuantConfig, or just a method (boa.GPTQ(...), boa.TurboBoA(...), ...) with the default run settings.
+    calib: LongTensor (nsamples, seqlen) of token ids (see boa.data.calibration_windows); RTN needs none.
+    out: the folder the result will be saved to (boa.save): checked before any work, and its checkpoint OUT.partial
+    keeps each finished block (discarded first unless resume=True, which continues from it).
+    checkpoint_dir: a checkpoint folder without an output folder (what `out` picks itself).
+    on_block_done(index): called after each block's checkpoint (used by tests to interrupt a run).
+    """
+    start = time.perf_counter()
+    config = config if isinstance(config, QuantConfig) else QuantConfig(config)
+    config.validate()  # settings changed after construction are checked too
+    method = config.method
+    needs = method.needs()
+    adapter = adapter or adapter_for(model.config)
+    check_finite(model)
+    kernel_backend = backend_for(next(model.parameters()).device)  # a bad BOA_KERNELS fails now, not mid-run
+    log.info("column pass kernels: %s", kernel_backend)
+    _check_calibration(model, method, calib)
+    calib = calib if needs.hessian else None
+    fingerprint = run_fingerprint(model, config, calib)
+    if out is not None:
+        from boa.export.boa_format import MANIFEST
+
+        check_output(out, MANIFEST, fingerprint, writer="boa quantize")
+        checkpoint_dir = checkpoint_folder(out, resume)
+    elif resume and not checkpoint_dir:
+        raise BoaError("resume=True needs the output folder (out=) or checkpoint_dir of the interrupted run")
+    result = QuantResult(model, config, fingerprint=fingerprint,
+                         calibration=None if calib is None else calibration_record(calib))
+    checkpoint = Checkpoint(checkpoint_dir, fingerprint, CHECKPOINT_KIND) if checkpoint_dir else None
+    first = checkpoint.next_step() if (checkpoint and resume) else 0
+
+    blocks = adapter.blocks(model)
+    hessian_dtype = getattr(torch, config.hessian_dtype)
+    inputs = statistics = None
+    if needs.hessian:
+        inputs = BlockInputs.capture(model, blocks[0], calib, getattr(torch, config.cache_dtype), needs.dx)
+        if first > 0:
+            inputs.restore(checkpoint.load_carry())
+        statistics = GroupStatistics(model, adapter, needs, hessian_dtype)
+
+    groups = adapter.sequential_groups() if config.true_sequential else [adapter.linear_names()]
+    bar = tqdm(range(len(blocks)), desc=method.label, disable=not progress, unit="block")
+    for index in bar:
+        block = blocks[index]
+        prefix = f"{adapter.blocks_path}.{index}."
+        if index < first:  # finished before the interruption: restore its codes
+            layers, losses = _load_block(checkpoint, index)
+            modules = dict(block.named_modules())
+            for name, q in layers.items():
+                _write_back(modules[name], q)
+        else:
+            with torch.no_grad():
+                layers, losses, fp_outputs = quantize_block(block, method, adapter, groups, statistics, inputs,
+                                                            hessian_dtype, progress, bar)
+                if inputs is not None:
+                    inputs.advance(block, fp_outputs)
+            if checkpoint:
+                _save_block(checkpoint, index, layers, losses, inputs)
+            if on_block_done:
+                on_block_done(index)
+        result.layers.update({prefix + n: q for n, q in layers.items()})
+        result.losses.update({prefix + n: v for n, v in losses.items()})
+    result.seconds = time.perf_counter() - start
+    return result

@@ -1,0 +1,79 @@
+"""The uniform quantizer and its grid searches, against brute force."""
+import pytest
+import torch
+
+from boa.core.quantizer import MSE_NORM, QuantSpec, fake_quantize, find_grid, grids_by_group
+
+
+def hessian_error(w, q, H):
+    e = q - w
+    return ((e @ H) * e).sum(-1)
+
+
+@pytest.mark.parametrize("sym", [False, True])
+def test_searched_grids_beat_minmax_on_their_own_objective(sym):
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(16, 32, generator=g, dtype=torch.float64)
+    w[:, 0] *= 6  # an outlier per row makes clipping worthwhile
+    X = torch.randn(256, 32, generator=g, dtype=torch.float64)
+    H = 2 * X.T @ X / 256
+    base = QuantSpec(bits=3, sym=sym)
+    q_minmax = fake_quantize(w, *find_grid(w, base), base.maxq)
+    mse = QuantSpec(bits=3, sym=sym, grid="mse")
+    q_mse = fake_quantize(w, *find_grid(w, mse), mse.maxq)
+    hes = QuantSpec(bits=3, sym=sym, grid="hessian")
+    q_hes = fake_quantize(w, *find_grid(w, hes, H), hes.maxq)
+    err_mse = (q_mse - w).abs().pow(MSE_NORM).sum(-1)
+    err_minmax = (q_minmax - w).abs().pow(MSE_NORM).sum(-1)
+    assert torch.all(err_mse <= err_minmax + 1e-12) and torch.any(err_mse < 0.9 * err_minmax)
+    assert torch.all(hessian_error(w, q_hes, H) <= hessian_error(w, q_minmax, H) + 1e-12)
+    assert hessian_error(w, q_hes, H).sum() < hessian_error(w, q_mse, H).sum()
+
+
+def test_minmax_grid_is_exact_on_grid_points():
+    """Weights already on a 4-bit grid (as SmolLM2's Q4_1 blocks are) are reproduced exactly."""
+    scale = torch.tensor([[0.1], [0.25]])
+    zero = torch.tensor([[3.0], [7.0]])
+    codes = torch.tensor([[0, 15, 3, 7], [15, 0, 7, 2]], dtype=torch.float32)
+    w = scale * (codes - zero)
+    spec = QuantSpec(bits=4)
+    assert torch.allclose(fake_quantize(w, *find_grid(w, spec), spec.maxq), w, atol=1e-6)
+
+
+def test_symmetric_grid_is_centred_and_partial_groups_get_their_own_grid():
+    w = torch.randn(4, 20, generator=torch.Generator().manual_seed(1))
+    spec = QuantSpec(bits=4, sym=True, group_size=8)
+    scale, zero = grids_by_group(w, spec)
+    assert scale.shape == (4, 3) and torch.all(zero == 8)
+    last = w[:, 16:]
+    assert torch.allclose(scale[:, 2], 2 * last.abs().amax(-1) / 15)
+
+
+def brute_force_hessian_grid(w, H, spec):
+    """Every clip ratio with both zero roundings (and the min-max grid's rounded zero), one row at a time."""
+    best = []
+    for row in w:
+        candidates = []
+        for i in range(100):
+            p = 1 - i / 100
+            lo, hi = p * min(float(row.min()), 0.0), p * max(float(row.max()), 0.0)
+            scale = (hi - lo) / spec.maxq
+            zeros = [torch.floor(torch.tensor(-lo / scale)), torch.ceil(torch.tensor(-lo / scale))]
+            for zero in zeros + ([torch.round(torch.tensor(-lo / scale))] if i == 0 else []):
+                q = scale * (torch.clamp(torch.round(row / scale) + zero, 0, spec.maxq) - zero)
+                candidates.append(float((q - row) @ H @ (q - row)))
+        best.append(min(candidates))
+    return torch.tensor(best, dtype=w.dtype)
+
+
+def test_coarse_to_fine_hessian_search_is_close_to_exhaustive():
+    g = torch.Generator().manual_seed(2)
+    w = torch.randn(24, 40, generator=g, dtype=torch.float64)
+    w[:, 3] *= 5
+    X = torch.randn(512, 40, generator=g, dtype=torch.float64) * torch.rand(40, generator=g, dtype=torch.float64)
+    H = 2 * X.T @ X / 512
+    spec = QuantSpec(bits=3, grid="hessian")
+    ours = hessian_error(w, fake_quantize(w, *find_grid(w, spec, H), spec.maxq), H)
+    exhaustive = brute_force_hessian_grid(w, H, spec)
+    assert torch.all(ours >= exhaustive * (1 - 1e-6))  # nothing better than the optimum over all candidates
+    assert float(ours.sum()) <= 1.01 * float(exhaustive.sum())

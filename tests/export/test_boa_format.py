@@ -1,0 +1,136 @@
+"""boa.save / boa.load: a quantized model survives the round trip bit for bit, without pickle, and never overwrites
+a folder that holds another model."""
+import copy
+import os
+
+import pytest
+import torch
+from safetensors import safe_open
+
+import boa
+from boa.core.packed import unpack_codes
+from boa.nn import QuantLinear
+
+PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
+
+
+@torch.no_grad()
+def logits(model, windows):
+    return model(input_ids=windows, use_cache=False).logits
+
+
+CONFIGS = {
+    "per-channel": dict(bits=4, group_size=-1),
+    "g16-act-order": dict(bits=3, group_size=16, act_order=True),
+    "g24-act-order-static": dict(bits=4, group_size=24, act_order=True, static_groups=True, sym=True),
+}
+
+
+@pytest.mark.parametrize("settings", CONFIGS.values(), ids=CONFIGS.keys())
+def test_save_load_round_trip_is_exact(tiny_model, calib, heldout, tmp_path, settings, monkeypatch):
+    """The loaded model (packed QuantLinear layers) holds exactly the quantized codes, grids and g_idx, for
+    per-channel grids and for group-wise grids under act-order (whose g_idx is a permutation, not a range); on the
+    torch path (dequantize, then matmul) its logits equal the in-memory fake-quant model's bit for bit, and on the
+    packed kernels within float32 rounding of the different summation order."""
+    config = boa.QuantConfig(method="gptq", **settings)
+    result = boa.quantize(tiny_model, config, calib, progress=False)
+    if settings.get("act_order") and not settings.get("static_groups"):
+        assert any(not torch.equal(q.g_idx, q.g_idx.sort().values) for q in result.layers.values())
+    out = boa.save(result, tmp_path / "out")
+
+    loaded, tokenizer, loaded_config = boa.load(out)
+    assert tokenizer is None
+    assert loaded_config == config
+    assert not loaded.training
+    expected = logits(tiny_model, heldout)
+    torch.testing.assert_close(logits(loaded, heldout), expected, rtol=1e-4, atol=1e-4)
+    monkeypatch.setenv("BOA_KERNELS", "torch")
+    assert torch.equal(logits(loaded, heldout), expected)
+
+    quant_modules = {n: m for n, m in loaded.named_modules() if isinstance(m, QuantLinear)}
+    assert set(quant_modules) == set(result.layers)
+    for name, module in quant_modules.items():
+        q, got = result.layers[name], module.quantized_weight()
+        assert module.bits == config.bits and module.qweight.dtype == torch.uint8
+        for field in ("codes", "scale", "zero", "g_idx"):
+            assert torch.equal(getattr(got, field), getattr(q, field)), (name, field)
+    assert not any(type(m) is torch.nn.Linear for n, m in loaded.named_modules() if n in result.layers)
+
+
+def test_saved_folder_holds_packed_codes_and_no_pickle(tiny_opt, calib, tmp_path, word_tokenizer):
+    """Tensors go through safetensors only: codes packed at 4 bits a weight (uint8, boa/core/packed.py), no
+    full-precision weight for a quantized layer, the biases kept, tied head stored once; no pickle-based file
+    anywhere; tokenizer round-trips."""
+    result = boa.quantize(tiny_opt, boa.QuantConfig(bits=4, group_size=32), calib, progress=False)
+    out = boa.save(result, tmp_path / "out", word_tokenizer)
+
+    files = [p for p in out.rglob("*") if p.is_file()]
+    assert not [p for p in files if p.suffix in PICKLE_SUFFIXES]
+    assert {"config.json", "model.safetensors", "quantization.json"} <= {p.name for p in files}
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        keys = set(f.keys())
+        for name, q in result.layers.items():
+            qweight = f.get_tensor(f"{name}.qweight")
+            rows, cols = q.codes.shape
+            assert qweight.dtype == torch.uint8 and qweight.shape == (rows, -(-cols // 64) * 64 * 4 // 8)
+            assert torch.equal(unpack_codes(qweight, 4)[:, :cols], q.codes)
+            assert f.get_tensor(f"{name}.scales").dtype == torch.float32
+            assert f"{name}.perm" not in keys  # groups are runs of columns without act-order
+            assert f"{name}.weight" not in keys
+            assert f"{name}.bias" in keys  # OPT's projections have biases
+    assert "lm_head.weight" not in keys and "model.decoder.embed_tokens.weight" in keys
+
+    _, tokenizer, _ = boa.load(out)
+    text = "w1 w7 w200 nonsense"
+    assert tokenizer(text).input_ids == word_tokenizer(text).input_ids == [3, 9, 202, 0]
+
+
+def test_save_refuses_a_folder_holding_another_model(tiny_llama, tiny_opt, calib, tmp_path, folder_snapshot):
+    """A folder holding a different boa model, or any other files, is not overwritten: BoaError names the folder,
+    and every file in it is byte-for-byte unchanged."""
+    other = boa.quantize(tiny_opt, boa.QuantConfig(method="rtn", bits=4), progress=False)
+    occupied = boa.save(other, tmp_path / "occupied")
+    plain = tmp_path / "plain"
+    plain.mkdir()
+    (plain / "notes.txt").write_text("not a model")
+    before = {folder: folder_snapshot(folder) for folder in (occupied, plain)}
+
+    result = boa.quantize(tiny_llama, boa.QuantConfig(bits=4), calib, progress=False)
+    for folder in (occupied, plain):
+        with pytest.raises(boa.BoaError, match="already holds a different model") as err:
+            boa.save(result, folder)
+        assert str(folder) in str(err.value)
+        assert folder_snapshot(folder) == before[folder]
+    assert sorted(os.listdir(tmp_path)) == ["occupied", "plain"]  # no temporary folder left behind
+
+
+def test_saving_the_same_result_twice(tiny_llama, calib, heldout, tmp_path):
+    """Re-saving a result into the folder that already holds it is allowed and leaves one loadable copy."""
+    result = boa.quantize(tiny_llama, boa.QuantConfig(bits=4, group_size=32), calib, progress=False)
+    boa.save(result, tmp_path / "out")
+    boa.save(result, tmp_path / "out")
+    assert os.listdir(tmp_path) == ["out"]
+    loaded, _, _ = boa.load(tmp_path / "out")
+    assert torch.equal(logits(loaded, heldout), logits(tiny_llama, heldout))
+
+
+def test_load_rejects_a_folder_boa_did_not_write(tiny_llama_dir):
+    """A plain transformers folder has no quantization.json: BoaError says so instead of loading random weights."""
+    with pytest.raises(boa.BoaError, match="not a boa-quantized model"):
+        boa.load(tiny_llama_dir)
+
+
+def test_save_refuses_a_model_differing_only_by_permuted_weights(tiny_llama, calib, tmp_path, folder_snapshot):
+    """Two models that differ only by two swapped rows of one weight are different models (different outputs), so
+    saving one's result over the other's folder must be refused."""
+    twin = copy.deepcopy(tiny_llama)
+    with torch.no_grad():
+        w = twin.model.layers[0].mlp.down_proj.weight
+        w[[0, 1]] = w[[1, 0]].clone()
+        assert not torch.equal(twin(calib).logits, tiny_llama(calib).logits)
+    config = boa.QuantConfig(bits=4, group_size=-1)
+    first = boa.save(boa.quantize(tiny_llama, config, calib, progress=False), tmp_path / "out")
+    before = folder_snapshot(first)
+    with pytest.raises(boa.BoaError, match="different model"):
+        boa.save(boa.quantize(twin, config, calib, progress=False), first)
+    assert folder_snapshot(first) == before

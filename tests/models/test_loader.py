@@ -1,0 +1,37 @@
+"""Loading models (boa.models): a missing folder and an architecture without an adapter give boa.BoaError whose
+message names the problem, and nothing is written or cached."""
+import os
+
+import pytest
+import torch
+from transformers import GPT2Config, GPT2LMHeadModel
+
+import boa
+
+
+def test_missing_model_folder(empty_cache):
+    with pytest.raises(boa.BoaError, match=r"model '/nonexistent/model' not found: no such folder"):
+        boa.load_model("/nonexistent/model")
+    assert not os.listdir(empty_cache)
+
+
+@pytest.fixture
+def gpt2_dir(tmp_path):
+    torch.manual_seed(0)
+    model = GPT2LMHeadModel(GPT2Config(n_embd=64, n_layer=1, n_head=4, vocab_size=256, n_positions=64))
+    folder = tmp_path / "gpt2"
+    model.save_pretrained(folder)
+    return folder, model.eval()
+
+
+def test_unsupported_architecture(gpt2_dir, calib, folder_snapshot):
+    """GPT-2 has no adapter: load_model refuses it from its config alone, before reading weights, and quantize
+    refuses the in-memory model; both messages list the supported model types."""
+    folder, model = gpt2_dir
+    before = folder_snapshot(folder)
+    for call in (lambda: boa.load_model(str(folder)), lambda: boa.quantize(model, boa.GPTQ(), calib)):
+        with pytest.raises(boa.BoaError, match="unsupported architecture 'gpt2'") as err:
+            call()
+        message = str(err.value)
+        assert "llama" in message and "opt" in message
+    assert folder_snapshot(folder) == before
