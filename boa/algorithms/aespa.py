@@ -30,7 +30,7 @@ import torch
 from tqdm.auto import tqdm
 
 from boa.algorithms.base import REGISTRY, Method, Needs, check_number, check_positive_int, register
-from boa.algorithms.obs import BoA, TurboBoA
+from boa.algorithms.obs import TurboBoA
 from boa.algorithms.solver import SolveState, refine_scales
 from boa.core.adaround import beta_at, rectified_sigmoid_inverse
 from boa.core.errors import BoaError

@@ -211,6 +211,39 @@ class _Order:
         return x[..., torch.argsort(self.columns)] if columns else x
 
 
+def _solve_rows(W, scale, zero, column_pass: _ColumnPass, step: int, H, U_out, per_channel_adaptive: bool,
+                keep_state: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+    """The row pass, in processing order: `step` rows of every head at a time run the column pass (W left holding
+    their quantized values), then the later rows take the closed-form row update (U_out; None without a row
+    factor, when step covers every row). Returns the codes and, with keep_state, each weight as it was rounded."""
+    heads, d, cols = W.shape
+    spec = column_pass.spec
+    codes = torch.empty_like(W)
+    compensated = torch.empty_like(W) if keep_state else None
+    shared = H.shape[0] == 1
+    for r1 in range(0, d, step):
+        r2 = min(r1 + step, d)
+        W_B = W[:, r1:r2]
+        s_B, z_B = scale[:, r1:r2].contiguous(), zero[:, r1:r2].contiguous()
+        if per_channel_adaptive:
+            s_B, z_B = find_grid(W_B, spec, H)
+        Q_B = W_B.clone()
+        if shared:  # one U for every head: run all heads' rows as one matrix
+            flat = (1, heads * (r2 - r1))
+            C_B = None if compensated is None else torch.empty_like(Q_B).reshape(*flat, cols)
+            c = column_pass.run(Q_B.reshape(*flat, cols), s_B.reshape(*flat, -1), z_B.reshape(*flat, -1), C_B)
+            codes[:, r1:r2] = c.reshape(heads, r2 - r1, cols)
+            if compensated is not None:
+                compensated[:, r1:r2] = C_B.reshape(heads, r2 - r1, cols)
+        else:
+            C_B = None if compensated is None else compensated[:, r1:r2]
+            codes[:, r1:r2] = column_pass.run(Q_B, s_B, z_B, C_B)
+        scale[:, r1:r2], zero[:, r1:r2] = s_B, z_B
+        if r2 < d:
+            W[:, r2:] += row_update(U_out, r1, r2, Q_B - W_B)
+    return codes, compensated
+
+
 def obs_solve(
     W: torch.Tensor,
     H: torch.Tensor,
@@ -257,7 +290,7 @@ def obs_solve(
         U_out = inverse_cholesky_upper(H_out, percdamp)
         step = rows_per_step
     else:
-        step = d  # no row coupling: all rows in one pass
+        U_out, step = None, d  # no row coupling: all rows in one pass
     T = W.clone()
 
     width = spec.group_width(cols)
@@ -273,29 +306,7 @@ def obs_solve(
     per_channel_adaptive = not static_groups and spec.group_size == -1
     column_pass = _ColumnPass(spec, H, U, group_of, static_groups or per_channel_adaptive, block_size)
 
-    codes = torch.empty_like(W)
-    compensated = torch.empty_like(W) if keep_state else None
-    shared = H.shape[0] == 1
-    for r1 in range(0, d, step):
-        r2 = min(r1 + step, d)
-        W_B = W[:, r1:r2]
-        s_B, z_B = scale[:, r1:r2].contiguous(), zero[:, r1:r2].contiguous()
-        if per_channel_adaptive:
-            s_B, z_B = find_grid(W_B, spec, H)
-        Q_B = W_B.clone()
-        if shared:  # one U for every head: run all heads' rows as one matrix
-            flat = (1, heads * (r2 - r1))
-            C_B = None if compensated is None else torch.empty_like(Q_B).reshape(*flat, cols)
-            c = column_pass.run(Q_B.reshape(*flat, cols), s_B.reshape(*flat, -1), z_B.reshape(*flat, -1), C_B)
-            codes[:, r1:r2] = c.reshape(heads, r2 - r1, cols)
-            if compensated is not None:
-                compensated[:, r1:r2] = C_B.reshape(heads, r2 - r1, cols)
-        else:
-            C_B = None if compensated is None else compensated[:, r1:r2]
-            codes[:, r1:r2] = column_pass.run(Q_B, s_B, z_B, C_B)
-        scale[:, r1:r2], zero[:, r1:r2] = s_B, z_B
-        if r2 < d:
-            W[:, r2:] += row_update(U_out, r1, r2, Q_B - W_B)
+    codes, compensated = _solve_rows(W, scale, zero, column_pass, step, H, U_out, per_channel_adaptive, keep_state)
 
     if refine_iters:
         W_int = codes - zero[..., group_of]

@@ -28,6 +28,7 @@ from boa.core.io import atomic_dir
 from boa.core.output import check_output, finish_output
 from boa.core.output import read_manifest as _read_manifest
 from boa.core.packed import PackedWeight, pack
+from boa.export.common import plain_tensors
 from boa.nn.quant_linear import pack_model
 from boa.core.quantizer import QuantizedWeight
 
@@ -47,15 +48,7 @@ def save(result, folder, tokenizer=None) -> Path:
     folder = Path(folder)
     check_output(folder, MANIFEST, result.fingerprint, writer="boa quantize")
     model = result.model
-    quantized = set(result.layers)
-    tensors, seen = {}, {}
-    for name, tensor in model.state_dict().items():
-        if name.rsplit(".", 1)[0] in quantized and name.endswith(".weight"):
-            continue
-        if tensor.data_ptr() in seen:  # tied weights (e.g. lm_head = embed_tokens) are stored once
-            continue
-        seen[tensor.data_ptr()] = name
-        tensors[name] = tensor.detach().contiguous()
+    tensors = plain_tensors(model, result.layers)
     layers = {}
     for name, q in result.layers.items():
         packed = pack(q)

@@ -9,7 +9,6 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from boa.core.errors import BoaError
 from boa.core.io import atomic_dir
 from boa.core.output import check_output
 from boa.core.quantizer import QuantizedWeight

@@ -28,6 +28,7 @@ from boa.core.errors import BoaError
 from boa.core.io import hash_tensors
 from boa.core.output import check_output, checkpoint_folder
 from boa.core.quantizer import QuantizedWeight
+from boa.export.boa_format import MANIFEST
 from boa.models.adapter import Adapter, adapter_for
 from boa.pipeline.inputs import BlockInputs
 from boa.stats import GroupStatistics, run_fp_block
@@ -105,6 +106,17 @@ def _load_block(checkpoint: Checkpoint, index: int) -> tuple[dict[str, Quantized
     return layers, meta["losses"]
 
 
+def _open_checkpoint(out, checkpoint_dir, resume: bool, fingerprint: str) -> Checkpoint | None:
+    """The run's checkpoint: beside the output folder (checked first: nothing is worked on for a folder that cannot
+    be written), or in checkpoint_dir, or none."""
+    if out is not None:
+        check_output(out, MANIFEST, fingerprint, writer="boa quantize")
+        checkpoint_dir = checkpoint_folder(out, resume)
+    elif resume and not checkpoint_dir:
+        raise BoaError("resume=True needs the output folder (out=) or checkpoint_dir of the interrupted run")
+    return Checkpoint(checkpoint_dir, fingerprint, CHECKPOINT_KIND) if checkpoint_dir else None
+
+
 def quantize_block(block: nn.Module, method: Method, adapter: Adapter, groups: list[list[str]],
                    statistics: GroupStatistics | None, inputs: BlockInputs | None, hessian_dtype: torch.dtype,
                    progress: bool = True, bar=None) -> tuple[dict[str, QuantizedWeight], dict[str, float], list | None]:
@@ -166,17 +178,10 @@ def quantize(
     _check_calibration(model, method, calib)
     calib = calib if needs.hessian else None
     fingerprint = run_fingerprint(model, config, calib)
-    if out is not None:
-        from boa.export.boa_format import MANIFEST
-
-        check_output(out, MANIFEST, fingerprint, writer="boa quantize")
-        checkpoint_dir = checkpoint_folder(out, resume)
-    elif resume and not checkpoint_dir:
-        raise BoaError("resume=True needs the output folder (out=) or checkpoint_dir of the interrupted run")
+    checkpoint = _open_checkpoint(out, checkpoint_dir, resume, fingerprint)
+    first = checkpoint.next_step() if (checkpoint and resume) else 0
     result = QuantResult(model, config, fingerprint=fingerprint,
                          calibration=None if calib is None else calibration_record(calib))
-    checkpoint = Checkpoint(checkpoint_dir, fingerprint, CHECKPOINT_KIND) if checkpoint_dir else None
-    first = checkpoint.next_step() if (checkpoint and resume) else 0
 
     blocks = adapter.blocks(model)
     hessian_dtype = getattr(torch, config.hessian_dtype)
