@@ -20,7 +20,7 @@ from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
-from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+from transformers import AutoConfig, AutoTokenizer
 
 from boa.config import QuantConfig
 from boa.core.errors import BoaError
@@ -29,6 +29,7 @@ from boa.core.output import check_output, finish_output
 from boa.core.output import read_manifest as _read_manifest
 from boa.core.packed import PackedWeight, pack
 from boa.export.common import plain_tensors
+from boa.models.adapter import adapter_for
 from boa.nn.quant_linear import pack_model
 from boa.core.quantizer import QuantizedWeight
 
@@ -84,7 +85,7 @@ def load(folder, device: str = "cpu"):
         raise BoaError(f"{folder} was written by format version {version}; this boa reads versions {READS}")
     config = AutoConfig.from_pretrained(folder)
     dtype = getattr(torch, manifest["dtype"])
-    model = AutoModelForCausalLM.from_config(config, dtype=dtype)
+    model = adapter_for(config).model_class.from_config(config, dtype=dtype)
     tensors = load_file(str(folder / WEIGHTS))
     layers = {}
     for name, info in manifest["layers"].items():

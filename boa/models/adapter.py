@@ -10,6 +10,7 @@ from operator import attrgetter
 
 import torch
 from torch import nn
+from transformers import AutoModel, AutoModelForCausalLM
 
 from boa.core.errors import BoaError
 
@@ -47,6 +48,7 @@ class Adapter:
     mlp_out: str                     # its output projection
     attention: str = "self_attn"     # the attention module inside a block (the one calling the attention function)
     rotary_path: str | None = None   # the model's rotary embedding module, if it has one
+    model_class = AutoModelForCausalLM  # the transformers auto class that builds the model (with its head)
 
     def __init__(self, config):
         self.config = config
@@ -137,6 +139,7 @@ class BertAdapter(Adapter):
     """BERT-style encoders (MiniLM): bidirectional attention, no RoPE."""
 
     model_types = ("bert",)
+    model_class = AutoModel  # no LM head: the encoder itself
     blocks_path = "encoder.layer"
     attention = "attention.self"
     q_proj, k_proj, v_proj = "attention.self.query", "attention.self.key", "attention.self.value"

@@ -77,7 +77,7 @@ def load_model(
     config = load_config(name_or_path)
     adapter = adapter_for(config)
     folder = model_folder(name_or_path)
-    model = AutoModelForCausalLM.from_pretrained(folder, dtype=dtype).to(device).eval()
+    model = adapter.model_class.from_pretrained(folder, dtype=dtype).to(device).eval()
     tokenizer = AutoTokenizer.from_pretrained(folder)
     check_finite(model)
     return model, tokenizer, adapter

@@ -8,8 +8,9 @@ already-quantized units' output) and Y = unit(X_fp) the float output, minimise o
 
 (QDrop at the block input; each activation quantizer also keeps 50% of its elements in float), with Adam on the
 weight steps (1e−4), the activation steps (4e−5), both cosine-annealed to 0, and on α (1e−3); β falls from 20 to 2
-after the first 20% of the iterations, which leave the regulariser off (boa.core.adaround.beta_at). Then the rounding is hardened and the
-quantized unit's output on X_q feeds the next unit. BatchNorm stays in float, in eval mode (not folded).
+after the first 20% of the iterations, which leave the regulariser off (boa.core.adaround.beta_at). Then the
+rounding is hardened and the quantized unit's output on X_q feeds the next unit. BatchNorm stays in float, in eval
+mode (not folded).
 With iters = 0 this is RTN: the 2.4-norm grid, round to nearest, activation steps from the first batch.
 """
 from __future__ import annotations

@@ -1,4 +1,4 @@
-"""The vision models (EfficientNet-Lite0 with its ImageNet weights, the Fashion-MNIST ResNet) and image data."""
+"""The vision models: EfficientNet-Lite0 with its ImageNet weights, the Fashion-MNIST ResNet, the units convention."""
 import importlib.util
 
 import pytest
@@ -6,7 +6,8 @@ import torch
 from torch import nn
 
 from boa.core.errors import BoaError
-from boa.models.vision import (
+from boa.vision.images import crop_views
+from boa.vision.models import (
     VISION_MODELS, BasicBlock, SamePad2d, build_vision_model, efficientnet_lite0, fmnist_resnet, load_vision_model,
 )
 
@@ -25,10 +26,8 @@ def lite0():
 def _photo(name: str, spec) -> torch.Tensor:
     """The centre 224-px crop of a scikit-image photo, normalised for the model."""
     skimage_data = pytest.importorskip("skimage.data")
-    from boa.data.images import _views
-
     image = torch.from_numpy(getattr(skimage_data, name)().copy()).permute(2, 0, 1).float() / 255
-    (where, view), *_ = _views(image, spec.image_size)
+    (where, view), *_ = crop_views(image, spec.image_size)
     assert where == "centre"
     return spec.normalise(view[None])
 
@@ -114,43 +113,3 @@ def test_spec_normalise():
     _, spec = build_vision_model("efficientnet-lite0")
     x = torch.tensor([0.0, 0.5, 1.0]).view(1, 3, 1, 1).expand(1, 3, 2, 2)
     assert torch.allclose(spec.normalise(x)[0, :, 0, 0], torch.tensor([-1.0, 0.0, 1.0]))
-
-
-def test_fashion_mnist():
-    from boa.data.images import fashion_mnist
-
-    try:
-        x, y = fashion_mnist("test")
-    except BoaError as err:
-        if "apt-get" in str(err):
-            pytest.skip(f"Debian's dataset-fashion-mnist is not available: {err}")
-        raise
-    assert x.shape == (10_000, 28, 28) and x.dtype == torch.uint8
-    assert y.shape == (10_000,) and y.dtype == torch.int64
-    assert y.min() == 0 and y.max() == 9 and (y.bincount() == 1000).all()
-    assert 0.25 < x.float().mean() / 255 < 0.32  # Fashion-MNIST's mean pixel is 0.286
-    with pytest.raises(BoaError, match="split"):
-        fashion_mnist("valid")
-
-
-def test_photos():
-    pytest.importorskip("skimage")
-    from boa.data.images import photos
-
-    images, names = photos(64)
-    assert images.shape == (len(names), 3, 64, 64) and images.dtype == torch.float32
-    assert len(names) % 10 == 0 and len(names) >= 40 and len(set(names)) == len(names)
-    assert "chelsea/centre" in names and "coffee/bottom-right-flip" in names
-    assert images.min() >= 0 and images.max() <= 1 and images.std() > 0.1
-    i = names.index("chelsea/centre")
-    assert torch.equal(images[i + 1], images[i].flip(-1))  # each view is followed by its mirror
-    assert not torch.equal(images[i], images[i + 2])  # the corner crops differ from the centre
-
-
-def test_gaussian_noise():
-    from boa.data.images import gaussian_noise
-
-    _, spec = build_vision_model("fmnist-resnet")
-    a, b = gaussian_noise(4, spec, seed=1), gaussian_noise(4, spec, seed=1)
-    assert a.shape == (4, 1, 28, 28) and torch.equal(a, b)
-    assert not torch.equal(a, gaussian_noise(4, spec, seed=2))
