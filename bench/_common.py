@@ -11,6 +11,8 @@ import boa
 FP = "fp"
 # Set by the run itself (--settings, --nsamples, --seqlen, the method name), so not overridable per method.
 RESERVED = ("method", "bits", "group_size", "nsamples", "seqlen")
+# Run settings an entry may set beside its method's fields (boa.QuantConfig's other fields).
+RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(boa.QuantConfig) if f.name != "method")
 
 
 def parse_settings(text: str) -> list[tuple[int, int]]:
@@ -37,6 +39,19 @@ class MethodEntry:
     method: str       # "turboboa"
     overrides: dict   # {"rows_per_step": 4}
 
+    def config(self, bits: int, group_size: int) -> boa.QuantConfig:
+        """The run's config at one setting: the method built by boa.algorithms.method_from_dict from its name, the
+        setting and the method overrides (aespa's init fields among them), and the run options the entry sets."""
+        from boa.algorithms import method_from_dict
+
+        fields = {k: v for k, v in self.overrides.items() if k not in RUN_OPTIONS}
+        options = {k: v for k, v in self.overrides.items() if k in RUN_OPTIONS}
+        try:
+            method = method_from_dict({"method": self.method, "bits": bits, "group_size": group_size, **fields})
+            return boa.QuantConfig(method, **options)
+        except (boa.BoaError, TypeError) as e:
+            raise SystemExit(f"method entry {self.entry!r} at {setting_label(bits, group_size)}: {e}") from None
+
 
 def parse_value(text: str):
     """"4" -> 4, "0.25" -> 0.25, "true"/"false" -> bool, anything else stays a string."""
@@ -50,13 +65,32 @@ def parse_value(text: str):
     return text
 
 
+def method_fields(method: str, overrides: dict) -> set[str]:
+    """The keys an entry of `method` may override: the method class's fields; for aespa its own and those of its
+    init (the entry's init=..., else aespa's default init)."""
+    from boa.algorithms import REGISTRY
+
+    cls = REGISTRY[method]
+    fields = {f.name for f in dataclasses.fields(cls)}
+    if method == "aespa":
+        init = overrides.get("init") or cls().init.name
+        if init in REGISTRY:
+            fields |= {f.name for f in dataclasses.fields(REGISTRY[init])}
+    return fields
+
+
 def parse_methods(text: str) -> list[MethodEntry]:
-    """"fp,rtn,turboboa:rows_per_step=4" -> entries; override keys are checked against QuantConfig's fields."""
-    fields = {f.name for f in dataclasses.fields(boa.QuantConfig)}
+    """"fp,rtn,turboboa:rows_per_step=4" -> entries; override keys are checked against the method class's fields
+    (aespa: its own and its init's) and the run options (boa.QuantConfig's hessian_dtype, cache_dtype,
+    true_sequential)."""
+    from boa.algorithms import REGISTRY
+
     entries = []
     for item in text.split(","):
         item = item.strip()
         method, *pairs = item.split(":")
+        if method != FP and method not in REGISTRY:
+            raise SystemExit(f"method entry {item!r}: unknown method {method!r}; known: {FP}, {', '.join(REGISTRY)}")
         overrides = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
@@ -65,12 +99,15 @@ def parse_methods(text: str) -> list[MethodEntry]:
             if key in RESERVED:
                 raise SystemExit(f"method entry {item!r}: {key!r} is set by the run (--settings, --nsamples, "
                                  "--seqlen or the method name) and cannot be overridden per method")
-            if key not in fields:
-                raise SystemExit(f"method entry {item!r}: {key!r} is not a QuantConfig field; known fields: "
-                                 f"{', '.join(sorted(fields - set(RESERVED)))}")
             overrides[key] = parse_value(value)
         if method == FP and overrides:
             raise SystemExit(f"method entry {item!r}: fp takes no overrides")
+        if method != FP:
+            known = method_fields(method, overrides) | set(RUN_OPTIONS)
+            for key in overrides:
+                if key not in known:
+                    raise SystemExit(f"method entry {item!r}: {key!r} is not a setting of {method}; known: "
+                                     f"{', '.join(sorted(known - set(RESERVED)))}")
         if item in (e.entry for e in entries):
             raise SystemExit(f"method entry {item!r} is given twice")
         entries.append(MethodEntry(item, method, overrides))

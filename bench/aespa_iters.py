@@ -4,8 +4,10 @@
         --json bench/results/aespa_iters_w2g64.json [--threads 2]
 
 Only the first `--blocks` decoder blocks are quantized (the rest stay in full precision), once with the init method
-alone (`--init`, e.g. turboboa: the "0 steps" row) and once per step count with aespa from that init, all on one
-set of calibration windows. Each row reports the seconds of boa.quantize, the sum of the quantized layers' objectives
+alone (`--init`, e.g. turboboa: the "0 steps" row, exactly the init the aespa rows start from: aespa's H-weighted
+grid, and the init's settings among --overrides) and once per step count with aespa from that init, all on one set
+of calibration windows. --overrides are aespa's settings and its init's (as bench/quality.py's method entries).
+Each row reports the seconds of boa.quantize, the sum of the quantized layers' objectives
 (boa's per-layer losses, tr(H_out ΔW H ΔWᵀ)) relative to the init's, per layer kind, and the perplexity of the
 partly quantized model on held-out Wikipedia and Austen text — the end-to-end effect of those blocks alone.
 """
@@ -21,10 +23,11 @@ from pathlib import Path
 import torch
 
 import boa
-from boa.eval import evaluate_perplexity
+from boa.algorithms import method_from_dict
 from boa.core.io import atomic_file
+from boa.eval import evaluate_perplexity
 
-from _common import parse_settings, setting_label  # bench/ is on sys.path
+from _common import RESERVED, method_fields, parse_settings, setting_label  # bench/ is on sys.path
 
 
 def quantize_first_blocks(model, adapter, config, calib, blocks: int):
@@ -55,7 +58,8 @@ def main() -> None:
     parser.add_argument("--setting", default="w2g64", help="wBITS[gGROUP]")
     parser.add_argument("--init", default="turboboa", help="aespa's init method (also the 0-step row)")
     parser.add_argument("--iters", default="100,500,2000", help="comma-separated learned-rounding step counts")
-    parser.add_argument("--overrides", default="", help="extra QuantConfig overrides for aespa, key=value,...")
+    parser.add_argument("--overrides", default="",
+                        help="settings of aespa or of its init, key=value,... (e.g. rounding_lr=0.05,rows_per_step=4)")
     parser.add_argument("--nsamples", type=int, default=32)
     parser.add_argument("--seqlen", type=int, default=512)
     parser.add_argument("--eval-windows", type=int, default=16)
@@ -69,13 +73,23 @@ def main() -> None:
     for item in filter(None, args.overrides.split(",")):
         key, _, value = item.partition("=")
         overrides[key] = json.loads(value) if value[:1].isdigit() or value[:1] == "-" else value
+    known = method_fields("aespa", {"init": args.init}) - set(RESERVED) - {"init", "rounding_iters"}
+    unknown = sorted(set(overrides) - known)
+    if unknown:
+        raise SystemExit(f"--overrides: {', '.join(unknown)} not settings of aespa from {args.init}; known: "
+                         f"{', '.join(sorted(known))}")
+
+    def aespa(steps: int):
+        try:
+            return method_from_dict({"method": "aespa", "init": args.init, "bits": bits, "group_size": group_size,
+                                     "rounding_iters": steps, **overrides})
+        except boa.BoaError as e:
+            raise SystemExit(f"aespa from {args.init}: {e}") from None
+
+    runs = [(0, aespa(1).init)] + [(int(n), aespa(int(n))) for n in args.iters.split(",")]
 
     fp_model, tokenizer, adapter = boa.load_model(args.model)
     calib = boa.data.calibration_windows(tokenizer, "wikipedia", nsamples=args.nsamples, seqlen=args.seqlen)
-    common = dict(bits=bits, group_size=group_size, nsamples=args.nsamples, seqlen=args.seqlen)
-    runs = [(0, boa.QuantConfig(method=args.init, grid="hessian", **common))]
-    runs += [(int(n), boa.QuantConfig(method="aespa", init=args.init, rounding_iters=int(n), **common, **overrides))
-             for n in args.iters.split(",")]
     header = {"model": args.model, "blocks": args.blocks, "setting": setting_label(bits, group_size),
               "init": args.init, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
               "threads": torch.get_num_threads(), "overrides": overrides}
@@ -86,7 +100,7 @@ def main() -> None:
         kinds = by_kind(result.losses)
         reference = reference or kinds
         ppl = evaluate_perplexity(model, tokenizer, max_windows=args.eval_windows)
-        row = {"steps": steps, "method": config.method, "seconds": seconds, **ppl,
+        row = {"steps": steps, "method": config.name, "config": config.to_dict(), "seconds": seconds, **ppl,
                "objective": sum(kinds.values()), "objective_vs_init": sum(kinds.values()) / sum(reference.values()),
                "objective_by_kind_vs_init": {k: v / reference[k] for k, v in kinds.items()}}
         rows.append(row)

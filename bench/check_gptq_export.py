@@ -120,15 +120,14 @@ def prepare(case: str, settings: dict, folder: Path) -> dict:
     model, tokenizer = boa.load_model("smollm2-135m")[:2] if smollm2 else tiny_llama()
     calib = windows(tokenizer, 16, 256 if smollm2 else 64, seed=0)
     inputs = windows(tokenizer, 4, 128 if smollm2 else 64, seed=1)
-    config = boa.QuantConfig(method="gptq", nsamples=len(calib), seqlen=calib.shape[1], **settings)
     start = time.perf_counter()
-    result = boa.quantize(model, config, calib, progress=False)
+    result = boa.quantize(model, boa.GPTQ(**settings), calib, progress=False)
     seconds = time.perf_counter() - start
     weights = fp16_grid_weights(result.layers)
     with torch.no_grad():
         fake_quant = model(inputs, use_cache=False).logits
         fp16_grids = fp16_grid_model(model, weights)(inputs, use_cache=False).logits.float()
-    export_gptq(model, result.layers, folder / "export", tokenizer, config)
+    export_gptq(model, result.layers, folder / "export", tokenizer, result.config)
     save_file({"inputs": inputs, "fake_quant": fake_quant, "fp16_grids": fp16_grids}, str(folder / "ref.safetensors"))
     blocks = {".layers.0.", f".layers.{model.config.num_hidden_layers - 1}."}
     save_file({n: w for n, w in weights.items() if any(b in n for b in blocks)}, str(folder / "weights.safetensors"))

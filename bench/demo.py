@@ -11,6 +11,7 @@ import copy
 import time
 
 import boa
+from boa.algorithms import method_from_dict
 from boa.eval import Report, evaluate_perplexity
 
 from _common import parse_settings, setting_label  # bench/ is sys.path[0] when run as a script
@@ -43,7 +44,7 @@ def main() -> None:
     for bits, group_size in parse_settings(args.settings):
         for method in args.methods.split(","):
             model = copy.deepcopy(fp_model)
-            config = boa.QuantConfig(method=method, bits=bits, group_size=group_size, nsamples=args.nsamples)
+            config = method_from_dict({"method": method, "bits": bits, "group_size": group_size})
             start = time.perf_counter()
             with report.phase(f"quantize {method}"):
                 boa.quantize(model, config, calib, adapter=adapter, progress=True)

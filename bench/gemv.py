@@ -323,8 +323,7 @@ def bench_decode(name: str, load, dtypes: tuple[torch.dtype, ...], settings: Set
         rows.append(decode_row(model.to(dtype), tokenizer, name, f"transformers-{short(dtype)}", settings))
     for bits in BITS:
         model, tokenizer = load()
-        config = boa.QuantConfig(method="rtn", bits=bits, group_size=DECODE_GROUP)
-        result = boa.quantize(model, config, calib=None, progress=False)
+        result = boa.quantize(model, boa.RTN(bits=bits, group_size=DECODE_GROUP), calib=None, progress=False)
         packed = boa.nn.pack_model(result.model, result.layers)
         for dtype in dtypes:
             rows.append(decode_row(packed.to(dtype), tokenizer, name, f"boa-w{bits}-{short(dtype)}", settings))

@@ -70,14 +70,12 @@ def ppl(model, eval_sets: dict, args) -> dict:
 
 def run_ours(args, calib, eval_sets) -> dict:
     model, _, adapter = boa.load_model(args.model)
-    config = boa.QuantConfig(
-        method="gptq", bits=args.bits, group_size=args.group_size, sym=args.sym,
-        act_order=args.act_order == "static", static_groups=True, true_sequential=False,
-        percdamp=args.percdamp, block_size=args.block_size, nsamples=args.nsamples, seqlen=args.seqlen,
-    )
+    method = boa.GPTQ(bits=args.bits, group_size=args.group_size, sym=args.sym, act_order=args.act_order == "static",
+                      static_groups=True, percdamp=args.percdamp, block_size=args.block_size)
+    config = boa.QuantConfig(method, true_sequential=False)
     result = boa.quantize(model, config, calib=calib, adapter=adapter, progress=False)
     return {**ppl(model, eval_sets, args), "seconds": result.seconds,
-            "act_order": config.act_order, "static_groups": True, "true_sequential": False}
+            "act_order": method.act_order, "static_groups": True, "true_sequential": False}
 
 
 def run_peer(args, calib, eval_sets) -> dict:

@@ -89,8 +89,7 @@ def boa_rows(threads: int, tokens: int) -> list[dict]:
         return max(generate(m, tokenizer, PROMPT, tokens, stop_at_eos=False).tok_s for _ in range(3))
 
     rows = [{"engine": "transformers-fp32", "tok_s": speed(model), "model_bytes": model_bytes(model)}]
-    result = boa.quantize(copy.deepcopy(model), boa.QuantConfig(method="rtn", bits=4, group_size=32), None,
-                          progress=False)
+    result = boa.quantize(copy.deepcopy(model), boa.RTN(bits=4, group_size=32), None, progress=False)
     packed = pack_model(result.model, result.layers)
     rows.append({"engine": "boa-w4g32-fp32", "tok_s": speed(packed), "model_bytes": model_bytes(packed)})
     packed = packed.to(torch.bfloat16)

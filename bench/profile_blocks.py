@@ -18,6 +18,7 @@ import time
 import torch
 
 import boa
+from boa.algorithms import method_from_dict
 
 PHASES = {
     "statistics passes": "collect_statistics",
@@ -49,8 +50,7 @@ def main() -> None:
     for method in args.methods.split(","):
         model = copy.deepcopy(fp_model)
         del adapter.blocks(model)[args.blocks:]
-        config = boa.QuantConfig(method=method, bits=args.bits, group_size=args.group_size, nsamples=args.nsamples,
-                                 seqlen=args.seqlen)
+        config = method_from_dict({"method": method, "bits": args.bits, "group_size": args.group_size})
         profiler = cProfile.Profile()
         start = time.perf_counter()
         profiler.enable()

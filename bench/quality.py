@@ -14,8 +14,10 @@ so that the full table (fp, rtn, gptq, boa, turboboa, aespa at w4g128, w3, w2g64
 cores (aespa, with TurboBoA as its init and 500 learned-rounding steps per layer, is half of it).
 Compare numbers only between runs with the same --nsamples/--seqlen/--eval-windows (they are in the JSON).
 
-Methods. A method entry may carry QuantConfig overrides after colons, e.g. `turboboa:rows_per_step=4:refine_iters=0`
-or `rtn:grid=mse` (values are read as int, then float, then true/false, else string). The JSON keeps the whole
+Methods. A method entry may carry overrides after colons, e.g. `turboboa:rows_per_step=4:refine_iters=0`,
+`rtn:grid=mse` or `aespa:init=gptq:rounding_iters=200`: the method's own settings (boa.TurboBoA's fields; aespa's and
+its init's), or the run options hessian_dtype, cache_dtype, true_sequential (values are read as int, then float,
+then true/false, else string). The JSON keeps the whole
 entry string as the row's "method", so several variants of one method can be compared in one run.
 
 Output. The JSON is rewritten (atomically) after every finished row, so an interrupted run keeps what it finished;
@@ -38,21 +40,13 @@ from pathlib import Path
 import torch
 
 import boa
-from boa.eval import EVAL_CORPORA, evaluate_perplexity
 from boa.core.io import atomic_file
+from boa.eval import EVAL_CORPORA, evaluate_perplexity
 
-from _common import FP, MethodEntry, parse_methods, parse_settings, setting_label  # bench/ is on sys.path
+from _common import FP, parse_methods, parse_settings, setting_label  # bench/ is on sys.path
 
 FP_BITS, FP_GROUP = 16, -1
 HEADER_KEYS = ("model", "nsamples", "seqlen", "eval_windows")  # must match for --resume to reuse rows
-
-
-def make_config(entry: MethodEntry, bits: int, group_size: int, args) -> boa.QuantConfig:
-    try:
-        return boa.QuantConfig(method=entry.method, bits=bits, group_size=group_size, nsamples=args.nsamples,
-                               seqlen=args.seqlen, **entry.overrides)
-    except (boa.BoaError, TypeError) as e:
-        raise SystemExit(f"method entry {entry.entry!r} at {setting_label(bits, group_size)}: {e}") from None
 
 
 def row_key(row: dict) -> tuple:
@@ -159,7 +153,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a name or path for boa.load_model")
     parser.add_argument("--methods", default="fp,rtn,gptq,boa,turboboa,aespa",
-                        help="comma-separated methods, each optionally with :key=value QuantConfig overrides")
+                        help="comma-separated methods, each optionally with :key=value overrides of its settings")
     parser.add_argument("--settings", default="w4g128,w3,w2g64", help="comma-separated wBITS[gGROUP]")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (shared by every method)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
@@ -178,7 +172,7 @@ def main() -> None:
     quantized = [e for e in entries if e.method != FP]
     for entry in quantized:   # catch a bad method, setting or override before spending an hour
         for bits, group_size in settings:
-            make_config(entry, bits, group_size, args)
+            entry.config(bits, group_size)
 
     json_path = Path(args.json)
     header = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
@@ -207,7 +201,7 @@ def main() -> None:
                     model, seconds, config = fp_model, 0.0, {}
                 else:
                     model = copy.deepcopy(fp_model)
-                    cfg = make_config(entry, bits, group_size, args)
+                    cfg = entry.config(bits, group_size)
                     start = time.perf_counter()
                     boa.quantize(model, cfg, calib, adapter=adapter, progress=True)
                     seconds, config = time.perf_counter() - start, cfg.to_dict()

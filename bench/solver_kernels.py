@@ -10,18 +10,20 @@ baseline is checked to give the same codes as obs_solve (float64, small problem)
 op "compensate": one attention layer's column pass and row updates, bits 3, per-channel min-max grids, N = 1 (BoA)
     and 16 (TurboBoA), with U = chol(H⁻¹) and U_out precomputed (they are timed under inverse_cholesky), so that
     the rows compare the hot loop alone. shape = [heads, head_dim, cols] of the layer.
-    backend torch | cpp | cuda | triton: the solver's own row loop (`kernel_pass` below: obs_solve's column pass
-        `_ColumnPass` and `row_update`) with BOA_KERNELS set to it; torch is the column-at-a-time reference the
-        kernels are tested against; a backend that cannot run here is left out.
+    backend torch | cpp | cuda | triton: obs_solve's row loop written with boa's public pieces (`kernel_pass`
+        below: the fused column kernel boa_kernels.compensate_block_ on lazy blocks of 128 columns, as obs_solve's
+        own column pass calls it, and `row_update`; the solver's column pass itself is private) with BOA_KERNELS set
+        to it; torch is the column-at-a-time reference the kernels are tested against; a backend that cannot run
+        here is left out.
     backend column_loop: the public BoA code's shape of computation (`column_loop` below): per row step, one
         column at a time in torch, each column's error updating all the layer's later columns at once (no lazy
         blocks), then the later rows by the solver's row_update.
     rows_timed: the weight rows solved. On CPU the Llama-3-8B layers solve only the rows of each head's first
         --row-steps row steps (the same rows for every backend), not the whole layer; on a GPU the whole layer.
-op "turboboa_layer" / "gptq_layer": the whole obs_solve (factors, grids included) on each q_proj shape with the
-    methods' defaults
-    (boa.config.METHOD_DEFAULTS: TurboBoA's Hessian-weighted grid, N = 16, a random dX term D scaled by α, one scale
-    refinement sweep; GPTQ without a row factor, min-max grid), per kernel backend; the rows as for compensate.
+op "turboboa_layer" / "gptq_layer": the whole public method.solve (obs_solve: factors, grids included) on each
+    q_proj shape with the methods' defaults at 3 bits per channel (boa.TurboBoA(): the Hessian-weighted grid,
+    N = 16, a random dX term D scaled by α, one scale refinement sweep; boa.GPTQ(): no row factor, min-max grid),
+    per kernel backend; the rows as for compensate.
     On the sliced Llama rows, the cols × cols factor (~2 s on CPU) and TurboBoA's Hessian-weighted grid search
     (61 candidate scores, each a rows × cols × cols product) dominate.
 op "inverse_cholesky": U = chol(H⁻¹) of a batch of damped SPD matrices, float32 and float64, shape = [batch, n, n].
@@ -44,19 +46,28 @@ from pathlib import Path
 
 import torch
 
-from boa.algorithms.solver import _ColumnPass, obs_solve, row_update
-from boa.config import ATTENTION_AWARE, METHOD_DEFAULTS
-from boa.core.io import write_json
+import boa
+from boa.algorithms import obs_solve
+from boa.algorithms.solver import row_update
 from boa.core.hessian import damp, inverse_cholesky_upper
+from boa.core.io import write_json
 from boa.core.quantizer import QuantSpec, dequantize, find_grid, quantize
+from boa.stats import LayerStats
+from boa_kernels import compensate_block_
 from boa_kernels.dispatch import ENV, backend_for
 
 SEED = 0
 BITS = 3
 PERCDAMP = 0.01
 COMPENSATE_N = (1, 16)
+BLOCK_SIZE = 128  # the lazy-batch width: GPTQ's default, as obs_solve uses it
 # Min-max grids, so that the grid search does not dilute the column pass's share of the time.
 MINMAX = QuantSpec(BITS, grid="minmax")
+# The methods timed whole, with their defaults (per-channel grids, as the compensate rows).
+METHODS = {
+    "turboboa": boa.TurboBoA(bits=BITS, group_size=-1),
+    "gptq": boa.GPTQ(bits=BITS, group_size=-1),
+}
 # Random Hessians: H = 2 S (GᵀG / RANK + RIDGE · I) S, channel scales S log-normal (activation outliers), correlations
 # from the shared low-rank factor G: the Hessian of activations X = Z [G; √RIDGE·I] S of a real layer's width.
 RANK = 64
@@ -120,25 +131,35 @@ def factors(H: torch.Tensor, H_out: torch.Tensor) -> tuple[torch.Tensor, torch.T
 
 def kernel_pass(W: torch.Tensor, U: torch.Tensor, U_out: torch.Tensor, spec: QuantSpec,
                 rows_per_step: int) -> torch.Tensor:
-    """obs_solve's row loop for per-channel grids (no act-order, shared H) with the factors given: every head's N
-    rows of a step run the solver's column pass (`_ColumnPass`, whose blocks go through boa_kernels'
-    compensate_block_), then the later rows move by row_update. Returns the codes."""
+    """obs_solve's row loop for per-channel grids (no act-order, shared H) with the factors given, from boa's public
+    pieces: every head's N rows of a step, as one matrix, run the column pass in lazy blocks of BLOCK_SIZE columns,
+    each block through the fused kernel boa_kernels.compensate_block_ and followed by one GEMM on the later columns
+    (what obs_solve's private column pass does); then the later rows move by row_update. Returns the codes."""
     heads, d, _ = U_out.shape
     cols = W.shape[-1]
     W = W.to(U.dtype).reshape(heads, d, cols).clone()
-    passes = _ColumnPass(spec, H=U[None], U=U[None], group_of=torch.zeros(cols, dtype=torch.long, device=U.device),
-                         static=True, block_size=128)  # H serves dynamic grids only: unused here
+    blocks = [(i1, min(i1 + BLOCK_SIZE, cols)) for i1 in range(0, cols, BLOCK_SIZE)]
+    U_blocks = [U[None, i1:i2, i1:i2].contiguous() for i1, i2 in blocks]  # made once, as obs_solve does
+    group_of = torch.zeros(cols, dtype=torch.long, device=U.device)  # one grid per row
     codes = torch.empty_like(W)
     for r1 in range(0, d, rows_per_step):
         r2 = min(r1 + rows_per_step, d)
         W_B = W[:, r1:r2]
         scale, zero = find_grid(W_B, spec)
-        Q_B = W_B.clone()
         flat = (1, heads * (r2 - r1))
-        c = passes.run(Q_B.reshape(*flat, cols), scale.reshape(*flat, 1), zero.reshape(*flat, 1))
-        codes[:, r1:r2] = c.reshape(heads, r2 - r1, cols)
+        Q = W_B.reshape(*flat, cols).clone()
+        scale, zero = scale.reshape(*flat, 1).contiguous(), zero.reshape(*flat, 1).contiguous()
+        C = torch.empty_like(Q)
+        for (i1, i2), U1 in zip(blocks, U_blocks):
+            W1 = Q[..., i1:i2].clone(memory_format=torch.contiguous_format)
+            E1, C1 = torch.zeros_like(W1), torch.empty_like(W1)
+            compensate_block_(W1, E1, C1, U1, scale, zero, group_of[i1:i2], spec.maxq, 0, i2 - i1)
+            Q[..., i1:i2] = W1
+            C[..., i1:i2] = C1
+            Q[..., i2:] -= E1 @ U[None, i1:i2, i2:]
+        codes[:, r1:r2] = C.reshape(heads, r2 - r1, cols)
         if r2 < d:
-            W[:, r2:] += row_update(U_out, r1, r2, Q_B - W_B)
+            W[:, r2:] += row_update(U_out, r1, r2, Q.reshape(heads, r2 - r1, cols) - W_B)
     return codes.reshape(-1, cols)
 
 
@@ -245,19 +266,17 @@ def bench_compensate(timer: Timer, layer: Layer, N: int, rows_per_head: int, bac
     return group_rows(common, seconds, "torch", "column_loop")
 
 
-def bench_method(timer: Timer, method: str, layer: Layer, rows_per_head: int, backends: list[str]) -> list[dict]:
-    defaults = METHOD_DEFAULTS[method]
+def bench_method(timer: Timer, name: str, layer: Layer, rows_per_head: int, backends: list[str]) -> list[dict]:
+    """The method's own solve (its defaults), on the statistics it needs: the row factors only for a method that
+    needs the attention, the dX term D (scaled by the method's α inside) only for one that needs it."""
+    method = METHODS[name]
+    needs = method.needs()
     W, H, H_out, D = layer_problem(layer, rows_per_head, torch.float32, timer.device)
-    spec = QuantSpec(BITS, grid=defaults["grid"])
-    options = {"rows_per_step": defaults["rows_per_step"], "refine_iters": defaults["refine_iters"]}
-    if method in ATTENTION_AWARE:
-        options["H_out"] = H_out
-    if defaults["dx_alpha"]:
-        options["D"] = defaults["dx_alpha"] * D
-    seconds = {backend: timer.seconds(lambda: with_backend(backend, obs_solve, W, H, spec, **options))
+    stats = LayerStats(H, H_out=H_out if needs.attention else None, D=D if needs.dx else None)
+    seconds = {backend: timer.seconds(lambda: with_backend(backend, method.solve, W, stats))
                for backend in backends}
-    common = {"device": timer.device, "op": f"{method}_layer", "layer": layer.name, "shape": layer.shape,
-              "N": options["rows_per_step"] if "H_out" in options else None, "dtype": "float32",
+    common = {"device": timer.device, "op": f"{name}_layer", "layer": layer.name, "shape": layer.shape,
+              "N": method.rows_per_step if needs.attention else None, "dtype": "float32",
               "rows_timed": W.shape[0]}
     return group_rows(common, seconds, "torch", "column_loop")
 

@@ -4,7 +4,7 @@ floor.
     python bench/speed.py --methods gptq,gptq:grid=hessian,boa,turboboa --bits 3 --nsamples 32 --threads 2 \
         --json bench/results/speed_w3.json
 
-A method entry may carry QuantConfig overrides after colons, as in bench/quality.py (`gptq:grid=hessian`).
+A method entry may carry overrides of its settings after colons, as in bench/quality.py (`gptq:grid=hessian`).
 
 For each method: the wall time of `boa.quantize` on a fresh copy of the model (all blocks, or the first --blocks),
 its ratio to the first method's (GPTQ), and the run's own FLOP count — every matmul, attention and Hessian product
@@ -66,6 +66,7 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
+    configs = [(entry.entry, entry.config(args.bits, args.group_size)) for entry in parse_methods(args.methods)]
 
     fp_model, tokenizer, adapter = boa.load_model("smollm2-135m")
     blocks = args.blocks or len(adapter.blocks(fp_model))
@@ -75,10 +76,7 @@ def main() -> None:
     print(f"fp32 GEMM rate: {rate / 1e9:.1f} GFLOP/s on {args.threads} threads; kernels: {backend_for('cpu')}")
 
     rows = []
-    for entry in parse_methods(args.methods):
-        method = entry.entry
-        config = boa.QuantConfig(method=entry.method, bits=args.bits, group_size=args.group_size,
-                                 nsamples=args.nsamples, seqlen=args.seqlen, **entry.overrides)
+    for method, config in configs:  # method: the entry as given, e.g. "turboboa:rows_per_step=4"
         counter = FlopCounterMode(display=False)
         with counter:
             quantize_copy(fp_model, adapter, calib, config, args.count_blocks)

@@ -31,11 +31,8 @@ def _add_vision_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="also write the report here as JSON")
 
 
-def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="boa", description=__doc__)
-    parser.add_argument("-v", "--verbose", action="store_true", help="log every layer's loss")
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def _add_quantize(sub) -> None:
+    """`boa quantize`: the method, its grid and knobs, calibration, output."""
     q = sub.add_parser("quantize", help="quantize a model and save it")
     q.add_argument("model", help="built-in name (smollm2-135m), model folder or hub id")
     q.add_argument("--method", choices=list(REGISTRY), default="gptq")
@@ -68,6 +65,9 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("--eval-fp", action="store_true", help="also evaluate the unquantized model")
     _add_eval_args(q)
 
+
+def _add_eval_commands(sub) -> None:
+    """`boa eval`, `prepare`, `kernels`, `export`."""
     e = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or a boa-quantized folder")
     e.add_argument("model", help="built-in name, model folder, hub id, or a folder written by `boa quantize`")
     _add_eval_args(e)
@@ -83,6 +83,9 @@ def _parser() -> argparse.ArgumentParser:
                    help="compressed-tensors (llm-compressor's pack-quantized, for vLLM and transformers) or gptq (v1)")
     x.add_argument("--out", type=Path, required=True, help="the folder to write")
 
+
+def _add_vision_commands(sub) -> None:
+    """`boa quantize-vision` and `boa eval-vision` (the CNN path)."""
     v = sub.add_parser("quantize-vision", help="quantize a BatchNorm CNN (Genie: zero-shot from distilled images)")
     v.add_argument("model", help="built-in CNN: fmnist-resnet (train it with bench/train_fmnist.py) or efficientnet-lite0")
     v.add_argument("--method", choices=VISION_METHODS, default="genie-m",
@@ -106,6 +109,9 @@ def _parser() -> argparse.ArgumentParser:
     ev.add_argument("model", help="built-in CNN name or a quantized folder")
     _add_vision_eval_args(ev)
 
+
+def _add_generate(sub) -> None:
+    """`boa generate`."""
     g = sub.add_parser("generate", help="stream text from a boa-quantized folder (packed kernels) or any model")
     g.add_argument("model", help="a folder written by `boa quantize --out`, or a built-in name / model folder")
     g.add_argument("--prompt", required=True)
@@ -117,6 +123,17 @@ def _parser() -> argparse.ArgumentParser:
                    help="activations and unquantized weights (default: the model's; bfloat16 halves the "
                         "embedding/head traffic and takes the packed kernels' single-product bf16 path)")
     g.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="boa", description=__doc__)
+    parser.add_argument("-v", "--verbose", action="store_true", help="log every layer's loss")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    _add_quantize(sub)
+    _add_eval_commands(sub)
+    _add_vision_commands(sub)
+    _add_generate(sub)
     return parser
 
 

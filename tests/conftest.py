@@ -18,6 +18,7 @@ if shutil.which("nvidia-smi") is None:
 
 import pytest
 import torch
+
 from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
 
 VOCAB = 256

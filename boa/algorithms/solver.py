@@ -11,7 +11,7 @@ the earlier layers' error term α·2E[(X_fp − X_q) X_qᵀ] (zero unless TurboB
 Since the objective is tr(H_out (Q − T) H_in (Q − T)ᵀ) + const with target T = W + W D H_in⁻¹, the dX term is
 handled exactly by solving for T. (The public code instead adds GPTAQ's incremental column term P = triu₁(D Uᵀ) U;
 on random problems folding the target gives a lower objective, and it equals the exact sequential minimiser — see
-tests/test_boa_solver.py.)
+tests/algorithms/test_row_coupled_solver.py.)
 
 The Kronecker factorisation (H_out ⊗ H_in)⁻¹ = H_out⁻¹ ⊗ H_in⁻¹ makes the OBS solve two nested passes:
 - rows, N at a time: the N rows of a row block run GPTQ across their columns with U_in = chol(H_in⁻¹) (no coupling

@@ -36,7 +36,8 @@ class Report:
     def to_dict(self) -> dict:
         return {"results": self.rows, "seconds": self.seconds, "peak_memory_mb": peak_memory_mb(), **self.info}
 
-    def print(self, file=sys.stdout) -> None:
+    def print(self, file=None) -> None:
+        file = file or sys.stdout  # looked up now: a default bound at import would outlive a redirected stdout
         if self.rows:
             columns = list(dict.fromkeys(k for row in self.rows for k in row))
             widths = {c: max(len(c), *(len(_fmt(row.get(c))) for row in self.rows)) for c in columns}

@@ -10,16 +10,16 @@ from transformers import LlamaConfig, LlamaForCausalLM
 from transformers.models.llama.modeling_llama import apply_rotary_pos_emb
 
 import boa
+from boa.algorithms import method_from_dict
 from boa.algorithms.solver import SolveState
-from boa.config import QuantConfig
+from boa.core.adaround import rectified_sigmoid
 from boa.models import adapter_for
-from boa.pipeline import _capture_block_inputs, _GroupStatistics
-from boa.core.quantizer import QuantSpec
-from boa_kernels.rounding import rectified_sigmoid
+from boa.pipeline import BlockInputs
+from boa.stats import GroupStatistics
 
 from conftest import VOCAB, random_windows
 
-aespa = importlib.import_module("boa.algorithms.aespa")  # the module (boa.algorithms.aespa_solve is its entry point)
+aespa = importlib.import_module("boa.algorithms.aespa")  # the module (boa.Aespa is the method it defines)
 
 
 def build_mha_llama():
@@ -34,11 +34,11 @@ def attention_stats(model, calib, v_row_factor="exact"):
     """Block 0's q/k/v LayerStats as the pipeline gathers them for aespa."""
     adapter = adapter_for(model.config)
     block = adapter.blocks(model)[0]
-    config = QuantConfig(method="aespa", bits=2, group_size=-1, hessian_dtype="float64", v_row_factor=v_row_factor)
+    method = boa.Aespa(init=boa.TurboBoA(bits=2, group_size=-1, v_row_factor=v_row_factor))
     with torch.no_grad():
-        inputs, kwargs = _capture_block_inputs(model, block, calib, torch.float64)
-        stats = _GroupStatistics(model, adapter, config)(block, [adapter.q_proj, adapter.k_proj, adapter.v_proj],
-                                                         inputs, kwargs)
+        inputs = BlockInputs.capture(model, block, calib, torch.float64, with_fp=False)
+        stats = GroupStatistics(model, adapter, method.needs(), torch.float64)(
+            block, [adapter.q_proj, adapter.k_proj, adapter.v_proj], inputs.hidden, inputs.kwargs)
     return adapter, block, stats
 
 
@@ -143,12 +143,6 @@ def test_start_rounds_to_the_inits_codes():
     torch.testing.assert_close(h, 0.5 + aespa.START * (problem.start_codes - problem.base).clamp(0, 1) - aespa.START / 2)
 
 
-def test_beta_schedule():
-    assert aespa.beta_at(0, 100) is None and aespa.beta_at(19, 100) is None
-    assert aespa.beta_at(20, 100) == 20.0 and aespa.beta_at(100, 100) == 2.0
-    assert 2.0 < aespa.beta_at(60, 100) < 20.0
-
-
 def test_learned_rounding_runs_no_model_forward(tiny_llama, calib, monkeypatch):
     """Every module's forward is counted: none runs while a layer's rounding is learned (only the statistics passes
     between solves run the model)."""
@@ -157,7 +151,7 @@ def test_learned_rounding_runs_no_model_forward(tiny_llama, calib, monkeypatch):
     hooks = [m.register_forward_pre_hook(lambda *a: counts.__setitem__(
         "solving" if solving[0] else "between", counts["solving" if solving[0] else "between"] + 1))
         for m in tiny_llama.modules()]
-    real_solve = boa.pipeline.solve_layer
+    real_solve = boa.Aespa.solve
     solved = []
 
     def spy(*args, **kwargs):
@@ -168,9 +162,9 @@ def test_learned_rounding_runs_no_model_forward(tiny_llama, calib, monkeypatch):
         finally:
             solving[0] = False
 
-    monkeypatch.setattr(boa.pipeline, "solve_layer", spy)
-    config = QuantConfig(method="aespa", bits=2, group_size=16, rounding_iters=30)
-    boa.quantize(tiny_llama, config, calib, progress=False)
+    monkeypatch.setattr(boa.Aespa, "solve", spy)
+    method = boa.Aespa(init=boa.TurboBoA(bits=2, group_size=16), rounding_iters=30)
+    boa.quantize(tiny_llama, method, calib, progress=False)
     for handle in hooks:
         handle.remove()
     assert len(solved) == 14 and counts["between"] > 0
@@ -186,9 +180,10 @@ def test_every_init_runs_and_beats_or_keeps_it(tiny_llama, calib, heldout, init)
     base = dict(bits=2, group_size=16, grid="hessian")
     if init == "rtn":
         base["dx_alpha"] = 0.0
-    ours = boa.quantize(tiny_llama, QuantConfig(method="aespa", init=init, rounding_iters=100, **base), calib,
-                        progress=False)
-    theirs = boa.quantize(reference, QuantConfig(method=init, **base), calib, progress=False)
+    ours = boa.quantize(tiny_llama, method_from_dict({"method": "aespa", "init": init, "rounding_iters": 100, **base}),
+                        calib, progress=False)
+    theirs = boa.quantize(reference, method_from_dict({"method": init, **base}), calib, progress=False)
+    assert ours.config.method.init == theirs.config.method  # the same grid and solver settings
     assert sum(ours.losses.values()) < sum(theirs.losses.values())
 
 
@@ -208,27 +203,28 @@ def test_learned_rounding_on_a_real_block(tmp_path):
     saved-and-loaded model's q/k/v weights reproduce the losses the run reported."""
     model, tokenizer, adapter = first_blocks(1)
     calib = boa.data.calibration_windows(tokenizer, "wikipedia", 8, 128)
-    config = QuantConfig(method="aespa", bits=2, group_size=64, nsamples=8, seqlen=128, rounding_iters=200)
+    method = boa.Aespa(init=boa.TurboBoA(bits=2, group_size=64), rounding_iters=200)
     block = adapter.blocks(model)[0]
     with torch.no_grad():
-        inputs, kwargs = _capture_block_inputs(model, block, calib, torch.float32)
+        inputs = BlockInputs.capture(model, block, calib, torch.float32, with_fp=False)
         group = [adapter.q_proj, adapter.k_proj, adapter.v_proj]
-        stats = _GroupStatistics(model, adapter, config)(block, group, inputs, kwargs)
-    spec = QuantSpec(bits=2, group_size=64, grid="hessian")
+        stats = GroupStatistics(model, adapter, method.needs(), torch.float32)(block, group, inputs.hidden,
+                                                                               inputs.kwargs)
+    unrefined = dataclasses.replace(method, init=dataclasses.replace(method.init, refine_iters=0))
     weights = {name: block.get_submodule(name).weight.detach().clone() for name in group}
     for name in group:
         W, layer_stats = weights[name], stats[name]
-        init, state = aespa._init_solve(W, layer_stats, spec, config)
+        init, state = method.init.solve_state(W, layer_stats)
         problem = aespa.rounding_problem(init, state, layer_stats.H_out)
-        V = aespa.learn_rounding(problem, iters=200, lr=config.rounding_lr, round_weight=config.round_weight_qkv)
+        V = aespa.learn_rounding(problem, iters=200, lr=method.rounding_lr, round_weight=method.round_weight_qkv)
         h = rectified_sigmoid(V)
         assert float(((h == 0) | (h == 1)).double().mean()) > 0.99, name     # the regulariser made h binary
         learned, start = problem.loss(problem.hard_codes(V)), problem.loss(problem.start_codes)
         assert learned < 0.95 * start, (name, learned, start)
-        final = boa.algorithms.solve_layer(W, layer_stats, dataclasses.replace(config, refine_iters=0), qkv=True)
+        final = unrefined.solve(W, layer_stats, qkv=True)
         assert problem.loss(final.codes.float().reshape(problem.start_codes.shape)) <= learned
 
-    result = boa.quantize(model, config, calib, adapter=adapter, progress=False)
+    result = boa.quantize(model, method, calib, adapter=adapter, progress=False)
     boa.save(result, tmp_path / "out", tokenizer)
     loaded, _, _ = boa.load(tmp_path / "out")
     loaded_block = adapter.blocks(loaded)[0]

@@ -1,20 +1,14 @@
-"""GPTQ against an independent dense OBS solve, lazy batching against column-by-column, and against RTN."""
+"""The OBS solver on columns alone (GPTQ: one input Hessian, no row coupling): against an independent dense OBS
+solve, lazy batching against column-by-column, against RTN; partial and static groups, dead inputs. The row-coupled
+solves (BoA, TurboBoA) are in test_row_coupled_solver.py."""
 import pytest
 import torch
 
-from boa.algorithms.rtn import rtn
-from boa.algorithms.solver import gptq
+from boa.algorithms import obs_solve, rtn
 from boa.core.hessian import layer_loss
 from boa.core.quantizer import QuantSpec, dequantize, find_grid, quantize
 
-
-def correlated_problem(rows, cols, n=4096, seed=0, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    mix = torch.randn(cols, cols, generator=g, dtype=dtype) / cols**0.5 + torch.eye(cols, dtype=dtype)
-    X = torch.randn(n, cols, generator=g, dtype=dtype) @ mix
-    H = 2 * X.T @ X / n
-    W = torch.randn(rows, cols, generator=g, dtype=dtype)
-    return W, H
+from problems import correlated_problem
 
 
 def dense_obs(W, H, spec, order, percdamp=0.01):
@@ -45,7 +39,7 @@ def dense_obs(W, H, spec, order, percdamp=0.01):
 def test_gptq_equals_dense_obs(group_size, act_order):
     W, H = correlated_problem(6, 12)
     spec = QuantSpec(bits=3, group_size=group_size)
-    got = gptq(W, H, spec, block_size=4, act_order=act_order)
+    got = obs_solve(W, H, spec, block_size=4, act_order=act_order)
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(12)
     expected = dense_obs(W, H, spec, order.tolist())
     assert torch.equal(got.codes.double(), expected)
@@ -55,8 +49,8 @@ def test_gptq_equals_dense_obs(group_size, act_order):
 def test_lazy_batch_equals_column_by_column(group_size):
     W, H = correlated_problem(16, 100, seed=1)
     spec = QuantSpec(bits=4, group_size=group_size)
-    lazy = gptq(W, H, spec, block_size=32)
-    one = gptq(W, H, spec, block_size=1)
+    lazy = obs_solve(W, H, spec, block_size=32)
+    one = obs_solve(W, H, spec, block_size=1)
     assert torch.equal(lazy.codes, one.codes)
     assert torch.equal(lazy.g_idx, one.g_idx)
 
@@ -65,7 +59,7 @@ def test_lazy_batch_equals_column_by_column(group_size):
 def test_gptq_beats_rtn_on_correlated_inputs(bits, group_size):
     W, H = correlated_problem(32, 64, seed=2, dtype=torch.float32)
     spec = QuantSpec(bits=bits, group_size=group_size)
-    loss_gptq = layer_loss(W, gptq(W, H, spec).dequantize(), H)
+    loss_gptq = layer_loss(W, obs_solve(W, H, spec).dequantize(), H)
     loss_rtn = layer_loss(W, rtn(W, spec).dequantize(), H)
     assert loss_gptq < 0.9 * loss_rtn
 
@@ -74,7 +68,7 @@ def test_partial_last_group_and_static_groups():
     W, H = correlated_problem(8, 576 // 8, seed=3, dtype=torch.float32)  # 72 columns = 4.5 groups of 16
     spec = QuantSpec(bits=4, group_size=16)
     for static in (False, True):
-        q = gptq(W, H, spec, act_order=True, static_groups=static)
+        q = obs_solve(W, H, spec, act_order=True, static_groups=static)
         assert q.scale.shape == (8, 5)
         assert int(q.g_idx.max()) == 4
         if static:  # groups by original column index
@@ -86,5 +80,5 @@ def test_dead_inputs_are_zeroed():
     W, H = correlated_problem(4, 8, seed=4)
     H[3, :] = 0
     H[:, 3] = 0
-    q = gptq(W, H, QuantSpec(bits=4))
+    q = obs_solve(W, H, QuantSpec(bits=4))
     assert torch.all(q.dequantize()[:, 3] == 0)

@@ -1,19 +1,16 @@
-"""BoA / TurboBoA solver against independent dense computations: the OBS solve on the full H_out ⊗ H_in, the closed
-form of the row update, the exact minimiser of the dX objective, and brute-force scale refinement."""
+"""The OBS solver with rows coupled through the attention's row factors (BoA / TurboBoA) and its extensions, against
+independent dense computations: the OBS solve on the full H_out ⊗ H_in, the closed form of the row update, the
+exact minimiser of the dX objective, and brute-force scale refinement. GPTQ's column-only solve is in
+test_column_solver.py."""
 import pytest
 import torch
 
-from boa.algorithms.solver import gptq, obs_solve, refine_scales, row_update
+from boa.algorithms import obs_solve
+from boa.algorithms.solver import refine_scales, row_update
 from boa.core.hessian import inverse_cholesky_upper
 from boa.core.quantizer import QuantSpec, dequantize, find_grid, quantize
 
-from test_solver import correlated_problem
-
-
-def spd(n, seed, dtype=torch.float64):
-    g = torch.Generator().manual_seed(seed)
-    A = torch.randn(n, 2 * n, generator=g, dtype=dtype)
-    return A @ A.T / n + 0.1 * torch.eye(n, dtype=dtype)
+from problems import correlated_problem, spd
 
 
 def damped(H, percdamp=0.01):
@@ -71,7 +68,7 @@ def dense_row_blocks(W, H_out, H_in, spec, n):
     d = W.shape[0]
     for r1 in range(0, d, n):
         r2 = min(r1 + n, d)
-        q = gptq(W[r1:r2], H_in, spec, block_size=1)
+        q = obs_solve(W[r1:r2], H_in, spec, block_size=1)
         codes[r1:r2] = q.codes.double()
         if r2 < d:
             W[r2:] -= torch.linalg.solve(H_o[r2:, r2:], H_o[r2:, r1:r2]) @ (q.dequantize() - W[r1:r2])
@@ -97,7 +94,7 @@ def test_n_rows_one_is_boa_and_n_rows_full_head_is_gptq():
     assert torch.equal(one.codes.double(), torch.cat(boa_rows))
     # with every row in one block there is no row update left: the codes are GPTQ's
     full = obs_solve(W, H_in, spec, H_out=H_out, rows_per_step=d)
-    assert torch.equal(full.codes, gptq(W, H_in, spec).codes)
+    assert torch.equal(full.codes, obs_solve(W, H_in, spec).codes)
 
 
 def test_per_head_input_hessians_equal_separate_solves():
@@ -107,7 +104,7 @@ def test_per_head_input_hessians_equal_separate_solves():
     spec = QuantSpec(bits=3, group_size=4)
     got = obs_solve(W, H, spec, act_order=False)
     for h in range(heads):
-        alone = gptq(W[h * d : (h + 1) * d], H[h], spec)
+        alone = obs_solve(W[h * d : (h + 1) * d], H[h], spec)
         assert torch.equal(got.codes[h * d : (h + 1) * d], alone.codes)
         torch.testing.assert_close(got.scale[h * d : (h + 1) * d], alone.scale)
 
@@ -220,7 +217,7 @@ def test_turboboa_beats_gptq_on_the_kronecker_objective():
     def loss(q):
         return kron_objective(q.dequantize().reshape(heads, d, cols), T, H[None], H_out)
 
-    gptq_loss = loss(gptq(W, H, spec))
+    gptq_loss = loss(obs_solve(W, H, spec))
     boa_loss = loss(obs_solve(W, H, spec, H_out=H_out, rows_per_step=1))
     turbo_loss = loss(obs_solve(W, H, spec, H_out=H_out, rows_per_step=4, refine_iters=1))
     assert boa_loss < gptq_loss and turbo_loss < gptq_loss

@@ -1,7 +1,9 @@
 """boa.save / boa.load: a quantized model survives the round trip bit for bit, without pickle, and never overwrites
 a folder that holds another model."""
 import copy
+import json
 import os
+import re
 
 import pytest
 import torch
@@ -32,15 +34,15 @@ def test_save_load_round_trip_is_exact(tiny_model, calib, heldout, tmp_path, set
     per-channel grids and for group-wise grids under act-order (whose g_idx is a permutation, not a range); on the
     torch path (dequantize, then matmul) its logits equal the in-memory fake-quant model's bit for bit, and on the
     packed kernels within float32 rounding of the different summation order."""
-    config = boa.QuantConfig(method="gptq", **settings)
-    result = boa.quantize(tiny_model, config, calib, progress=False)
+    method = boa.GPTQ(**settings)
+    result = boa.quantize(tiny_model, method, calib, progress=False)
     if settings.get("act_order") and not settings.get("static_groups"):
         assert any(not torch.equal(q.g_idx, q.g_idx.sort().values) for q in result.layers.values())
     out = boa.save(result, tmp_path / "out")
 
     loaded, tokenizer, loaded_config = boa.load(out)
     assert tokenizer is None
-    assert loaded_config == config
+    assert loaded_config == result.config == boa.QuantConfig(method)
     assert not loaded.training
     expected = logits(tiny_model, heldout)
     torch.testing.assert_close(logits(loaded, heldout), expected, rtol=1e-4, atol=1e-4)
@@ -51,7 +53,7 @@ def test_save_load_round_trip_is_exact(tiny_model, calib, heldout, tmp_path, set
     assert set(quant_modules) == set(result.layers)
     for name, module in quant_modules.items():
         q, got = result.layers[name], module.quantized_weight()
-        assert module.bits == config.bits and module.qweight.dtype == torch.uint8
+        assert module.bits == method.bits and module.qweight.dtype == torch.uint8
         for field in ("codes", "scale", "zero", "g_idx"):
             assert torch.equal(getattr(got, field), getattr(q, field)), (name, field)
     assert not any(type(m) is torch.nn.Linear for n, m in loaded.named_modules() if n in result.layers)
@@ -61,7 +63,7 @@ def test_saved_folder_holds_packed_codes_and_no_pickle(tiny_opt, calib, tmp_path
     """Tensors go through safetensors only: codes packed at 4 bits a weight (uint8, boa/core/packed.py), no
     full-precision weight for a quantized layer, the biases kept, tied head stored once; no pickle-based file
     anywhere; tokenizer round-trips."""
-    result = boa.quantize(tiny_opt, boa.QuantConfig(bits=4, group_size=32), calib, progress=False)
+    result = boa.quantize(tiny_opt, boa.GPTQ(bits=4, group_size=32), calib, progress=False)
     out = boa.save(result, tmp_path / "out", word_tokenizer)
 
     files = [p for p in out.rglob("*") if p.is_file()]
@@ -88,16 +90,18 @@ def test_saved_folder_holds_packed_codes_and_no_pickle(tiny_opt, calib, tmp_path
 def test_save_refuses_a_folder_holding_another_model(tiny_llama, tiny_opt, calib, tmp_path, folder_snapshot):
     """A folder holding a different boa model, or any other files, is not overwritten: BoaError names the folder,
     and every file in it is byte-for-byte unchanged."""
-    other = boa.quantize(tiny_opt, boa.QuantConfig(method="rtn", bits=4), progress=False)
+    other = boa.quantize(tiny_opt, boa.RTN(bits=4), progress=False)
     occupied = boa.save(other, tmp_path / "occupied")
     plain = tmp_path / "plain"
     plain.mkdir()
     (plain / "notes.txt").write_text("not a model")
     before = {folder: folder_snapshot(folder) for folder in (occupied, plain)}
 
-    result = boa.quantize(tiny_llama, boa.QuantConfig(bits=4), calib, progress=False)
+    result = boa.quantize(tiny_llama, boa.GPTQ(bits=4), calib, progress=False)
+    messages = {occupied: "already holds a different model",
+                plain: "is not empty and was not written by `boa quantize`"}
     for folder in (occupied, plain):
-        with pytest.raises(boa.BoaError, match="already holds a different model") as err:
+        with pytest.raises(boa.BoaError, match=messages[folder]) as err:
             boa.save(result, folder)
         assert str(folder) in str(err.value)
         assert folder_snapshot(folder) == before[folder]
@@ -106,7 +110,7 @@ def test_save_refuses_a_folder_holding_another_model(tiny_llama, tiny_opt, calib
 
 def test_saving_the_same_result_twice(tiny_llama, calib, heldout, tmp_path):
     """Re-saving a result into the folder that already holds it is allowed and leaves one loadable copy."""
-    result = boa.quantize(tiny_llama, boa.QuantConfig(bits=4, group_size=32), calib, progress=False)
+    result = boa.quantize(tiny_llama, boa.GPTQ(bits=4, group_size=32), calib, progress=False)
     boa.save(result, tmp_path / "out")
     boa.save(result, tmp_path / "out")
     assert os.listdir(tmp_path) == ["out"]
@@ -128,9 +132,70 @@ def test_save_refuses_a_model_differing_only_by_permuted_weights(tiny_llama, cal
         w = twin.model.layers[0].mlp.down_proj.weight
         w[[0, 1]] = w[[1, 0]].clone()
         assert not torch.equal(twin(calib).logits, tiny_llama(calib).logits)
-    config = boa.QuantConfig(bits=4, group_size=-1)
+    config = boa.GPTQ(bits=4, group_size=-1)
     first = boa.save(boa.quantize(tiny_llama, config, calib, progress=False), tmp_path / "out")
     before = folder_snapshot(first)
     with pytest.raises(boa.BoaError, match="different model"):
         boa.save(boa.quantize(twin, config, calib, progress=False), first)
     assert folder_snapshot(first) == before
+
+
+def test_save_refuses_an_occupied_output_folder(tiny_llama, calib, occupied_out, folder_snapshot):
+    before = folder_snapshot(occupied_out)
+    result = boa.quantize(tiny_llama, boa.GPTQ(bits=4), calib, progress=False)
+    with pytest.raises(boa.BoaError, match=re.escape(f"output folder {occupied_out} already holds a different model")):
+        boa.save(result, occupied_out)
+    assert folder_snapshot(occupied_out) == before
+
+
+def test_save_refuses_an_output_path_that_is_a_file(tiny_llama, calib, tmp_path):
+    target = tmp_path / "model.txt"
+    target.write_text("keep me")
+    result = boa.quantize(tiny_llama, boa.RTN(bits=4), progress=False)
+    with pytest.raises(boa.BoaError, match=re.escape(str(target))):
+        boa.save(result, target)
+    assert target.read_text() == "keep me"
+
+
+def test_the_manifest_records_config_and_calibration(tiny_llama, calib, tmp_path):
+    """quantization.json holds QuantConfig.to_dict() and the calibration windows' record (nothing for RTN)."""
+    config = boa.QuantConfig(boa.TurboBoA(bits=3, group_size=32, rows_per_step=4), cache_dtype="float16")
+    result = boa.quantize(copy.deepcopy(tiny_llama), config, calib, progress=False)
+    manifest = json.loads((boa.save(result, tmp_path / "out") / "quantization.json").read_text())
+    assert manifest["config"] == config.to_dict()
+    assert manifest["calibration"] == result.calibration
+    assert (manifest["calibration"]["nsamples"], manifest["calibration"]["seqlen"]) == (8, 32)
+    assert manifest["fingerprint"] == result.fingerprint
+    rtn = boa.save(boa.quantize(tiny_llama, boa.RTN(bits=4), progress=False), tmp_path / "rtn")
+    assert json.loads((rtn / "quantization.json").read_text())["calibration"] is None
+
+
+# A manifest's "config" as boa ≤ 0.1 wrote it: every knob of every method side by side, nsamples/seqlen/seed in it.
+OLD_FLAT = {
+    "method": "turboboa", "bits": 3, "group_size": -1, "sym": False, "grid": "hessian", "act_order": False,
+    "static_groups": False, "block_size": 128, "percdamp": 0.01, "nsamples": 4, "seqlen": 16, "seed": 0,
+    "true_sequential": True, "rows_per_step": 4, "dx_alpha": 0.25, "refine_iters": 1, "v_row_factor": "identity",
+    "row_order": False, "init": None, "rounding_iters": 500, "rounding_lr": 0.1, "round_weight": 1.0,
+    "round_weight_qkv": 1.5, "hessian_dtype": "float32", "cache_dtype": "float32",
+}
+
+
+@pytest.mark.parametrize("flat, expected", [
+    (OLD_FLAT, boa.TurboBoA(bits=3, group_size=-1, rows_per_step=4, v_row_factor="identity")),
+    ({**OLD_FLAT, "method": "aespa", "init": "gptq", "rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0,
+      "v_row_factor": "exact", "rounding_iters": 20},
+     boa.Aespa(init=boa.GPTQ(bits=3, group_size=-1, grid="hessian"), rounding_iters=20)),
+], ids=["turboboa", "aespa-from-gptq"])
+def test_a_manifest_with_an_old_flat_config_loads_into_the_typed_config(tiny_llama, heldout, tmp_path, flat,
+                                                                       expected):
+    """A folder whose quantization.json holds the flat config of boa ≤ 0.1 loads, its config read into the typed
+    method (aespa's init from the "init" name and the shared grid fields), and the model is unchanged."""
+    result = boa.quantize(tiny_llama, boa.RTN(bits=3, group_size=-1), progress=False)
+    out = boa.save(result, tmp_path / "old")
+    path = out / "quantization.json"
+    manifest = json.loads(path.read_text())
+    path.write_text(json.dumps({**manifest, "config": flat, "calibration": None}))
+    loaded, _, config = boa.load(out)
+    assert type(config.method) is type(expected) and config.method == expected
+    assert config == boa.QuantConfig(expected)
+    torch.testing.assert_close(logits(loaded, heldout), logits(tiny_llama, heldout), rtol=1e-4, atol=1e-4)

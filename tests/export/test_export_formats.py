@@ -1,21 +1,22 @@
 """Exports to compressed-tensors (loaded back by transformers + the compressed-tensors package) and to the GPTQ
-checkpoint format (read back by an unpacker written here, bit by bit, independently of the packer)."""
+checkpoint format (read back by an unpacker written here, bit by bit, independently of the packer). `boa export`:
+tests/cli/test_cli_export.py."""
 import functools
 import json
 import math
 
 import pytest
 import torch
-from conftest import build_llama, random_windows
 from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import boa
-from boa.cli import main
+from boa.core.quantizer import QuantizedWeight
 from boa.export import export_compressed_tensors, export_gptq
 from boa.export.common import EXPORT_MANIFEST, pack_int32
 from boa.export.gptq_format import gptq_tensors
-from boa.core.quantizer import QuantizedWeight
+
+from conftest import build_llama, random_windows
 
 compressed_tensors = pytest.importorskip("compressed_tensors")
 
@@ -36,8 +37,7 @@ ACT_ORDER = dict(bits=4, group_size=16, act_order=True)
 def quantized(**settings):
     """(fake-quantized tiny Llama, QuantResult), made once per setting: the exporters only read them."""
     model = build_llama()
-    result = boa.quantize(model, boa.QuantConfig(method="gptq", **settings), random_windows(8, 32, seed=0),
-                          progress=False)
+    result = boa.quantize(model, boa.GPTQ(**settings), random_windows(8, 32, seed=0), progress=False)
     return model, result
 
 
@@ -144,7 +144,7 @@ def test_compressed_tensors_export_of_a_tied_model_with_tokenizer(heldout, tmp_p
         hidden_size=64, intermediate_size=128, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
         vocab_size=256, max_position_embeddings=128, tie_word_embeddings=True,
     )).eval()
-    result = boa.quantize(model, boa.QuantConfig(method="rtn", bits=4, group_size=32, sym=True), progress=False)
+    result = boa.quantize(model, boa.RTN(bits=4, group_size=32, sym=True), progress=False)
     out = export_compressed_tensors(model, result.layers, tmp_path / "ct", word_tokenizer)
 
     assert "lm_head.weight" not in read(out) and "model.embed_tokens.weight" in read(out)
@@ -260,29 +260,3 @@ def test_gptq_refuses_what_one_gptq_config_cannot_describe(tmp_path):
     with pytest.raises(boa.BoaError, match="beyond float16's range"):
         export_gptq(model, {first: huge}, tmp_path / "gptq")
     assert list(tmp_path.iterdir()) == []
-
-
-# CLI -----------------------------------------------------------------------------------------------------------
-
-
-def test_cli_exports_a_saved_folder(tiny_llama, calib, heldout, tmp_path, word_tokenizer, capsys):
-    """`boa export DIR --format F --out OUT` reads a `boa quantize` folder (QuantLinear layers) and writes a folder
-    transformers loads with exactly the fake-quantized model's logits; refusals exit 2 with boa's error line."""
-    result = boa.quantize(tiny_llama, boa.QuantConfig(bits=4, group_size=32, sym=True), calib, progress=False)
-    saved = boa.save(result, tmp_path / "saved", word_tokenizer)
-
-    assert main(["export", str(saved), "--format", "compressed-tensors", "--out", str(tmp_path / "ct")]) == 0
-    loaded = AutoModelForCausalLM.from_pretrained(tmp_path / "ct")
-    assert torch.equal(logits(loaded, heldout), logits(tiny_llama, heldout))
-    assert (tmp_path / "ct" / "tokenizer.json").exists()
-    assert main(["export", str(saved), "--format", "gptq", "--out", str(tmp_path / "gptq")]) == 0
-    assert torch.equal(read(tmp_path / "gptq")["model.layers.0.mlp.up_proj.qweight"],
-                       gptq_tensors(result.layers["model.layers.0.mlp.up_proj"])["qweight"])
-
-    act_order = boa.quantize(build_llama(), boa.QuantConfig(**ACT_ORDER), calib, progress=False)
-    boa.save(act_order, tmp_path / "act-order")
-    capsys.readouterr()
-    assert main(["export", str(tmp_path / "act-order"), "--format", "compressed-tensors",
-                 "--out", str(tmp_path / "refused")]) == 2
-    assert "boa: error: model.layers.0.self_attn.q_proj: its groups are act-order groups" in capsys.readouterr().err
-    assert not (tmp_path / "refused").exists()

@@ -1,7 +1,6 @@
-"""boa.generate and `boa generate`: the KV-cache loop gives exactly transformers' own greedy continuation, on the
-float model and on a saved, packed one; sampling is seeded; the CLI streams the text and reports tok/s."""
+"""boa.generate: the KV-cache loop gives exactly transformers' own greedy continuation, on the float model and on a
+saved, packed one; sampling is seeded and streams the text. `boa generate`: tests/cli/test_cli_generate.py."""
 import boa
-from boa.cli import main
 from boa.generate import generate
 
 PROMPT = "w5 w17 w3 w99"
@@ -23,7 +22,7 @@ def test_greedy_matches_transformers_generate(tiny_llama, word_tokenizer):
 def test_packed_model_generates_like_its_fake_quantized_twin(tiny_llama, calib, word_tokenizer, tmp_path):
     """Saved and loaded (packed QuantLinear on the C++ kernels), the model continues the prompt as the in-memory
     fake-quantized model does under transformers' generate."""
-    result = boa.quantize(tiny_llama, boa.QuantConfig(method="gptq", bits=4, group_size=32), calib, progress=False)
+    result = boa.quantize(tiny_llama, boa.GPTQ(bits=4, group_size=32), calib, progress=False)
     expected = hf_greedy(result.model, word_tokenizer, 10)
     packed, tokenizer, _ = boa.load(boa.save(result, tmp_path / "q", word_tokenizer))
     assert generate(packed, tokenizer, PROMPT, max_new_tokens=10, stop_at_eos=False).tokens == expected
@@ -37,12 +36,3 @@ def test_sampling_is_seeded_and_streams_the_text(tiny_llama, word_tokenizer):
     c = generate(tiny_llama, word_tokenizer, PROMPT, 16, temperature=1.0, top_p=0.9, seed=4, stop_at_eos=False)
     assert a.tokens == b.tokens != c.tokens
     assert "".join(pieces) == a.text
-
-
-def test_cli_generate_streams_and_reports_speed(tiny_llama, calib, word_tokenizer, tmp_path, capsys):
-    result = boa.quantize(tiny_llama, boa.QuantConfig(method="rtn", bits=4, group_size=32), None, progress=False)
-    folder = boa.save(result, tmp_path / "q", word_tokenizer)
-    assert main(["generate", str(folder), "--prompt", PROMPT, "--max-new-tokens", "6", "--dtype", "bfloat16"]) == 0
-    out, err = capsys.readouterr()
-    assert out.startswith(PROMPT) and len(out.split()) > 4
-    assert "tok/s" in err

@@ -11,12 +11,10 @@ import torch
 from boa_kernels import compensate_block_torch
 from boa_kernels.dispatch import backend_for
 from boa_kernels.loader import load_cpu
-from boa.algorithms.solver import obs_solve
-from boa.core.hessian import inverse_cholesky_upper
+from boa.algorithms import obs_solve
 from boa.core.quantizer import QuantSpec
 
-from test_boa_solver import spd
-from test_solver import correlated_problem
+from problems import correlated_problem, spd
 
 needs_cpp = pytest.mark.skipif(load_cpu() is None, reason="the C++ extension did not build on this machine")
 
@@ -172,27 +170,6 @@ def test_no_compiler_means_torch_with_a_notice(tmp_path):
     assert "could not build the C++ CPU kernels" in out.stderr
 
 
-def test_inverse_cholesky_upper_is_the_factor_of_the_inverse():
-    H = torch.stack([spd(n, n, torch.float64)[:64, :64] for n in (64, 70, 80)])
-    U = inverse_cholesky_upper(H, percdamp=0.01)
-    assert torch.equal(U, U.triu())
-    damped = H + 0.01 * torch.diagonal(H, dim1=-2, dim2=-1).mean(-1)[:, None, None] * torch.eye(64)
-    torch.testing.assert_close(U.transpose(-1, -2) @ U @ damped, torch.eye(64).expand(3, 64, 64).double(),
-                               atol=1e-9, rtol=0)
-    expected = torch.linalg.cholesky(torch.linalg.inv(damped), upper=True)
-    torch.testing.assert_close(U, expected, atol=1e-10, rtol=1e-8)
-
-
-def test_inverse_cholesky_damps_only_the_matrix_that_fails():
-    good = spd(16, 1, torch.float64)
-    bad = torch.ones(16, 16, dtype=torch.float64)  # rank one: not positive definite without more damping
-    bad[0, 0] = 1 + 1e-12
-    U = inverse_cholesky_upper(torch.stack([good, bad]), percdamp=0)
-    torch.testing.assert_close(U[0], inverse_cholesky_upper(good[None], percdamp=0)[0], atol=0, rtol=0)
-    assert torch.isfinite(U[1]).all()
-    assert not torch.allclose(U[1].T @ U[1] @ bad, torch.eye(16, dtype=torch.float64))  # it was damped
-
-
 needs_triton = pytest.mark.skipif(
     importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
     reason="needs triton and TRITON_INTERPRET=1 (set by conftest.py on machines without a GPU)",
@@ -215,17 +192,3 @@ def test_solver_codes_identical_with_triton_kernel(monkeypatch):
     monkeypatch.setenv("BOA_KERNELS", "triton")
     got = obs_solve(W, H, spec, **options)
     assert torch.equal(got.codes, expected.codes)
-
-
-def test_quantize_rejects_a_bad_backend_before_any_work(monkeypatch):
-    from boa_kernels.dispatch import BackendError
-
-    import boa
-    from conftest import build_llama
-
-    model = build_llama(num_layers=1)
-    before = {name: p.clone() for name, p in model.state_dict().items()}
-    monkeypatch.setenv("BOA_KERNELS", "fortran")
-    with pytest.raises(BackendError, match="BOA_KERNELS='fortran'"):
-        boa.quantize(model, boa.QuantConfig(method="rtn", bits=4), None, progress=False)
-    assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())

@@ -1,14 +1,17 @@
-"""BoA and TurboBoA through the pipeline: on tiny models (every architecture, save/load), and on real SmolLM2 blocks
-(the attention-aware loss against GPTQ's, group-wise refinement, the dX correction against the FP block)."""
+"""The attention-aware methods (BoA, TurboBoA) through the pipeline: on tiny models (every architecture, an encoder,
+save/load), and on real SmolLM2 blocks (the attention-aware loss against GPTQ's, group-wise refinement, the dX
+correction against the FP block). GPTQ and RTN through the same loop: test_pipeline_gptq_rtn.py."""
 import copy
 
 import pytest
 import torch
 
 import boa
-from boa.algorithms import solve_layer
-from boa.config import QuantConfig
-from boa.pipeline import _capture_block_inputs, _GroupStatistics
+from boa.algorithms import method_from_dict
+from boa.pipeline import BlockInputs
+from boa.stats import GroupStatistics
+
+from conftest import build_bert
 
 
 @pytest.mark.parametrize("method", ["boa", "turboboa"])
@@ -21,8 +24,9 @@ def test_attention_aware_methods_run_on_every_architecture(tiny_model, calib, he
     with torch.no_grad():
         fp = tiny_model(input_ids=heldout).logits
     rtn_model = copy.deepcopy(tiny_model)
-    boa.quantize(rtn_model, QuantConfig(method="rtn", bits=3, group_size=16), progress=False)
-    result = boa.quantize(tiny_model, QuantConfig(method=method, bits=3, group_size=16), calib, progress=False)
+    boa.quantize(rtn_model, boa.RTN(bits=3, group_size=16), progress=False)
+    result = boa.quantize(tiny_model, method_from_dict({"method": method, "bits": 3, "group_size": 16}), calib,
+                          progress=False)
     assert len(result.layers) == 2 * len(boa.models.adapter_for(tiny_model.config).linear_names())
     with torch.no_grad():
         ours = tiny_model(input_ids=heldout).logits
@@ -33,7 +37,7 @@ def test_attention_aware_methods_run_on_every_architecture(tiny_model, calib, he
         loaded, _, config = load(tmp_path / "out")
         with torch.no_grad():
             assert torch.equal(loaded(input_ids=heldout).logits, ours)
-        assert config.method == method
+        assert config.method.name == method and config == result.config
 
 
 def first_blocks(n):
@@ -50,10 +54,10 @@ def smollm2_block0_stats():
     calib = boa.data.calibration_windows(tokenizer, "wikipedia", 8, 128)
     block = adapter.blocks(model)[0]
     with torch.no_grad():
-        inputs, kwargs = _capture_block_inputs(model, block, calib, torch.float32)
-        config = QuantConfig(method="boa", bits=3, group_size=-1)
+        inputs = BlockInputs.capture(model, block, calib, torch.float32, with_fp=False)
+        needs = boa.BoA(bits=3, group_size=-1).needs()
         group = [adapter.q_proj, adapter.k_proj, adapter.v_proj]
-        stats = _GroupStatistics(model, adapter, config)(block, group, inputs, kwargs)
+        stats = GroupStatistics(model, adapter, needs, torch.float32)(block, group, inputs.hidden, inputs.kwargs)
     return block, stats
 
 
@@ -66,10 +70,10 @@ def test_boa_attention_aware_loss_at_most_gptqs_on_real_block(smollm2_block0_sta
         W = block.get_submodule(name).weight.detach()
         losses = {}
         for method in ("gptq", "boa"):
-            config = QuantConfig(method=method, bits=3, group_size=-1, grid="minmax")  # same grid for both
+            solver = method_from_dict({"method": method, "bits": 3, "group_size": -1, "grid": "minmax"})  # same grid
             # GPTQ: the shared input Hessian of q/k/v, no row factor
             solved_on = layer_stats if method == "boa" else boa.stats.LayerStats(stats["self_attn.q_proj"].H)
-            q = solve_layer(W.float(), solved_on, config)
+            q = solver.solve(W.float(), solved_on)
             losses[method] = layer_stats.loss(W, q.dequantize())
         assert losses["boa"] <= losses["gptq"], (name, losses)
 
@@ -82,8 +86,8 @@ def test_groupwise_refinement_never_increases_the_loss_on_real_block(smollm2_blo
         W = block.get_submodule(name).weight.detach()
         losses = []
         for iters in (0, 1, 2):
-            config = QuantConfig(method="turboboa", bits=3, group_size=group_size, refine_iters=iters, dx_alpha=0.0)
-            losses.append(layer_stats.loss(W, solve_layer(W.float(), layer_stats, config).dequantize()))
+            method = boa.TurboBoA(bits=3, group_size=group_size, refine_iters=iters, dx_alpha=0.0)
+            losses.append(layer_stats.loss(W, method.solve(W.float(), layer_stats).dequantize()))
         assert losses[1] <= losses[0] * (1 + 1e-6) and losses[2] <= losses[1] * (1 + 1e-6), (name, losses)
         assert losses[1] < losses[0], (name, losses)
 
@@ -104,9 +108,8 @@ def test_dx_correction_lowers_the_block_output_error_against_fp():
     errors = {}
     for alpha in (0.0, 0.25):
         quantized = copy.deepcopy(model)
-        config = QuantConfig(method="turboboa", bits=3, group_size=-1, dx_alpha=alpha, nsamples=8, seqlen=128,
-                             grid="minmax", refine_iters=0)
-        boa.quantize(quantized, config, calib, adapter=adapter, progress=False)
+        method = boa.TurboBoA(bits=3, group_size=-1, dx_alpha=alpha, grid="minmax", refine_iters=0)
+        boa.quantize(quantized, method, calib, adapter=adapter, progress=False)
         errors[alpha] = float(((last_hidden(quantized) - fp) ** 2).mean())
     assert errors[0.25] < errors[0.0], errors
 
@@ -114,15 +117,14 @@ def test_dx_correction_lowers_the_block_output_error_against_fp():
 def test_encoder_quantizes_with_turboboa(calib):
     """A BERT-style encoder (bidirectional attention, no RoPE): every layer quantized, outputs closer to FP than
     RTN's."""
-    from test_attention_capture import build_bert
-
     fp_model = build_bert()
     with torch.no_grad():
         fp = fp_model(input_ids=calib).last_hidden_state
     errors = {}
     for method in ("rtn", "turboboa"):
         model = copy.deepcopy(fp_model)
-        result = boa.quantize(model, QuantConfig(method=method, bits=3, group_size=-1), calib, progress=False)
+        result = boa.quantize(model, method_from_dict({"method": method, "bits": 3, "group_size": -1}), calib,
+                              progress=False)
         assert len(result.layers) == 2 * 6
         with torch.no_grad():
             errors[method] = float(((model(input_ids=calib).last_hidden_state - fp) ** 2).mean())

@@ -1,4 +1,6 @@
-"""The block pipeline end to end on tiny random models (Llama with GQA, OPT) and on two real SmolLM2 blocks."""
+"""The block pipeline end to end with the methods that need no attention statistics (GPTQ, RTN), on tiny random
+models (Llama with GQA, OPT) and on two real SmolLM2 blocks: what gets quantized, the Hessians it streams, true
+sequential statistics, the run record. The attention-aware methods: test_pipeline_attention_aware.py."""
 import copy
 import math
 
@@ -7,8 +9,10 @@ import torch
 import torch.nn.functional as F
 
 import boa
-from boa.models import adapter_for
+from boa.algorithms import method_from_dict
 from boa.core.hessian import HessianAccumulator, layer_loss
+from boa.models import adapter_for
+from boa.pipeline import calibration_record
 
 
 def expected_layers(model) -> set[str]:
@@ -49,7 +53,8 @@ def test_every_block_linear_is_quantized_onto_its_grid(tiny_model, calib, method
     bits = 3
     fp_state = copy.deepcopy(tiny_model.state_dict())
     names = expected_layers(tiny_model)
-    result = boa.quantize(tiny_model, boa.QuantConfig(method=method, bits=bits, group_size=32), calib, progress=False)
+    result = boa.quantize(tiny_model, method_from_dict({"method": method, "bits": bits, "group_size": 32}), calib,
+                          progress=False)
 
     assert set(result.layers) == names
     for name in names:
@@ -77,7 +82,8 @@ def test_output_error_grows_as_bits_shrink(tiny_model, calib, heldout, method):
     errors = {}
     for bits in (8, 2):
         model = copy.deepcopy(tiny_model)
-        boa.quantize(model, boa.QuantConfig(method=method, bits=bits, group_size=-1), calib, progress=False)
+        boa.quantize(model, method_from_dict({"method": method, "bits": bits, "group_size": -1}), calib,
+                     progress=False)
         errors[bits] = float((logits(model, heldout) - fp).norm() / fp.norm())
     assert 0 < errors[8] < 0.02
     assert errors[8] * 10 < errors[2] < 1.0
@@ -96,7 +102,7 @@ def test_gptq_beats_rtn(tiny_llama, calib, heldout):
     losses, out_err, reported = {}, {}, None
     for method in ("gptq", "rtn"):
         model = copy.deepcopy(tiny_llama)
-        result = boa.quantize(model, boa.QuantConfig(method=method, **config), calib, progress=False)
+        result = boa.quantize(model, method_from_dict({"method": method, **config}), calib, progress=False)
         Q = weights(model, names)
         losses[method] = {n: layer_loss(W[n].double(), Q[n].double(), H[n]) for n in names}
         out_err[method] = float(((logits(model, heldout) - fp) ** 2).mean())
@@ -121,7 +127,7 @@ def test_hessian_streams_over_uneven_batches(tiny_llama, make_windows):
     name = "model.layers.0.self_attn.q_proj"
     H = fp_hessians(tiny_llama, calib, [name])[name]
     W = weights(tiny_llama, [name])[name]
-    result = boa.quantize(tiny_llama, boa.QuantConfig(bits=3, group_size=-1), calib, progress=False)
+    result = boa.quantize(tiny_llama, boa.GPTQ(bits=3, group_size=-1), calib, progress=False)
     Q = weights(tiny_llama, [name])[name]
     assert result.losses[name] == pytest.approx(layer_loss(W.double(), Q.double(), H), rel=1e-3)
     # A Hessian from the first batch only would give a different loss: the check can tell them apart.
@@ -142,7 +148,8 @@ def test_true_sequential_changes_the_statistics(tiny_llama, calib):
     for flag in (True, False):
         models[flag] = copy.deepcopy(tiny_llama)
         results[flag] = boa.quantize(
-            models[flag], boa.QuantConfig(bits=3, group_size=-1, true_sequential=flag), calib, progress=False
+            models[flag], boa.QuantConfig(boa.GPTQ(bits=3, group_size=-1), true_sequential=flag), calib,
+            progress=False
         )
     for name in q_names:
         assert torch.equal(results[True].layers[name].codes, results[False].layers[name].codes)
@@ -154,6 +161,31 @@ def test_true_sequential_changes_the_statistics(tiny_llama, calib):
     assert results[True].losses[o_name] != pytest.approx(results[False].losses[o_name], rel=1e-3)
     assert not torch.equal(results[True].layers[o_name].codes, results[False].layers[o_name].codes)
     assert results[True].fingerprint != results[False].fingerprint
+
+
+def test_a_bare_method_runs_with_the_default_run_settings(tiny_llama, calib):
+    """boa.quantize(model, method, calib) is boa.quantize(model, QuantConfig(method), calib): same config, codes and
+    fingerprint; the result records the calibration windows (count, length, digest) and no windows for RTN."""
+    twin = copy.deepcopy(tiny_llama)
+    bare = boa.quantize(tiny_llama, boa.GPTQ(bits=3, group_size=32), calib, progress=False)
+    wrapped = boa.quantize(twin, boa.QuantConfig(boa.GPTQ(bits=3, group_size=32)), calib, progress=False)
+    assert bare.config == wrapped.config == boa.QuantConfig(boa.GPTQ(bits=3, group_size=32))
+    assert bare.fingerprint == wrapped.fingerprint
+    assert all(torch.equal(bare.layers[n].codes, wrapped.layers[n].codes) for n in bare.layers)
+    assert bare.calibration == calibration_record(calib)
+    assert (bare.calibration["nsamples"], bare.calibration["seqlen"]) == (8, 32)
+    assert len(bare.calibration["sha256"]) == 64
+    assert calibration_record(calib.flip(0))["sha256"] != bare.calibration["sha256"]
+    assert boa.quantize(copy.deepcopy(twin), boa.RTN(bits=4), None, progress=False).calibration is None
+
+
+def test_settings_changed_after_construction_are_checked(tiny_llama, calib):
+    method = boa.GPTQ(bits=4)
+    method.bits = 5
+    before = copy.deepcopy(tiny_llama.state_dict())
+    with pytest.raises(boa.BoaError, match="bits=5 is not supported"):
+        boa.quantize(tiny_llama, method, calib, progress=False)
+    assert all(torch.equal(v, before[k]) for k, v in tiny_llama.state_dict().items())
 
 
 @pytest.mark.smollm2
@@ -176,8 +208,7 @@ def test_two_real_smollm2_blocks_gptq_w4g128():
         return float(nll), out.hidden_states[-1]
 
     fp_loss, fp_hidden = evaluate(model)
-    result = boa.quantize(model, boa.QuantConfig(method="gptq", bits=4, group_size=128), calib, adapter=adapter,
-                          progress=False)
+    result = boa.quantize(model, boa.GPTQ(bits=4, group_size=128), calib, adapter=adapter, progress=False)
     loss, hidden = evaluate(model)
 
     assert set(result.layers) == expected_layers(model) and len(result.layers) == 14

@@ -3,14 +3,14 @@ probabilities (causal, GQA, bidirectional, padded), the block_v Hessians, and Ro
 rotation matrices."""
 import pytest
 import torch
-from transformers import BertConfig, BertModel, Qwen3Config, Qwen3ForCausalLM
+from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from boa.models.adapter import adapter_for
 from boa.stats import AttentionRecorder, LayerStats, attention_layer_stats, back_rotate, capturing
 from boa.stats.collect import collect_statistics
 from boa.stats.attention import attention_probabilities
 
-from conftest import VOCAB, build_llama, build_opt, random_windows
+from conftest import VOCAB, build_bert, build_llama, build_opt, random_windows
 
 
 class KeepingRecorder(AttentionRecorder):
@@ -19,13 +19,6 @@ class KeepingRecorder(AttentionRecorder):
     def record(self, which, module, query, key, attention_mask, scaling):
         self.seen = (query, key, attention_probabilities(module, query, key, attention_mask, scaling))
         super().record(which, module, query, key, attention_mask, scaling)
-
-
-def build_bert():
-    torch.manual_seed(0)
-    config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-                        vocab_size=VOCAB, max_position_embeddings=64)
-    return BertModel(config, add_pooling_layer=False).float().eval()
 
 
 def build_qwen3():

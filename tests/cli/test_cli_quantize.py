@@ -1,0 +1,130 @@
+"""`boa quantize` end to end on a tiny model folder: in a subprocess, resumed after an interruption, its method
+flags reaching the saved typed config, and its --json report."""
+import json
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+import boa
+from boa.cli import main
+from boa.pipeline import calibration_record
+
+
+class Interrupted(Exception):
+    pass
+
+
+def stop_after(index):
+    def on_block_done(i):
+        if i == index:
+            raise Interrupted
+
+    return on_block_done
+
+
+def cli_args(model_dir, calib_txt, out, *extra):
+    return ["quantize", str(model_dir), "--method", "gptq", "--bits", "4", "--calib", str(calib_txt),
+            "--nsamples", "4", "--seqlen", "16", "--out", str(out), "--corpora", "", *extra]
+
+
+@torch.no_grad()
+def logits(model, windows):
+    return model(input_ids=windows, use_cache=False).logits
+
+
+def test_cli_quantize_subprocess(tiny_llama_dir, calib_txt, tmp_path, heldout):
+    """`python -m boa.cli quantize` on a model folder with a .txt corpus: exit 0, OUT loads with boa.load and
+    matches the same quantization done through the Python API, the manifest records the calibration windows (count,
+    length, digest, corpus, seed), and OUT.partial (its checkpoint) is removed."""
+    out = tmp_path / "OUT"
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BOA_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "boa.cli", *cli_args(tiny_llama_dir, calib_txt, out)],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert f"saved to {out}" in proc.stderr
+    assert "gptq w4g128" in proc.stdout
+    assert not (tmp_path / "OUT.partial").exists()
+
+    loaded, tokenizer, config = boa.load(out)
+    assert config == boa.QuantConfig(boa.GPTQ(bits=4))
+    assert tokenizer is not None and tokenizer("w0 w1").input_ids == [2, 3]
+
+    model, tok, adapter = boa.load_model(str(tiny_llama_dir))
+    windows = boa.data.calibration_windows(tok, str(calib_txt), 4, 16, 0)
+    calibration = json.loads((out / "quantization.json").read_text())["calibration"]
+    assert calibration == {**calibration_record(windows), "corpus": str(calib_txt), "seed": 0}
+    assert (calibration["nsamples"], calibration["seqlen"]) == (4, 16)
+    boa.quantize(model, config, windows, adapter=adapter, progress=False)
+    assert torch.equal(logits(loaded, heldout), logits(model, heldout))
+
+
+def test_cli_resume(tiny_llama_dir, calib_txt, tmp_path, monkeypatch):
+    """A run interrupted after block 0 left OUT.partial; `boa quantize ... --resume` quantizes only block 1, writes
+    the same files as an uninterrupted CLI run, and removes OUT.partial."""
+    out = tmp_path / "OUT"
+    model, tok, adapter = boa.load_model(str(tiny_llama_dir))
+    method = boa.GPTQ(bits=4)
+    windows = boa.data.calibration_windows(tok, str(calib_txt), 4, 16, 0)
+    with pytest.raises(Interrupted):
+        boa.quantize(model, method, windows, adapter=adapter, checkpoint_dir=tmp_path / "OUT.partial", progress=False,
+                     on_block_done=stop_after(0))
+
+    solved = []
+    real_solve = boa.GPTQ.solve
+    monkeypatch.setattr(boa.GPTQ, "solve", lambda self, W, stats, **kw: solved.append(1) or real_solve(self, W, stats,
+                                                                                                        **kw))
+    assert main(cli_args(tiny_llama_dir, calib_txt, out, "--resume")) == 0
+    assert len(solved) == 7  # block 1 only
+    assert not (tmp_path / "OUT.partial").exists()
+
+    assert main(cli_args(tiny_llama_dir, calib_txt, tmp_path / "FRESH")) == 0
+    resumed, fresh = load_file(str(out / "model.safetensors")), load_file(str(tmp_path / "FRESH" / "model.safetensors"))
+    assert resumed.keys() == fresh.keys()
+    assert all(torch.equal(resumed[k], fresh[k]) for k in fresh)
+    manifest = json.loads((out / "quantization.json").read_text())
+    assert manifest == json.loads((tmp_path / "FRESH" / "quantization.json").read_text())
+
+
+def test_cli_turboboa_knobs_reach_the_config(tiny_llama_dir, calib_txt, tmp_path):
+    """`--method turboboa` with its knobs: the saved config holds them, method defaults fill the rest."""
+    out = tmp_path / "OUT"
+    assert main(cli_args(tiny_llama_dir, calib_txt, out, "--method", "turboboa", "--rows-per-step", "4",
+                         "--v-row-factor", "identity")) == 0
+    _, _, config = boa.load(out)
+    method = config.method
+    assert type(method) is boa.TurboBoA and (method.rows_per_step, method.v_row_factor) == (4, "identity")
+    assert (method.dx_alpha, method.refine_iters) == (0.25, 1)
+    assert method == boa.TurboBoA(bits=4, group_size=128, rows_per_step=4, v_row_factor="identity")
+
+
+def test_cli_aespa_knobs_reach_the_config(tiny_llama_dir, calib_txt, tmp_path):
+    """`--method aespa --init gptq`: the saved config holds the init and the rounding knobs, and the init's defaults
+    (GPTQ: no dX, no refinement, no row steps) with aespa's H-weighted grid fill the rest."""
+    out = tmp_path / "OUT"
+    assert main(cli_args(tiny_llama_dir, calib_txt, out, "--method", "aespa", "--init", "gptq",
+                         "--rounding-iters", "20", "--rounding-lr", "0.05")) == 0
+    _, _, config = boa.load(out)
+    method = config.method
+    assert type(method) is boa.Aespa and type(method.init) is boa.GPTQ
+    assert (method.rounding_iters, method.rounding_lr) == (20, 0.05)
+    assert (method.init.grid, method.init.dx_alpha, method.init.refine_iters) == ("hessian", 0.0, 0)
+    assert not hasattr(method.init, "rows_per_step")  # GPTQ solves a head's rows in one pass
+    assert method == boa.Aespa(init=boa.GPTQ(bits=4, group_size=128, grid="hessian"), rounding_iters=20,
+                               rounding_lr=0.05)
+
+
+def test_cli_json_report_holds_the_config_and_calibration(tiny_llama_dir, calib_txt, tmp_path):
+    report = tmp_path / "report.json"
+    assert main(cli_args(tiny_llama_dir, calib_txt, tmp_path / "OUT", "--method", "boa", "--bits", "3",
+                         "--cache-dtype", "float16", "--json", str(report))) == 0
+    info = json.loads(report.read_text())
+    config = boa.QuantConfig(boa.BoA(bits=3), cache_dtype="float16")
+    assert info["config"] == config.to_dict()
+    assert info["calibration"] == json.loads((tmp_path / "OUT" / "quantization.json").read_text())["calibration"]
+    assert (info["calibration"]["nsamples"], info["calibration"]["seqlen"]) == (4, 16)
+    assert info["calibration"]["corpus"] == str(calib_txt) and info["calibration"]["seed"] == 0
+    assert info["results"][0]["model"] == "boa w3g128"

@@ -1,0 +1,111 @@
+"""boa.core.output: which output folders a writer may replace (check_output), and the OUT.partial checkpoint beside
+them: discarded by a fresh run, kept by a resumed one (checkpoint_folder), removed once OUT is written
+(finish_output)."""
+import json
+import re
+
+import pytest
+
+from boa.core.errors import BoaError
+from boa.core.output import check_output, checkpoint_folder, finish_output, partial_folder, read_manifest
+
+MANIFEST = "manifest.json"
+
+
+def write_manifest(folder, **fields):
+    folder.mkdir(parents=True, exist_ok=True)
+    (folder / MANIFEST).write_text(json.dumps(fields))
+    (folder / "weights.bin").write_bytes(b"\0\1")
+    return folder
+
+
+def test_a_new_or_empty_folder_may_be_written(tmp_path, folder_snapshot):
+    check_output(tmp_path / "new", MANIFEST, "abc")
+    assert not (tmp_path / "new").exists()  # the check creates nothing
+    (tmp_path / "empty").mkdir()
+    check_output(tmp_path / "empty", MANIFEST, "abc")
+    assert folder_snapshot(tmp_path) == {}
+
+
+def test_a_file_is_refused(tmp_path):
+    target = tmp_path / "model.txt"
+    target.write_text("keep me")
+    with pytest.raises(BoaError, match=re.escape(f"output path {target} is a file, not a folder")):
+        check_output(target, MANIFEST)
+    assert target.read_text() == "keep me"
+
+
+def test_a_folder_of_other_files_is_refused_naming_the_writer(tmp_path, folder_snapshot):
+    folder = tmp_path / "plain"
+    folder.mkdir()
+    (folder / "notes.txt").write_text("not an output")
+    before = folder_snapshot(folder)
+    for fingerprint in (None, "abc"):
+        with pytest.raises(BoaError, match=re.escape(f"output folder {folder} is not empty and was not written by "
+                                                     "`boa export`")):
+            check_output(folder, MANIFEST, fingerprint, writer="boa export")
+    assert folder_snapshot(folder) == before
+
+
+def test_an_earlier_output_may_be_replaced_unless_it_holds_another_run(tmp_path, folder_snapshot):
+    """Without a fingerprint any earlier output of the kind may be replaced; with one, only this very run's."""
+    folder = write_manifest(tmp_path / "out", fingerprint="abc")
+    before = folder_snapshot(folder)
+    check_output(folder, MANIFEST)
+    check_output(folder, MANIFEST, "abc")
+    with pytest.raises(BoaError, match=re.escape(f"output folder {folder} already holds a different model")):
+        check_output(folder, MANIFEST, "def")
+    unmarked = write_manifest(tmp_path / "unmarked", format="boa")  # a manifest without a fingerprint
+    check_output(unmarked, MANIFEST)
+    with pytest.raises(BoaError, match="already holds a different model"):
+        check_output(unmarked, MANIFEST, "abc")
+    assert folder_snapshot(folder) == before
+
+
+def test_read_manifest(tmp_path):
+    assert read_manifest(tmp_path, MANIFEST) is None
+    write_manifest(tmp_path, fingerprint="abc", layers={"a": 1})
+    assert read_manifest(tmp_path, MANIFEST) == {"fingerprint": "abc", "layers": {"a": 1}}
+
+
+def test_partial_folder_sits_beside_the_output(tmp_path):
+    assert partial_folder(tmp_path / "OUT") == tmp_path / "OUT.partial"
+    assert partial_folder(str(tmp_path / "OUT")) == tmp_path / "OUT.partial"
+
+
+def make_partial(out):
+    partial = partial_folder(out)
+    partial.mkdir(parents=True)
+    (partial / "progress.json").write_text("{}")
+    (partial / "step-0000.safetensors").write_bytes(b"\0")
+    return partial
+
+
+def test_a_fresh_run_discards_an_earlier_checkpoint(tmp_path):
+    out = tmp_path / "OUT"
+    partial = make_partial(out)
+    assert checkpoint_folder(out, resume=False) == partial
+    assert not partial.exists()
+    assert checkpoint_folder(tmp_path / "OTHER", resume=False) == tmp_path / "OTHER.partial"  # none: nothing to do
+    assert not (tmp_path / "OTHER.partial").exists()
+
+
+def test_a_resumed_run_keeps_its_checkpoint(tmp_path, folder_snapshot):
+    out = tmp_path / "OUT"
+    partial = make_partial(out)
+    before = folder_snapshot(partial)
+    assert checkpoint_folder(out, resume=True) == partial
+    assert folder_snapshot(partial) == before
+    assert checkpoint_folder(tmp_path / "NEW", resume=True) == tmp_path / "NEW.partial"
+    assert not (tmp_path / "NEW.partial").exists()
+
+
+def test_finish_output_removes_the_checkpoint_only(tmp_path, folder_snapshot):
+    out = write_manifest(tmp_path / "OUT", fingerprint="abc")
+    before = folder_snapshot(out)
+    make_partial(out)
+    finish_output(out)
+    assert not partial_folder(out).exists()
+    assert folder_snapshot(out) == before
+    finish_output(out)  # nothing left to remove: no error
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT"]
