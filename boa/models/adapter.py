@@ -13,6 +13,7 @@ from torch import nn
 from transformers import AutoModel, AutoModelForCausalLM
 
 from boa.core.errors import BoaError
+from boa.models.attention_capture import routed
 
 _REGISTRY: dict[str, type["Adapter"]] = {}
 
@@ -67,6 +68,12 @@ class Adapter:
 
     def blocks(self, model: nn.Module) -> nn.ModuleList:
         return attrgetter(self.blocks_path)(model)
+
+    def capturing(self, attentions: dict[str, nn.Module], recorder):
+        """A context in which these attention modules ({"fp" | "quantized": module}) report every call to
+        `recorder` (its `record`) before computing as they always do: through transformers' attention interface,
+        registered on first use (boa.models.attention_capture)."""
+        return routed(attentions, recorder)
 
     def rotary_embedding(self, model: nn.Module) -> nn.Module | None:
         return attrgetter(self.rotary_path)(model) if self.rotary_path else None

@@ -1,10 +1,8 @@
-"""Attention statistics for BoA's Kronecker Hessians (ALGORITHMS.md §4), captured without forking modeling files.
+"""Attention statistics for BoA's Kronecker Hessians (ALGORITHMS.md §4).
 
-While a block runs under `capturing(...)`, every attention layer calls `capture_attention` (registered with
-transformers' AttentionInterface as CAPTURE) with query and key already rotated (RoPE), shaped (batch, heads, T, d)
-and (batch, kv_heads, T, d). It hands what it sees to the layer's `AttentionRecorder` and then calls the model's own
-implementation, so the block's outputs do not change. Masks are built by the model before its blocks run, so
-capture block calls whose kwargs came from the stock implementation (as the pipeline does).
+While a block runs under its Adapter's `capturing(...)` (boa.models.attention_capture: transformers' attention
+interface, no forked modeling files), every watched attention layer hands an `AttentionRecorder` its query and key
+already rotated (RoPE), shaped (batch, heads, T, d) and (batch, kv_heads, T, d), with the mask and the scaling.
 
 A recorder accumulates, per head, 2E[q qᵀ] and 2E[k kᵀ] (post-RoPE, pooled over tokens and positions) and, for the
 "block_v" Hessians, 2E[(A_h X)(A_h X)ᵀ] with A_h the head's attention probabilities and X the v_proj input. With the
@@ -12,15 +10,8 @@ dX correction the FP pass keeps its query/key, and the quantized pass adds 2E[(A
 """
 from __future__ import annotations
 
-import contextlib
-import sys
-
 import torch
 from torch import nn
-from transformers import AttentionInterface
-from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
-
-CAPTURE = "boa_capture"
 
 
 class StopForward(Exception):
@@ -79,6 +70,12 @@ class AttentionRecorder:
         setattr(self, name, value if current is None else current + value)
 
     def record(self, which: str, module, query, key, attention_mask, scaling) -> None:
+        """One attention call of the "fp" or "quantized" pass; raises StopForward after it when `stop` is set."""
+        self._record(which, module, query, key, attention_mask, scaling)
+        if self.stop:
+            raise StopForward
+
+    def _record(self, which: str, module, query, key, attention_mask, scaling) -> None:
         if which == "fp":
             self.kept.append((query, key, attention_mask, scaling))
             return
@@ -131,58 +128,6 @@ def _window(mask: torch.Tensor | None, i: int) -> torch.Tensor | None:
     if mask is None or mask.shape[0] == 1:
         return mask
     return mask[i : i + 1]
-
-
-_active: dict[int, tuple[AttentionRecorder, str]] = {}  # id(attention module) -> its recorder and pass
-_replaced: dict[int, str] = {}                              # id(config) -> the implementation CAPTURE stands in for
-
-
-def _stock_implementation(module: nn.Module):
-    name = _replaced.get(id(module.config)) or "eager"
-    if name in ALL_ATTENTION_FUNCTIONS and name != CAPTURE:
-        return ALL_ATTENTION_FUNCTIONS[name]
-    return sys.modules[type(module).__module__].eager_attention_forward
-
-
-def capture_attention(module, query, key, value, attention_mask, **kwargs):
-    """Records what a watched attention layer sees, then runs the model's own implementation (every other layer
-    sharing the config goes straight through)."""
-    if id(module) in _active:
-        recorder, which = _active[id(module)]
-        scaling = kwargs.get("scaling")
-        if scaling is None:
-            scaling = getattr(module, "scaling", query.shape[-1] ** -0.5)
-        with torch.no_grad():
-            recorder.record(which, module, query, key, attention_mask, scaling)
-        if recorder.stop:
-            raise StopForward
-    return _stock_implementation(module)(module, query, key, value, attention_mask, **kwargs)
-
-
-def _register_capture() -> None:
-    """Makes CAPTURE a transformers attention implementation: on first use, not when boa is imported."""
-    if ALL_ATTENTION_FUNCTIONS.get(CAPTURE) is not capture_attention:
-        AttentionInterface.register(CAPTURE, capture_attention)
-
-
-@contextlib.contextmanager
-def capturing(attentions: dict[str, nn.Module], recorder: AttentionRecorder):
-    """Routes the given attention modules ({"fp": module, "quantized": module}) through `capture_attention` for the
-    duration, recording into `recorder`; restores their configs' implementation afterwards."""
-    _register_capture()
-    configs = {id(module.config): module.config for module in attentions.values()}
-    for key, config in configs.items():
-        _replaced[key] = config._attn_implementation
-    _active.update({id(module): (recorder, which) for which, module in attentions.items()})
-    try:
-        for config in configs.values():
-            config._attn_implementation = CAPTURE
-        yield recorder
-    finally:
-        for key, config in configs.items():
-            config._attn_implementation = _replaced.pop(key)
-        for module in attentions.values():
-            _active.pop(id(module), None)
 
 
 def back_rotate(C: torch.Tensor, R: torch.Tensor | None, chunk: int = 128) -> torch.Tensor:

@@ -11,7 +11,7 @@ from torch import nn
 
 from boa.models.adapter import Adapter
 from boa.core.hessian import HessianAccumulator
-from boa.stats.attention import AttentionRecorder, StopForward, back_rotate, capturing, output_row_factor
+from boa.stats.attention import AttentionRecorder, StopForward, back_rotate, output_row_factor
 
 
 @dataclass
@@ -92,7 +92,7 @@ def run_fp_block(block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torc
         for name in adapter.linear_names():
             stack.callback(modules[name].register_forward_pre_hook(keep(name)).remove)
         if recorder is not None:
-            stack.enter_context(capturing({"fp": attrgetter(adapter.attention)(block)}, recorder))
+            stack.enter_context(adapter.capturing({"fp": attrgetter(adapter.attention)(block)}, recorder))
         outputs = run_block(block, inputs, kwargs, dtype)
     return FPPass(layer_inputs, recorder.kept if recorder is not None else None, outputs)
 
@@ -139,7 +139,7 @@ def collect_statistics(
         if recorder is not None:
             if recorder.values:
                 stack.callback(recorder.watch_values(modules[adapter.v_proj]).remove)
-            stack.enter_context(capturing({"quantized": attrgetter(adapter.attention)(block)}, recorder))
+            stack.enter_context(adapter.capturing({"quantized": attrgetter(adapter.attention)(block)}, recorder))
         block_dtype = next(block.parameters()).dtype
         for i, (x, kw) in enumerate(zip(inputs, kwargs)):
             fed.clear()

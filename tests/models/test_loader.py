@@ -35,3 +35,24 @@ def test_unsupported_architecture(gpt2_dir, calib, folder_snapshot):
         message = str(err.value)
         assert "llama" in message and "opt" in message
     assert folder_snapshot(folder) == before
+
+
+def test_an_encoder_loads_quantizes_saves_and_loads_back(tmp_path, word_tokenizer, calib):
+    """BERT-style encoders (no LM head) go through the same doors as decoders: load_model builds them with their
+    adapter's model class, and boa.load rebuilds the saved packed model with outputs equal to the quantized one."""
+    from transformers import BertConfig, BertModel
+
+    torch.manual_seed(0)
+    config = BertConfig(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                        vocab_size=256, max_position_embeddings=64)
+    BertModel(config).save_pretrained(tmp_path / "bert")
+    word_tokenizer.save_pretrained(tmp_path / "bert")
+    model, tokenizer, adapter = boa.load_model(str(tmp_path / "bert"))
+    assert type(model).__name__ == "BertModel" and type(adapter).__name__ == "BertAdapter"
+    result = boa.quantize(model, boa.TurboBoA(bits=4, group_size=32), calib, progress=False)
+    boa.save(result, tmp_path / "q", tokenizer)
+    loaded, _, loaded_config = boa.load(tmp_path / "q")
+    assert loaded_config.method == boa.TurboBoA(bits=4, group_size=32)
+    ids = calib[:2, :16]
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).last_hidden_state, model(ids).last_hidden_state, rtol=0, atol=1e-5)

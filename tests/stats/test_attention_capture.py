@@ -6,7 +6,7 @@ import torch
 from transformers import Qwen3Config, Qwen3ForCausalLM
 
 from boa.models.adapter import adapter_for
-from boa.stats import AttentionRecorder, LayerStats, attention_layer_stats, back_rotate, capturing
+from boa.stats import AttentionRecorder, LayerStats, attention_layer_stats, back_rotate
 from boa.stats.collect import collect_statistics
 from boa.stats.attention import attention_probabilities
 
@@ -53,7 +53,7 @@ def capture_layer0(model, input_ids, attention_mask=None):
     recorder = KeepingRecorder(values=True, dtype=torch.float64)
     watch = recorder.watch_values(block.get_submodule(adapter.v_proj))
     args, kwargs = seen["call"]
-    with torch.no_grad(), capturing({"quantized": attention}, recorder):
+    with torch.no_grad(), adapter.capturing({"quantized": attention}, recorder):
         block(*args, **kwargs)
     watch.remove()
     model.set_attn_implementation("eager")
@@ -201,3 +201,23 @@ def test_value_dx_term_equals_explicit_cross_covariance():
     y, y_fp = head_values(q, k, x), head_values(q_fp, k_fp, x_fp)
     per_head = 2 * torch.einsum("bhti,bhtj->hij", y_fp - y, y) / (b * T)
     torch.testing.assert_close(got, per_head.reshape(2, 2, C, C).mean(1), atol=1e-5, rtol=1e-4)  # fp32 softmax
+
+
+def test_capture_registers_with_transformers_on_first_use_not_at_import():
+    """Importing boa's LLM path leaves transformers' attention registry as it was; the first capture adds boa's."""
+    import subprocess
+    import sys
+
+    code = ("import boa.pipeline, boa.stats, boa.models\n"
+            "from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS\n"
+            "from boa.models.attention_capture import CAPTURE\n"
+            "assert CAPTURE not in ALL_ATTENTION_FUNCTIONS, 'registered at import'\n")
+    subprocess.run([sys.executable, "-c", code], check=True, timeout=120)
+    model = build_llama()
+    capture_layer0(model, random_windows(1, 8))
+    from transformers.modeling_utils import ALL_ATTENTION_FUNCTIONS
+
+    from boa.models.attention_capture import CAPTURE
+
+    assert CAPTURE in ALL_ATTENTION_FUNCTIONS
+    assert model.config._attn_implementation != CAPTURE  # restored after the capture
