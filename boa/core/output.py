@@ -1,15 +1,17 @@
 """Output folders, for every format boa writes: what may be replaced, and the `.partial` checkpoint beside them.
 
 A run writing OUT keeps its checkpoint in OUT.partial while it works; the finished folder replaces OUT atomically
-(boa.core.io.atomic_dir) and the checkpoint is then removed.
+(boa.core.io.atomic_dir) and the checkpoint is then removed. Every format writes through `writing_output`.
 """
 from __future__ import annotations
 
+import contextlib
 import json
 import shutil
 from pathlib import Path
 
 from boa.core.errors import BoaError
+from boa.core.io import atomic_dir
 
 
 def read_manifest(folder, manifest: str) -> dict | None:
@@ -52,3 +54,17 @@ def checkpoint_folder(out, resume: bool) -> Path:
 def finish_output(out) -> None:
     """After `out` was written: its checkpoint has served its purpose."""
     shutil.rmtree(partial_folder(out), ignore_errors=True)
+
+
+@contextlib.contextmanager
+def writing_output(folder, manifest: str, content: dict, *, fingerprint: str | None = None, writer: str = "boa",
+                   checkpoint: bool = False):
+    """Checks `folder` (check_output), yields a temporary folder beside it to fill, writes the JSON manifest
+    `manifest` holding `content` into it last, and puts it in place of `folder` atomically. checkpoint: the run that
+    produced it kept a checkpoint in folder.partial, which is removed once the folder is in place."""
+    check_output(folder, manifest, fingerprint, writer)
+    with atomic_dir(folder) as tmp:
+        yield tmp
+        (tmp / manifest).write_text(json.dumps(content, indent=2) + "\n")
+    if checkpoint:
+        finish_output(folder)

@@ -14,7 +14,6 @@ No pickle: tensors go through safetensors, everything else through JSON.
 """
 from __future__ import annotations
 
-import json
 from operator import attrgetter
 from pathlib import Path
 
@@ -24,8 +23,7 @@ from transformers import AutoConfig, AutoTokenizer
 
 from boa.config import QuantConfig
 from boa.core.errors import BoaError
-from boa.core.io import atomic_dir
-from boa.core.output import check_output, finish_output
+from boa.core.output import writing_output
 from boa.core.output import read_manifest as _read_manifest
 from boa.core.packed import PackedWeight, pack
 from boa.export.common import plain_tensors
@@ -47,7 +45,6 @@ def save(result, folder, tokenizer=None) -> Path:
     """Writes a QuantResult (see boa.quantize) to `folder`, atomically; then the run's checkpoint (folder.partial)
     is removed."""
     folder = Path(folder)
-    check_output(folder, MANIFEST, result.fingerprint, writer="boa quantize")
     model = result.model
     tensors = plain_tensors(model, result.layers)
     layers = {}
@@ -64,13 +61,12 @@ def save(result, folder, tokenizer=None) -> Path:
         "dtype": str(next(model.parameters()).dtype).removeprefix("torch."),
         "layers": layers,
     }
-    with atomic_dir(folder) as tmp:
+    with writing_output(folder, MANIFEST, manifest, fingerprint=result.fingerprint, writer="boa quantize",
+                        checkpoint=True) as tmp:
         model.config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    finish_output(folder)
     return folder
 
 

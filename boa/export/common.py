@@ -9,8 +9,7 @@ import torch
 from safetensors.torch import save_file
 from torch import nn
 
-from boa.core.io import atomic_dir
-from boa.core.output import check_output
+from boa.core.output import writing_output
 from boa.core.quantizer import QuantizedWeight
 
 EXPORT_MANIFEST = "boa_export.json"
@@ -69,12 +68,11 @@ def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantizatio
     from boa import __version__
 
     out_dir = Path(out_dir)
-    check_output(out_dir, EXPORT_MANIFEST, writer="boa export")
     hf_config = model.config.to_dict()
     hf_config["quantization_config"] = quantization_config
     hf_config["dtype"] = str(model_dtype(model)).removeprefix("torch.")
     manifest = {"format": fmt, "boa_version": __version__, "config": None if config is None else config.to_dict()}
-    with atomic_dir(out_dir) as tmp:
+    with writing_output(out_dir, EXPORT_MANIFEST, manifest, writer="boa export") as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
@@ -82,7 +80,6 @@ def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantizatio
             tokenizer.save_pretrained(tmp)
         save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
                   metadata={"format": "pt"})
-        (tmp / EXPORT_MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
     return out_dir
 
 

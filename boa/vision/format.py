@@ -19,8 +19,7 @@ from pathlib import Path
 from safetensors.torch import load_file, save_file
 
 from boa.core.errors import BoaError
-from boa.core.io import atomic_dir
-from boa.core.output import check_output, finish_output
+from boa.core.output import writing_output
 from boa.core.packed import PackedWeight, pack
 from boa.vision.fake_quant import FrozenLayer, apply_frozen, quant_layers
 
@@ -35,7 +34,6 @@ def save_vision(result, folder, report: dict | None = None) -> Path:
     """Writes what boa.quantize_vision returned (a VisionResult) atomically, with an optional report, then removes
     the run's checkpoint (folder.partial)."""
     folder = Path(folder)
-    check_output(folder, MANIFEST, writer=WRITER)
     layers = result.layers
     tensors = {}
     for name, tensor in result.model.state_dict().items():
@@ -53,10 +51,8 @@ def save_vision(result, folder, report: dict | None = None) -> Path:
                          "input_signed": layer.input_signed, "in_features": packed.in_features}
     manifest = {"format": FORMAT, "version": VERSION, "model": result.model_name, "config": result.config.to_dict(),
                 "report": report, "layers": entries}
-    with atomic_dir(folder) as tmp:
+    with writing_output(folder, MANIFEST, manifest, writer=WRITER, checkpoint=True) as tmp:
         save_file(tensors, str(tmp / WEIGHTS))
-        (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2) + "\n")
-    finish_output(folder)
     return folder
 
 
