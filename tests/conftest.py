@@ -169,3 +169,39 @@ def occupied_out(tmp_path, tiny_opt):
 
     result = boa.quantize(tiny_opt, boa.RTN(bits=4), progress=False)
     return boa.save(result, tmp_path / "occupied")
+
+
+class Interrupted(Exception):
+    """Raised by stop_after to interrupt a quantization run."""
+
+
+def stop_after(index):
+    """An on_block_done callback that interrupts the run once block `index` is checkpointed."""
+    def on_block_done(i):
+        if i == index:
+            raise Interrupted
+
+    return on_block_done
+
+
+@torch.no_grad()
+def logits(model, windows):
+    return model(input_ids=windows, use_cache=False).logits
+
+
+def read_safetensors(folder) -> dict[str, torch.Tensor]:
+    """Every tensor of folder/model.safetensors."""
+    from safetensors import safe_open
+
+    with safe_open(str(Path(folder) / "model.safetensors"), "pt") as f:
+        return {k: f.get_tensor(k) for k in f.keys()}
+
+
+# A manifest's "config" as boa ≤ 0.1 wrote it: every knob of every method side by side, nsamples/seqlen/seed in it.
+OLD_FLAT_TURBOBOA = {
+    "method": "turboboa", "bits": 3, "group_size": -1, "sym": False, "grid": "hessian", "act_order": False,
+    "static_groups": False, "block_size": 128, "percdamp": 0.01, "nsamples": 4, "seqlen": 16, "seed": 0,
+    "true_sequential": True, "rows_per_step": 4, "dx_alpha": 0.25, "refine_iters": 1, "v_row_factor": "identity",
+    "row_order": False, "init": None, "rounding_iters": 500, "rounding_lr": 0.1, "round_weight": 1.0,
+    "round_weight_qkv": 1.5, "hessian_dtype": "float32", "cache_dtype": "float32",
+}

@@ -3,7 +3,6 @@ import json
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM
 
 import boa
@@ -11,21 +10,11 @@ from boa.cli import main
 from boa.export.common import EXPORT_MANIFEST
 from boa.export.gptq_format import gptq_tensors
 
-from conftest import build_llama
+from conftest import build_llama, logits, read_safetensors
 
 pytest.importorskip("compressed_tensors")
 
 ACT_ORDER = dict(bits=4, group_size=16, act_order=True)
-
-
-@torch.no_grad()
-def logits(model, windows):
-    return model(input_ids=windows, use_cache=False).logits
-
-
-def read(folder) -> dict[str, torch.Tensor]:
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def test_cli_exports_a_saved_folder(tiny_llama, calib, heldout, tmp_path, word_tokenizer, capsys):
@@ -40,7 +29,7 @@ def test_cli_exports_a_saved_folder(tiny_llama, calib, heldout, tmp_path, word_t
     assert (tmp_path / "ct" / "tokenizer.json").exists()
     assert main(["export", str(saved), "--format", "gptq", "--out", str(tmp_path / "gptq")]) == 0
     assert json.loads((tmp_path / "gptq" / EXPORT_MANIFEST).read_text())["config"] == result.config.to_dict()
-    assert torch.equal(read(tmp_path / "gptq")["model.layers.0.mlp.up_proj.qweight"],
+    assert torch.equal(read_safetensors(tmp_path / "gptq")["model.layers.0.mlp.up_proj.qweight"],
                        gptq_tensors(result.layers["model.layers.0.mlp.up_proj"])["qweight"])
 
     act_order = boa.quantize(build_llama(), boa.GPTQ(**ACT_ORDER), calib, progress=False)

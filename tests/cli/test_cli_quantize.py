@@ -13,17 +13,7 @@ import boa
 from boa.cli import main
 from boa.pipeline import calibration_record
 
-
-class Interrupted(Exception):
-    pass
-
-
-def stop_after(index):
-    def on_block_done(i):
-        if i == index:
-            raise Interrupted
-
-    return on_block_done
+from conftest import Interrupted, stop_after
 
 
 def cli_args(model_dir, calib_txt, out, *extra):

@@ -8,14 +8,9 @@ import pytest
 import boa
 from boa.algorithms import REGISTRY, method_from_dict
 
-# A manifest's "config" as boa ≤ 0.1 wrote it: every knob of every method, resolved, plus nsamples/seqlen/seed.
-OLD_TURBOBOA = {
-    "method": "turboboa", "bits": 3, "group_size": -1, "sym": False, "grid": "hessian", "act_order": False,
-    "static_groups": False, "block_size": 128, "percdamp": 0.01, "nsamples": 4, "seqlen": 16, "seed": 0,
-    "true_sequential": True, "rows_per_step": 4, "dx_alpha": 0.25, "refine_iters": 1, "v_row_factor": "identity",
-    "row_order": False, "init": None, "rounding_iters": 500, "rounding_lr": 0.1, "round_weight": 1.0,
-    "round_weight_qkv": 1.5, "hessian_dtype": "float32", "cache_dtype": "float16",
-}
+from conftest import OLD_FLAT_TURBOBOA
+
+OLD_TURBOBOA = {**OLD_FLAT_TURBOBOA, "cache_dtype": "float16"}
 OLD_AESPA = {
     **OLD_TURBOBOA, "method": "aespa", "init": "gptq", "bits": 2, "group_size": 32, "rows_per_step": 1,
     "dx_alpha": 0.0, "refine_iters": 0, "v_row_factor": "exact", "rounding_iters": 20, "rounding_lr": 0.05,

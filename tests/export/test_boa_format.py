@@ -13,6 +13,8 @@ import boa
 from boa.core.packed import unpack_codes
 from boa.nn import QuantLinear
 
+from conftest import OLD_FLAT_TURBOBOA
+
 PICKLE_SUFFIXES = {".bin", ".pt", ".pth", ".pkl", ".pickle", ".ckpt"}
 
 
@@ -170,19 +172,11 @@ def test_the_manifest_records_config_and_calibration(tiny_llama, calib, tmp_path
     assert json.loads((rtn / "quantization.json").read_text())["calibration"] is None
 
 
-# A manifest's "config" as boa ≤ 0.1 wrote it: every knob of every method side by side, nsamples/seqlen/seed in it.
-OLD_FLAT = {
-    "method": "turboboa", "bits": 3, "group_size": -1, "sym": False, "grid": "hessian", "act_order": False,
-    "static_groups": False, "block_size": 128, "percdamp": 0.01, "nsamples": 4, "seqlen": 16, "seed": 0,
-    "true_sequential": True, "rows_per_step": 4, "dx_alpha": 0.25, "refine_iters": 1, "v_row_factor": "identity",
-    "row_order": False, "init": None, "rounding_iters": 500, "rounding_lr": 0.1, "round_weight": 1.0,
-    "round_weight_qkv": 1.5, "hessian_dtype": "float32", "cache_dtype": "float32",
-}
 
 
 @pytest.mark.parametrize("flat, expected", [
-    (OLD_FLAT, boa.TurboBoA(bits=3, group_size=-1, rows_per_step=4, v_row_factor="identity")),
-    ({**OLD_FLAT, "method": "aespa", "init": "gptq", "rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0,
+    (OLD_FLAT_TURBOBOA, boa.TurboBoA(bits=3, group_size=-1, rows_per_step=4, v_row_factor="identity")),
+    ({**OLD_FLAT_TURBOBOA, "method": "aespa", "init": "gptq", "rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0,
       "v_row_factor": "exact", "rounding_iters": 20},
      boa.Aespa(init=boa.GPTQ(bits=3, group_size=-1, grid="hessian"), rounding_iters=20)),
 ], ids=["turboboa", "aespa-from-gptq"])

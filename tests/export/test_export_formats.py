@@ -7,7 +7,6 @@ import math
 
 import pytest
 import torch
-from safetensors import safe_open
 from transformers import AutoModelForCausalLM, LlamaConfig, LlamaForCausalLM
 
 import boa
@@ -16,7 +15,7 @@ from boa.export import export_compressed_tensors, export_gptq
 from boa.export.common import EXPORT_MANIFEST, pack_int32
 from boa.export.gptq_format import gptq_tensors
 
-from conftest import build_llama, random_windows
+from conftest import build_llama, logits, random_windows, read_safetensors
 
 compressed_tensors = pytest.importorskip("compressed_tensors")
 
@@ -39,16 +38,6 @@ def quantized(**settings):
     model = build_llama()
     result = boa.quantize(model, boa.GPTQ(**settings), random_windows(8, 32, seed=0), progress=False)
     return model, result
-
-
-@torch.no_grad()
-def logits(model, windows):
-    return model(input_ids=windows, use_cache=False).logits
-
-
-def read(folder) -> dict[str, torch.Tensor]:
-    with safe_open(str(folder / "model.safetensors"), "pt") as f:
-        return {k: f.get_tensor(k) for k in f.keys()}
 
 
 def unpack_stream(words: torch.Tensor, bits: int, count: int) -> torch.Tensor:
@@ -89,7 +78,7 @@ def test_compressed_tensors_export_loads_with_the_fake_quant_logits(settings, he
     assert scheme.weights.strategy == ("channel" if settings["group_size"] == -1 else "group")
     assert json.loads((out / EXPORT_MANIFEST).read_text())["config"] == result.config.to_dict()
 
-    tensors, bits = read(out), settings["bits"]
+    tensors, bits = read_safetensors(out), settings["bits"]
     for name, q in result.layers.items():
         rows, cols = q.codes.shape
         groups = q.scale.shape[1]
@@ -147,7 +136,7 @@ def test_compressed_tensors_export_of_a_tied_model_with_tokenizer(heldout, tmp_p
     result = boa.quantize(model, boa.RTN(bits=4, group_size=32, sym=True), progress=False)
     out = export_compressed_tensors(model, result.layers, tmp_path / "ct", word_tokenizer)
 
-    assert "lm_head.weight" not in read(out) and "model.embed_tokens.weight" in read(out)
+    assert "lm_head.weight" not in read_safetensors(out) and "model.embed_tokens.weight" in read_safetensors(out)
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert loaded.lm_head.weight.data_ptr() == loaded.model.embed_tokens.weight.data_ptr()
     assert torch.equal(logits(loaded, heldout), logits(model, heldout))
@@ -208,7 +197,7 @@ def test_gptq_export_unpacks_to_boas_codes_and_grids(settings, tmp_path):
         "desc_act": settings == ACT_ORDER, "sym": settings.get("sym", False), "checkpoint_format": "gptq",
         "lm_head": False, "meta": {"quantizer": [f"boa:{boa.__version__}"]},
     }
-    tensors = read(out)
+    tensors = read_safetensors(out)
     for name, q in result.layers.items():
         rows, cols = q.codes.shape
         groups = q.scale.shape[1]

@@ -11,19 +11,9 @@ import torch
 import boa
 from boa.algorithms import method_from_dict
 
+from conftest import Interrupted, stop_after
+
 CONFIG = dict(method="gptq", bits=4, group_size=32, act_order=True)
-
-
-class Interrupted(Exception):
-    pass
-
-
-def stop_after(index):
-    def on_block_done(i):
-        if i == index:
-            raise Interrupted
-
-    return on_block_done
 
 
 def assert_same_result(a, b, model_a, model_b):
