@@ -62,6 +62,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32")
     q.add_argument("--out", type=Path, help="save the quantized model here")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
+    q.add_argument("--restart", action="store_true", help="discard an interrupted run's checkpoint (OUT.partial)")
     q.add_argument("--eval-fp", action="store_true", help="also evaluate the unquantized model")
     _add_eval_args(q)
 
@@ -101,6 +102,7 @@ def _add_vision_commands(sub) -> None:
     v.add_argument("--distill-batch", type=int, default=DistillConfig.batch_size, help="Genie-D batch")
     v.add_argument("--seed", type=int, default=0)
     v.add_argument("--out", type=Path, help="save the quantized network here")
+    v.add_argument("--restart", action="store_true", help="discard an interrupted run's checkpoint (OUT.partial)")
     v.add_argument("--resume", action="store_true",
                    help="keep the distilled batches found in OUT.partial from an interrupted run with the same settings")
     _add_vision_eval_args(v)
@@ -195,7 +197,8 @@ def _quantize(args, report) -> None:
     if args.eval_fp:
         _evaluate("fp", model, tokenizer, args, report)
     with report.phase("quantize"):
-        result = quantize(model, config, calib, adapter=adapter, out=args.out, resume=args.resume)
+        result = quantize(model, config, calib, adapter=adapter, out=args.out, resume=args.resume,
+                          restart=args.restart)
     if result.calibration is not None:
         result.calibration.update(corpus=args.calib, seed=args.seed)
     if args.out:
@@ -321,7 +324,7 @@ def _quantize_vision(args, report) -> None:
         model, spec = load_vision_model(args.model)
         images, labels = _vision_eval_set(spec, args)
     # quantize_vision checks --out (and --resume) before any work, and keeps Genie-D's batches in OUT.partial
-    result = quantize_vision(model, spec, config, out=args.out, resume=args.resume)
+    result = quantize_vision(model, spec, config, out=args.out, resume=args.resume, restart=args.restart)
     for phase, seconds in result.seconds.items():
         report.seconds[phase] = seconds
     reference = _vision_row("fp", model, images, labels, None, report)
@@ -350,6 +353,23 @@ def _eval_vision(args, report) -> None:
     _vision_row(args.model, model, images, labels, reference, report)
 
 
+def _after_interrupt(args) -> str:
+    """What an interruption kept, and how to go on."""
+    if args.command not in ("quantize", "quantize-vision"):
+        return "Nothing was written."
+    if not args.out:
+        return "Nothing was kept: with --out, finished work is checkpointed and --resume continues it."
+    from boa.core.checkpoint import Checkpoint
+    from boa.core.output import partial_folder
+
+    partial = partial_folder(args.out)
+    done = Checkpoint.steps_done(partial) if partial.is_dir() else 0
+    if not done:
+        return "No step had finished yet; rerun the same command to start again."
+    unit = "blocks" if args.command == "quantize" else "Genie-D batches"
+    return f"{done} finished {unit} are kept in {partial}; rerun the same command with --resume to continue."
+
+
 def main(argv=None) -> int:
     from boa.eval import Report
 
@@ -362,6 +382,9 @@ def main(argv=None) -> int:
          "eval-vision": _eval_vision}[args.command](args, report)
     except (BoaError, BackendError) as err:
         print(f"boa: error: {err}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print(f"boa: stopped (interrupted). {_after_interrupt(args)}", file=sys.stderr)
         return 2
     if args.command not in ("prepare", "kernels", "export", "generate"):
         report.print()

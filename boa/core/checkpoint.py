@@ -6,11 +6,13 @@ interrupted run resumes after its last finished step and ends with what an unint
     carry-KKKK.safetensors  what step K + 1 starts from (e.g. the next block's inputs); only the newest is kept
 
 A kill at any point leaves progress.json naming a complete set: a step or carry file written after it is ignored (and
-overwritten by the rerun), and the carry it names is removed only after a newer progress.json replaced it.
+overwritten by the rerun), and the carry it names is removed only after a newer progress.json replaced it. A folder
+holding anything else is not a checkpoint: boa neither resumes from it nor deletes it (`owns`).
 """
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 
 import torch
@@ -21,6 +23,14 @@ from boa.core.errors import BoaError
 from boa.core.io import atomic_file, write_json
 
 PROGRESS = "progress.json"
+# What a checkpoint folder may hold: its files, and the temporaries atomic_file leaves when killed (".NAME.xxxx").
+_FILES = r"(progress\.json|step-\d{4}\.safetensors|carry-\d{4}\.safetensors)"
+_OWN = re.compile(rf"{_FILES}|\.{_FILES}\..+")
+
+
+def _damaged(path: Path, err: Exception) -> BoaError:
+    return BoaError(f"checkpoint file {path} is damaged ({type(err).__name__}: {err}); rerun with --restart (or "
+                    f"delete {path.parent}) to start over")
 
 
 class Checkpoint:
@@ -31,11 +41,31 @@ class Checkpoint:
         self.fingerprint = fingerprint
         self.kind = kind
 
+    @staticmethod
+    def owns(folder) -> bool:
+        """Whether `folder` holds nothing but checkpoint files (or nothing): boa's to resume or delete."""
+        folder = Path(folder)
+        return folder.is_dir() and all(_OWN.fullmatch(entry.name) for entry in folder.iterdir())
+
+    @staticmethod
+    def steps_done(folder) -> int | None:
+        """How many steps a checkpoint folder records as finished: 0 when none, None when its record is unreadable."""
+        path = Path(folder) / PROGRESS
+        if not path.exists():
+            return 0
+        try:
+            return int(json.loads(path.read_text())["next_step"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return None
+
     def _state(self) -> dict | None:
         path = self.folder / PROGRESS
         if not path.exists():
             return None
-        state = json.loads(path.read_text())
+        try:
+            state = json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise _damaged(path, err) from None
         if state.get("fingerprint") != self.fingerprint or state.get("kind") != self.kind:
             raise BoaError(
                 f"the checkpoint in {self.folder} belongs to a different run (model, settings or calibration "
@@ -72,12 +102,20 @@ class Checkpoint:
     def load(self, step: int) -> tuple[dict[str, torch.Tensor], dict]:
         """A finished step's tensors and metadata."""
         path = self._step_path(step)
-        with safe_open(str(path), "pt") as f:
-            meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
-        return load_file(str(path)), meta
+        try:
+            with safe_open(str(path), "pt") as f:
+                meta = {k: json.loads(v) for k, v in (f.metadata() or {}).items()}
+            return load_file(str(path)), meta
+        except Exception as err:  # safetensors raises its own error types for truncated or garbled files
+            raise _damaged(path, err) from None
 
     def load_carry(self) -> dict[str, torch.Tensor]:
         """The state the next step starts from ({} when the last step saved none)."""
         state = self._state()
         name = None if state is None else state.get("carry")
-        return {} if name is None else load_file(str(self.folder / name))
+        if name is None:
+            return {}
+        try:
+            return load_file(str(self.folder / name))
+        except Exception as err:
+            raise _damaged(self.folder / name, err) from None

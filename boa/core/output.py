@@ -10,6 +10,7 @@ import json
 import shutil
 from pathlib import Path
 
+from boa.core.checkpoint import Checkpoint
 from boa.core.errors import BoaError
 from boa.core.io import atomic_dir
 
@@ -43,17 +44,35 @@ def partial_folder(out) -> Path:
     return Path(f"{out}.partial")
 
 
-def checkpoint_folder(out, resume: bool) -> Path:
-    """The checkpoint folder of a run writing `out`: kept when resuming, else an earlier one is discarded."""
+def checkpoint_folder(out, resume: bool, restart: bool = False) -> Path:
+    """The checkpoint folder of a run writing `out`. An earlier one is continued with `resume`, discarded with
+    `restart`, and otherwise refused when it holds finished work (nothing is thrown away unasked); a folder of that
+    name that boa did not write is never touched."""
+    if resume and restart:
+        raise BoaError("resume and restart contradict each other: --resume continues the checkpoint, --restart "
+                       "discards it; give one")
     partial = partial_folder(out)
-    if partial.exists() and not resume:
-        shutil.rmtree(partial)
+    if not partial.exists():
+        return partial
+    if not Checkpoint.owns(partial):
+        raise BoaError(f"{partial} exists and was not written by boa (it would hold this run's checkpoint); move it "
+                       "away or choose another --out")
+    if resume:
+        return partial
+    done = Checkpoint.steps_done(partial)
+    if done != 0 and not restart:
+        what = f"{done} finished steps" if done is not None else "its progress record is damaged"
+        raise BoaError(f"{partial} holds the checkpoint of an interrupted run ({what}); rerun with --resume to "
+                       "continue it, or --restart to discard it")
+    shutil.rmtree(partial)
     return partial
 
 
 def finish_output(out) -> None:
-    """After `out` was written: its checkpoint has served its purpose."""
-    shutil.rmtree(partial_folder(out), ignore_errors=True)
+    """After `out` was written: its checkpoint has served its purpose (anything else of that name stays)."""
+    partial = partial_folder(out)
+    if partial.exists() and Checkpoint.owns(partial):
+        shutil.rmtree(partial)
 
 
 @contextlib.contextmanager

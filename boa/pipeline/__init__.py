@@ -1,6 +1,6 @@
-"""The pipeline: the block loop (quantize.py) over the block inputs (inputs.py), the statistics each method needs
+"""The pipeline: the block loop (loop.py) over the block inputs (inputs.py), the statistics each method needs
 (boa.stats.GroupStatistics) and a checkpoint of finished blocks (boa.core.checkpoint)."""
 from boa.pipeline.inputs import BlockInputs
-from boa.pipeline.quantize import QuantResult, calibration_record, quantize, quantize_block, run_fingerprint
+from boa.pipeline.loop import QuantResult, calibration_record, quantize, quantize_block, run_fingerprint
 
 __all__ = ["BlockInputs", "QuantResult", "calibration_record", "quantize", "quantize_block", "run_fingerprint"]

@@ -51,18 +51,18 @@ def calibration_images(model: nn.Module, spec, config: VisionQuantConfig, progre
 
 def quantize_vision(model: nn.Sequential, spec, config: VisionQuantConfig | None = None,
                     images: torch.Tensor | None = None, progress: bool = True, *, out: str | Path | None = None,
-                    resume: bool = False) -> VisionResult:
+                    resume: bool = False, restart: bool = False) -> VisionResult:
     """A quantized copy of `model`; `images` (model inputs) replace config.data's when given.
 
     out: the folder the result will be saved to (boa.save_vision): checked before any work; its checkpoint
-    OUT.partial keeps Genie-D's finished batches (the long part), discarded first unless resume=True, which
-    continues from them."""
+    OUT.partial keeps Genie-D's finished batches (the long part): resume=True continues from them, restart=True
+    discards them, and without either they are refused rather than thrown away."""
     config = config or VisionQuantConfig()
     config.validate()
     checkpoint_dir = None
     if out is not None:
         check_output(out, MANIFEST, writer=WRITER)
-        checkpoint_dir = checkpoint_folder(out, resume)
+        checkpoint_dir = checkpoint_folder(out, resume, restart)
     elif resume:
         raise BoaError("resume continues the run saved under its output folder; give the same --out (out=) as the "
                        "interrupted run")

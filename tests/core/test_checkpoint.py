@@ -131,3 +131,29 @@ def test_a_checkpoint_of_another_run_is_refused(tmp_path, fingerprint, kind):
             call()
         assert str(folder) in str(err.value)
     assert Checkpoint(folder, FINGERPRINT, KIND).next_step() == 1  # left as it was
+
+
+@pytest.mark.parametrize("damage", ["step", "carry", "progress"])
+def test_a_damaged_file_is_refused_naming_it(tmp_path, damage):
+    """A truncated step or carry file, or a garbled progress record, gives a BoaError naming the file and the way
+    out — never a half-read checkpoint."""
+    folder = tmp_path / "ckpt"
+    Checkpoint(folder, FINGERPRINT, KIND).save(0, tensors(0), {"n": 0}, carry=carry(0))
+    path = {"step": folder / "step-0000.safetensors", "carry": folder / "carry-0000.safetensors",
+            "progress": folder / PROGRESS}[damage]
+    path.write_bytes(path.read_bytes()[: len(path.read_bytes()) // 2])
+    reopened = Checkpoint(folder, FINGERPRINT, KIND)
+    with pytest.raises(BoaError, match=rf"{path.name} is damaged.*--restart"):
+        reopened.next_step()
+        reopened.load(0)
+        reopened.load_carry()
+
+
+def test_ownership_and_finished_steps_of_a_folder(tmp_path):
+    folder = tmp_path / "ckpt"
+    assert Checkpoint.steps_done(folder) == 0
+    Checkpoint(folder, FINGERPRINT, KIND).save(0, tensors(0), carry=carry(0))
+    (folder / ".step-0001.safetensors.tmp1234").write_bytes(b"")  # a temporary a kill left behind
+    assert Checkpoint.owns(folder) and Checkpoint.steps_done(folder) == 1
+    (folder / "notes.txt").write_text("mine")
+    assert not Checkpoint.owns(folder)

@@ -1,5 +1,6 @@
 """boa.core.output: which output folders a writer may replace (check_output), and the OUT.partial checkpoint beside
-them: discarded by a fresh run, kept by a resumed one (checkpoint_folder), removed once OUT is written
+them (checkpoint_folder): kept by a resumed run, discarded by a restarted one, refused (not thrown away) by a plain
+fresh run when it holds finished work, never touched when boa did not write it; removed once OUT is written
 (finish_output)."""
 import json
 import re
@@ -73,21 +74,61 @@ def test_partial_folder_sits_beside_the_output(tmp_path):
     assert partial_folder(str(tmp_path / "OUT")) == tmp_path / "OUT.partial"
 
 
-def make_partial(out):
+def make_partial(out, finished: int | None = 1):
+    """A checkpoint folder as boa leaves it: a step file and, unless finished is None (killed before its first
+    progress record), progress.json recording `finished` steps."""
     partial = partial_folder(out)
     partial.mkdir(parents=True)
-    (partial / "progress.json").write_text("{}")
     (partial / "step-0000.safetensors").write_bytes(b"\0")
+    if finished is not None:
+        (partial / "progress.json").write_text(json.dumps({"fingerprint": "f", "kind": "k", "next_step": finished}))
     return partial
 
 
-def test_a_fresh_run_discards_an_earlier_checkpoint(tmp_path):
+def test_finished_work_is_refused_without_resume_or_restart(tmp_path, folder_snapshot):
     out = tmp_path / "OUT"
-    partial = make_partial(out)
-    assert checkpoint_folder(out, resume=False) == partial
+    partial = make_partial(out, finished=3)
+    before = folder_snapshot(partial)
+    with pytest.raises(BoaError, match=r"interrupted run \(3 finished steps\); rerun with --resume .* --restart"):
+        checkpoint_folder(out, resume=False)
+    assert folder_snapshot(partial) == before
+    assert checkpoint_folder(out, resume=False, restart=True) == partial
     assert not partial.exists()
     assert checkpoint_folder(tmp_path / "OTHER", resume=False) == tmp_path / "OTHER.partial"  # none: nothing to do
     assert not (tmp_path / "OTHER.partial").exists()
+
+
+def test_a_checkpoint_with_nothing_finished_is_discarded_silently(tmp_path):
+    partial = make_partial(tmp_path / "OUT", finished=None)
+    assert checkpoint_folder(tmp_path / "OUT", resume=False) == partial
+    assert not partial.exists()
+
+
+def test_a_damaged_progress_record_is_not_discarded_unasked(tmp_path):
+    partial = make_partial(tmp_path / "OUT", finished=None)
+    (partial / "progress.json").write_text("{trunc")
+    with pytest.raises(BoaError, match="progress record is damaged"):
+        checkpoint_folder(tmp_path / "OUT", resume=False)
+    assert (partial / "progress.json").exists()
+
+
+def test_a_folder_boa_did_not_write_is_never_touched(tmp_path, folder_snapshot):
+    """The issue-18 case: OUT.partial holding someone's thesis is neither deleted nor resumed from."""
+    out = tmp_path / "precious"
+    partial = partial_folder(out)
+    partial.mkdir()
+    (partial / "thesis.txt").write_text("x")
+    before = folder_snapshot(partial)
+    for resume, restart in ((False, False), (True, False), (False, True)):
+        with pytest.raises(BoaError, match="was not written by boa"):
+            checkpoint_folder(out, resume=resume, restart=restart)
+    finish_output(out)
+    assert folder_snapshot(partial) == before
+
+
+def test_resume_and_restart_together_are_refused(tmp_path):
+    with pytest.raises(BoaError, match="contradict"):
+        checkpoint_folder(tmp_path / "OUT", resume=True, restart=True)
 
 
 def test_a_resumed_run_keeps_its_checkpoint(tmp_path, folder_snapshot):

@@ -125,8 +125,9 @@ def test_resume_refuses_a_checkpoint_of_a_permuted_model(four_blocks, calib, tmp
 
 
 def test_with_out_the_checkpoint_is_out_partial(four_blocks, calib, tmp_path, word_tokenizer):
-    """quantize(out=OUT) keeps its checkpoint in OUT.partial: a fresh run (resume=False) discards an earlier one and
-    quantizes every block, resume=True continues from it, and boa.save removes it after writing OUT."""
+    """quantize(out=OUT) keeps its checkpoint in OUT.partial: a plain fresh run refuses to throw an earlier one
+    away, restart=True discards it and quantizes every block, resume=True continues from it, and boa.save removes it
+    after writing OUT."""
     config = method_from_dict(CONFIG)
     out = tmp_path / "OUT"
     partial = tmp_path / "OUT.partial"
@@ -136,9 +137,11 @@ def test_with_out_the_checkpoint_is_out_partial(four_blocks, calib, tmp_path, wo
     with pytest.raises(Interrupted):
         boa.quantize(copy.deepcopy(four_blocks), config, calib, out=out, progress=False, on_block_done=stop_after(1))
     assert json.loads((partial / "progress.json").read_text())["next_step"] == 2 and not out.exists()
+    with pytest.raises(boa.BoaError, match="2 finished steps.*--resume.*--restart"):
+        boa.quantize(copy.deepcopy(four_blocks), config, calib, out=out, progress=False)
     done = []
     with pytest.raises(Interrupted):
-        boa.quantize(copy.deepcopy(four_blocks), config, calib, out=out, progress=False,
+        boa.quantize(copy.deepcopy(four_blocks), config, calib, out=out, restart=True, progress=False,
                      on_block_done=lambda i: done.append(i) or stop_after(0)(i))
     assert done == [0]  # started over
     assert json.loads((partial / "progress.json").read_text())["next_step"] == 1

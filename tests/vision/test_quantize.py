@@ -85,9 +85,24 @@ def test_interrupted_run_resumes_from_its_checkpoint(tiny_cnn, tmp_path, monkeyp
     boa.save_vision(resumed, out)
     assert out.is_dir() and not partial.exists()
 
-    # Without resume, an earlier checkpoint is discarded and the run starts over.
+    # A folder of that name that boa did not write is refused and left alone.
     partial.mkdir()
     (partial / "stale").write_text("")
+    with pytest.raises(boa.BoaError, match="not written by boa"):
+        boa.quantize_vision(tiny_cnn, SPEC, genie_config(), progress=False, out=out)
+    assert (partial / "stale").exists()
+    (partial / "stale").unlink()
+    partial.rmdir()
+
+    # An interrupted run's batches are not thrown away unasked: without resume or restart the run is refused;
+    # restart discards them and starts over.
     calls.clear()
-    boa.quantize_vision(tiny_cnn, SPEC, genie_config(), progress=False, out=out)
-    assert len(calls) == 2 and not (partial / "stale").exists()
+    monkeypatch.setattr(genie_d, "distill_batch", stop_at_second_batch)
+    with pytest.raises(RuntimeError, match="interrupted"):
+        boa.quantize_vision(tiny_cnn, SPEC, genie_config(), progress=False, out=out)
+    with pytest.raises(boa.BoaError, match="1 finished steps.*--resume.*--restart"):
+        boa.quantize_vision(tiny_cnn, SPEC, genie_config(), progress=False, out=out)
+    calls.clear()
+    monkeypatch.setattr(genie_d, "distill_batch", lambda *args: calls.append(1) or real_batch(*args))
+    boa.quantize_vision(tiny_cnn, SPEC, genie_config(), progress=False, out=out, restart=True)
+    assert len(calls) == 2

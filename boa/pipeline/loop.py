@@ -106,12 +106,12 @@ def _load_block(checkpoint: Checkpoint, index: int) -> tuple[dict[str, Quantized
     return layers, meta["losses"]
 
 
-def _open_checkpoint(out, checkpoint_dir, resume: bool, fingerprint: str) -> Checkpoint | None:
+def _open_checkpoint(out, checkpoint_dir, resume: bool, restart: bool, fingerprint: str) -> Checkpoint | None:
     """The run's checkpoint: beside the output folder (checked first: nothing is worked on for a folder that cannot
     be written), or in checkpoint_dir, or none."""
     if out is not None:
         check_output(out, MANIFEST, fingerprint, writer="boa quantize")
-        checkpoint_dir = checkpoint_folder(out, resume)
+        checkpoint_dir = checkpoint_folder(out, resume, restart)
     elif resume and not checkpoint_dir:
         raise BoaError("resume=True needs the output folder (out=) or checkpoint_dir of the interrupted run")
     return Checkpoint(checkpoint_dir, fingerprint, CHECKPOINT_KIND) if checkpoint_dir else None
@@ -154,6 +154,7 @@ def quantize(
     out: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
+    restart: bool = False,
     progress: bool = True,
     on_block_done=None,
 ) -> QuantResult:
@@ -162,7 +163,8 @@ def quantize(
     config: a QuantConfig, or just a method (boa.GPTQ(...), boa.TurboBoA(...), ...) with the default run settings.
     calib: LongTensor (nsamples, seqlen) of token ids (see boa.data.calibration_windows); RTN needs none.
     out: the folder the result will be saved to (boa.save): checked before any work, and its checkpoint OUT.partial
-    keeps each finished block (discarded first unless resume=True, which continues from it).
+    keeps each finished block: resume=True continues from it, restart=True discards it, and without either an
+    earlier run's finished blocks there are refused rather than thrown away.
     checkpoint_dir: a checkpoint folder without an output folder (what `out` picks itself).
     on_block_done(index): called after each block's checkpoint (used by tests to interrupt a run).
     """
@@ -178,7 +180,7 @@ def quantize(
     _check_calibration(model, method, calib)
     calib = calib if needs.hessian else None
     fingerprint = run_fingerprint(model, config, calib)
-    checkpoint = _open_checkpoint(out, checkpoint_dir, resume, fingerprint)
+    checkpoint = _open_checkpoint(out, checkpoint_dir, resume, restart, fingerprint)
     first = checkpoint.next_step() if (checkpoint and resume) else 0
     result = QuantResult(model, config, fingerprint=fingerprint,
                          calibration=None if calib is None else calibration_record(calib))
