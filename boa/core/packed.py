@@ -78,6 +78,40 @@ class PackedWeight:
             g_idx = torch.empty_like(g_idx).index_copy_(0, perm, g_idx)
         return QuantizedWeight(codes, self.scales.to(dtype), self.zeros.to(dtype), g_idx, self.bits)
 
+    def check(self, name: str, out_features: int, in_features: int) -> None:
+        """That this is a consistent packed weight for a layer (out_features × in_features): widths, shapes and
+        dtypes as the layout above says, finite scales, zero points on the grid, perm a permutation.
+        Otherwise a BoaError naming the layer and what differs."""
+
+        def fail(what: str):
+            raise BoaError(f"layer {name}: {what}; the saved model was edited or damaged — quantize it again (or "
+                           "restore the folder as boa wrote it)")
+
+        if self.bits not in PACKED_BITS:
+            fail(f"bits={self.bits!r} is not a packed width ({', '.join(map(str, PACKED_BITS))})")
+        if self.in_features != in_features:
+            fail(f"in_features={self.in_features!r} but the layer takes {in_features} inputs")
+        if not isinstance(self.group_size, int) or not 0 < self.group_size <= in_features:
+            fail(f"group_size={self.group_size!r} does not fit {in_features} inputs")
+        groups = -(-in_features // self.group_size)
+        expected = {"qweight": ((out_features, _padded(in_features) * self.bits // 8), torch.uint8),
+                    "scales": ((out_features, groups), torch.float32),
+                    "zeros": ((out_features, groups), torch.uint8)}
+        if self.perm is not None:
+            expected["perm"] = ((in_features,), torch.int32)
+        for key, (shape, dtype) in expected.items():
+            tensor = getattr(self, key)
+            if tuple(tensor.shape) != shape or tensor.dtype != dtype:
+                fail(f"{key} is {tuple(tensor.shape)} {tensor.dtype}, but {self.bits}-bit codes of {in_features} "
+                     f"inputs in groups of {self.group_size} take {shape} {dtype}")
+        if not torch.isfinite(self.scales).all():
+            fail("its scales hold NaN or Inf")
+        if int(self.zeros.max()) > 2**self.bits - 1:
+            fail(f"a zero point exceeds {2**self.bits - 1}, the largest {self.bits}-bit code")
+        if self.perm is not None and not torch.equal(torch.sort(self.perm.long()).values,
+                                                     torch.arange(in_features)):
+            fail("perm is not a permutation of its inputs")
+
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
         return out if self.perm is None else {**out, "perm": self.perm}

@@ -2,7 +2,8 @@
 
     config.json, tokenizer files      the base model's, as transformers writes them
     quantization.json                 {"format": "boa", "version", "config": QuantConfig.to_dict(), "fingerprint",
-                                      "calibration": {nsamples, seqlen, sha256, ...} or null, "dtype", "layers"}
+                                      "calibration": {nsamples, seqlen, sha256, ...} or null, "dtype", "layers",
+                                      "config_sha256": of config.json, "manifest_sha256": of the rest of this file}
     model.safetensors                 every tensor that is not quantized (embeddings, norms, biases, lm_head) under
                                       its state-dict name, and per quantized layer NAME its packed weight
                                       (boa/core/packed.py): NAME.qweight uint8, NAME.scales float32, NAME.zeros
@@ -10,26 +11,34 @@
                                       are in quantization.json's "layers"
 Version 1 (unpacked: NAME.codes uint8 (out, in), NAME.scale, NAME.zero, NAME.g_idx) is still read.
 
+`load` trusts nothing it can check: the manifest's own checksum (an edited field is refused), config.json's,
+model.safetensors' run fingerprint (in its header) against the manifest's, and every packed layer's widths, shapes,
+finite scales and zero points against the architecture (PackedWeight.check). Manifests of earlier versions carry no
+checksums; their layers are still checked.
+
 No pickle: tensors go through safetensors, everything else through JSON.
 """
 from __future__ import annotations
 
+import hashlib
+import json
 from operator import attrgetter
 from pathlib import Path
 
 import torch
+from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from transformers import AutoConfig, AutoTokenizer
 
 from boa.config import QuantConfig
 from boa.core.errors import BoaError
-from boa.core.output import writing_output
 from boa.core.output import read_manifest as _read_manifest
+from boa.core.output import writing_output
 from boa.core.packed import PackedWeight, pack
+from boa.core.quantizer import QuantizedWeight
 from boa.export.common import plain_tensors
 from boa.models.adapter import adapter_for
 from boa.nn.quant_linear import pack_model
-from boa.core.quantizer import QuantizedWeight
 
 FORMAT_VERSION = 2
 READS = (1, 2)
@@ -64,9 +73,12 @@ def save(result, folder, tokenizer=None) -> Path:
     with writing_output(folder, MANIFEST, manifest, fingerprint=result.fingerprint, writer="boa quantize",
                         checkpoint=True) as tmp:
         model.config.save_pretrained(tmp)
+        manifest["config_sha256"] = _sha256(tmp / "config.json")  # the manifest itself is written last
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS))
+        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
+                  metadata={"boa_fingerprint": result.fingerprint})
     return folder
 
 
@@ -79,18 +91,28 @@ def load(folder, device: str = "cpu"):
     version = manifest.get("version")
     if version not in READS:
         raise BoaError(f"{folder} was written by format version {version}; this boa reads versions {READS}")
+    _check_companions(folder, manifest)
     config = AutoConfig.from_pretrained(folder)
+    if manifest.get("dtype") not in ("float32", "float16", "bfloat16"):
+        raise BoaError(f"{folder}/{MANIFEST} names dtype {manifest.get('dtype')!r}; the file is damaged")
     dtype = getattr(torch, manifest["dtype"])
     model = adapter_for(config).model_class.from_config(config, dtype=dtype)
     tensors = load_file(str(folder / WEIGHTS))
     layers = {}
     for name, info in manifest["layers"].items():
-        if attrgetter(name)(model).bias is not None and f"{name}.bias" not in tensors:
+        try:
+            module = attrgetter(name)(model)
+        except AttributeError:
+            raise BoaError(f"{folder}'s {MANIFEST} names a layer {name} that this {config.model_type} model does not "
+                           "have; the manifest or config.json was edited, or belongs to another model") from None
+        if module.bias is not None and f"{name}.bias" not in tensors:
             raise BoaError(f"{folder} is missing the bias of {name}; the file is damaged")
         try:
             layers[name] = _read_layer(tensors, name, info, version)
         except KeyError as err:
             raise BoaError(f"{folder} is missing {err.args[0]}; the file is damaged") from None
+        if isinstance(layers[name], PackedWeight):
+            layers[name].check(name, module.out_features, module.in_features)
     pack_model(model, layers, dtype)
     missing, unexpected = model.load_state_dict(tensors, strict=False)
     if unexpected:
@@ -102,6 +124,38 @@ def load(folder, device: str = "cpu"):
         raise BoaError(f"{folder} is missing tensors {sorted(set(still_missing) - tied)[:5]}; the file is damaged")
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
     return model.to(device).eval(), tokenizer, QuantConfig.from_dict(manifest["config"])
+
+
+def _sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def _manifest_digest(manifest: dict) -> str:
+    rest = {k: v for k, v in manifest.items() if k != "manifest_sha256"}
+    return hashlib.sha256(json.dumps(rest, sort_keys=True).encode()).hexdigest()
+
+
+def _check_companions(folder: Path, manifest: dict) -> None:
+    """The manifest is as written, and config.json and model.safetensors are the ones written with it (manifests of
+    earlier boa versions record none of this, and pass)."""
+    recorded = manifest.get("manifest_sha256")
+    if recorded is not None and recorded != _manifest_digest(manifest):
+        raise BoaError(f"{folder}/{MANIFEST} was edited after boa wrote it (its checksum differs); restore it or "
+                       "quantize again")
+    if not (folder / WEIGHTS).exists():
+        raise BoaError(f"{folder} has no {WEIGHTS}; the folder is incomplete — quantize the model again")
+    expected = manifest.get("config_sha256")
+    if expected is not None and _sha256(folder / "config.json") != expected:
+        raise BoaError(f"{folder}/config.json is not the one saved with this model (another model's, or edited); "
+                       "restore it or quantize again")
+    try:
+        with safe_open(str(folder / WEIGHTS), "pt") as f:
+            written_by = (f.metadata() or {}).get("boa_fingerprint")
+    except Exception as err:  # safetensors' own error types for a truncated or garbled file
+        raise BoaError(f"{folder}/{WEIGHTS} is damaged ({err}); quantize the model again") from None
+    if written_by is not None and written_by != manifest.get("fingerprint"):
+        raise BoaError(f"{folder}/{WEIGHTS} comes from another quantization run than its {MANIFEST}; keep the "
+                       "folder's files together as boa wrote them, or quantize again")
 
 
 def _read_layer(tensors: dict, name: str, info: dict, version: int) -> QuantizedWeight | PackedWeight:

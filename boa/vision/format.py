@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
+import torch
 from safetensors.torch import load_file, save_file
 
 from boa.core.errors import BoaError
@@ -81,6 +82,10 @@ def load_vision(folder):
             step = tensors.pop(f"{name}.input_step") if info["input_bits"] is not None else None
         except KeyError as err:
             raise BoaError(f"{folder} is missing {err.args[0]}; the file is damaged") from None
+        weight = by_name[name].weight
+        packed.check(name, weight.shape[0], weight[0].numel())
+        if step is not None and not (torch.isfinite(step).all() and (step > 0).all()):
+            raise BoaError(f"layer {name}: its input step is not a positive number; the file is damaged")
         apply_frozen(by_name[name], FrozenLayer(packed.to_quantized(), info["input_bits"],
                                                 None if step is None else step.reshape(()), info["input_signed"]))
     missing, unexpected = model.load_state_dict(tensors, strict=False)

@@ -29,6 +29,15 @@ def test_saved_network_loads_with_identical_outputs(tmp_path):
     assert (tmp_path / "q" / "model.safetensors").stat().st_size < 0.5 * sum(
         p.numel() * 4 for p in model.parameters())
 
+    # A layer whose recorded width disagrees with its packed codes is refused, naming it.
+    path = tmp_path / "q" / "quantization.json"
+    edited = json.loads(path.read_text())
+    name = next(n for n, info in edited["layers"].items() if info["weight_bits"] == 3)
+    edited["layers"][name]["weight_bits"] = 4
+    path.write_text(json.dumps(edited))
+    with pytest.raises(BoaError, match=f"layer {name}: qweight is .* but 4-bit codes"):
+        boa.load_vision(tmp_path / "q")
+
 
 def test_output_folders(tiny_cnn, tmp_path):
     spec = VisionSpec("tiny", 3, 12, (0.0,) * 3, (1.0,) * 3, 10, "none")
