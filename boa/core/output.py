@@ -7,12 +7,13 @@ from __future__ import annotations
 
 import contextlib
 import json
+import os
 import shutil
 from pathlib import Path
 
 from boa.core.checkpoint import Checkpoint
 from boa.core.errors import BoaError
-from boa.core.io import atomic_dir
+from boa.core.io import TEMP_TAG, atomic_dir
 
 
 def read_manifest(folder, manifest: str) -> dict | None:
@@ -21,14 +22,42 @@ def read_manifest(folder, manifest: str) -> dict | None:
     return json.loads(path.read_text()) if path.exists() else None
 
 
-def check_output(folder, manifest: str, fingerprint: str | None = None, writer: str = "boa") -> None:
-    """An output folder may be new, empty, or hold an earlier output of the same kind (the file `manifest`, and when
-    `fingerprint` is given, this very run's); anything else is not boa's to replace. `writer` names the command that
-    writes such folders, for the message."""
+def _nearest_existing(path: Path) -> Path:
+    while not path.exists() and path != path.parent:
+        path = path.parent
+    return path
+
+
+def _check_writable(folder: Path, need_bytes: int) -> None:
+    """OUT (or, while it does not exist, the folder that will hold it and OUT.partial) can be written, and has room."""
+    for path in (folder, folder.parent) if folder.exists() else (folder.parent,):
+        existing = _nearest_existing(path.absolute())
+        if not existing.is_dir():
+            raise BoaError(f"output path {folder} lies under {existing}, which is a file; choose another --out")
+        if not os.access(existing, os.W_OK | os.X_OK):
+            raise BoaError(f"cannot write to {existing} (no permission, or a read-only filesystem); choose another "
+                           "--out")
+    if need_bytes:
+        free = shutil.disk_usage(_nearest_existing(folder.absolute())).free
+        if free < need_bytes:
+            raise BoaError(f"{folder} needs about {need_bytes / 2**30:.2f} GiB free, its filesystem has "
+                           f"{free / 2**30:.2f} GiB; free some space or choose another --out")
+
+
+def check_output(folder, manifest: str, fingerprint: str | None = None, writer: str = "boa",
+                 need_bytes: int = 0) -> None:
+    """Before any work: an output folder may be new, empty, or hold an earlier output of the same kind (the file
+    `manifest`, and when `fingerprint` is given, this very run's) or an interrupted write of boa's; anything else is
+    not boa's to replace. It must be writable and, with need_bytes, have that much room. `writer` names the command
+    that writes such folders, for the message."""
     folder = Path(folder)
     if folder.exists() and not folder.is_dir():
         raise BoaError(f"output path {folder} is a file, not a folder; choose another --out")
-    if not folder.exists() or not any(folder.iterdir()):
+    _check_writable(folder, need_bytes)
+    if not folder.exists():
+        return
+    entries = list(folder.iterdir())
+    if not entries or any(e.name.startswith(TEMP_TAG) for e in entries):  # empty, or boa's write was interrupted
         return
     found = read_manifest(folder, manifest)
     if found is None:
@@ -82,7 +111,7 @@ def writing_output(folder, manifest: str, content: dict, *, fingerprint: str | N
     `manifest` holding `content` into it last, and puts it in place of `folder` atomically. checkpoint: the run that
     produced it kept a checkpoint in folder.partial, which is removed once the folder is in place."""
     check_output(folder, manifest, fingerprint, writer)
-    with atomic_dir(folder) as tmp:
+    with atomic_dir(folder, last=manifest) as tmp:
         yield tmp
         (tmp / manifest).write_text(json.dumps(content, indent=2) + "\n")
     if checkpoint:

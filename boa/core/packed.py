@@ -137,6 +137,9 @@ def pack(q: QuantizedWeight) -> PackedWeight:
     if any(s != width for s in sizes[:-1]) or not 0 < sizes[-1] <= width:
         raise BoaError(f"groups of sizes {sorted(set(sizes))} cannot be packed; boa packs groups of one width "
                        "(the last may be narrower), as `boa quantize` makes them")
+    if float(q.zero.min()) < 0 or float(q.zero.max()) > 2**q.bits - 1:
+        raise BoaError(f"zero points span [{float(q.zero.min())}, {float(q.zero.max())}], outside the {q.bits}-bit "
+                       f"codes [0, {2**q.bits - 1}] the packed kernels read; grids must keep them on the code range")
     sorted_order = bool((g_idx[1:] >= g_idx[:-1]).all())
     perm = None if sorted_order else torch.sort(g_idx, stable=True).indices
     codes = q.codes if perm is None else q.codes[:, perm]

@@ -97,7 +97,9 @@ def find_grid(
         scale, zero = _minmax_grid(p * xmin, p * xmax, spec)
         if spec.sym:
             return scale, zero, steps
-        zeros = torch.stack([torch.floor(-p * xmin / scale), torch.ceil(-p * xmin / scale)], 1)  # (K, 2, ...)
+        # (K, 2, ...); clamped: for a row with no positive weight, -p·xmin/scale is maxq up to rounding, and its
+        # ceiling maxq + 1 is no b-bit zero point (nothing packs or exports it)
+        zeros = torch.stack([torch.floor(-p * xmin / scale), torch.ceil(-p * xmin / scale)], 1).clamp(0, spec.maxq)
         return (scale.unsqueeze(1).expand_as(zeros).flatten(0, 1), zeros.flatten(0, 1),
                 steps.unsqueeze(1).expand_as(zeros).flatten(0, 1))
 

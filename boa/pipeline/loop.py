@@ -106,11 +106,26 @@ def _load_block(checkpoint: Checkpoint, index: int) -> tuple[dict[str, Quantized
     return layers, meta["losses"]
 
 
-def _open_checkpoint(out, checkpoint_dir, resume: bool, restart: bool, fingerprint: str) -> Checkpoint | None:
+def saved_size(model: nn.Module, adapter: Adapter, bits: int) -> int:
+    """About how many bytes boa.save writes: the unquantized tensors as they are, each quantized weight at bits/8
+    bytes a weight plus its grids (allowing 10% for them)."""
+    quantized = {f"{adapter.blocks_path}.{i}.{name}.weight" for i in range(len(adapter.blocks(model)))
+                 for name in adapter.linear_names()}
+    total, seen = 0, set()
+    for name, tensor in model.state_dict().items():
+        if tensor.data_ptr() in seen:  # tied weights are saved once
+            continue
+        seen.add(tensor.data_ptr())
+        total += int(tensor.numel() * bits / 8 * 1.1) if name in quantized else tensor.numel() * tensor.element_size()
+    return total
+
+
+def _open_checkpoint(out, checkpoint_dir, resume: bool, restart: bool, fingerprint: str,
+                     need_bytes: int) -> Checkpoint | None:
     """The run's checkpoint: beside the output folder (checked first: nothing is worked on for a folder that cannot
-    be written), or in checkpoint_dir, or none."""
+    be written or lacks room), or in checkpoint_dir, or none."""
     if out is not None:
-        check_output(out, MANIFEST, fingerprint, writer="boa quantize")
+        check_output(out, MANIFEST, fingerprint, writer="boa quantize", need_bytes=need_bytes)
         checkpoint_dir = checkpoint_folder(out, resume, restart)
     elif resume and not checkpoint_dir:
         raise BoaError("resume=True needs the output folder (out=) or checkpoint_dir of the interrupted run")
@@ -180,7 +195,8 @@ def quantize(
     _check_calibration(model, method, calib)
     calib = calib if needs.hessian else None
     fingerprint = run_fingerprint(model, config, calib)
-    checkpoint = _open_checkpoint(out, checkpoint_dir, resume, restart, fingerprint)
+    checkpoint = _open_checkpoint(out, checkpoint_dir, resume, restart, fingerprint,
+                                  saved_size(model, adapter, method.bits) if out is not None else 0)
     first = checkpoint.next_step() if (checkpoint and resume) else 0
     result = QuantResult(model, config, fingerprint=fingerprint,
                          calibration=None if calib is None else calibration_record(calib))

@@ -150,3 +150,40 @@ def test_finish_output_removes_the_checkpoint_only(tmp_path, folder_snapshot):
     assert folder_snapshot(out) == before
     finish_output(out)  # nothing left to remove: no error
     assert sorted(p.name for p in tmp_path.iterdir()) == ["OUT"]
+
+
+def test_an_output_under_a_file_is_refused(tmp_path):
+    (tmp_path / "file.txt").write_text("")
+    with pytest.raises(BoaError, match=r"lies under .*file.txt, which is a file"):
+        check_output(tmp_path / "file.txt" / "sub" / "OUT", MANIFEST)
+
+
+def test_an_unwritable_place_is_refused(tmp_path, monkeypatch):
+    """(Root ignores permission bits, so the refusal of os.access — a read-only mount, a folder of another user —
+    is simulated.)"""
+    import boa.core.output as output
+
+    monkeypatch.setattr(output.os, "access", lambda path, flags: False)
+    with pytest.raises(BoaError, match=r"cannot write to .* \(no permission, or a read-only filesystem\)"):
+        check_output(tmp_path / "OUT", MANIFEST)
+
+
+def test_too_little_room_is_refused_before_any_work(tmp_path, monkeypatch):
+    import collections
+
+    import boa.core.output as output
+
+    usage = collections.namedtuple("usage", "total used free")
+    monkeypatch.setattr(output.shutil, "disk_usage", lambda path: usage(10 * 2**30, 9 * 2**30, 2**30))
+    check_output(tmp_path / "OUT", MANIFEST, need_bytes=2**29)
+    with pytest.raises(BoaError, match=r"needs about 2.00 GiB free, its filesystem has 1.00 GiB"):
+        check_output(tmp_path / "OUT", MANIFEST, need_bytes=2 * 2**30)
+
+
+def test_an_interrupted_in_place_write_may_be_redone(tmp_path):
+    """A kill while files were moved into an existing OUT leaves boa's temporary inside it and no manifest: the
+    next run may write there."""
+    out = tmp_path / "OUT"
+    (out / ".boa-tmp-x").mkdir(parents=True)
+    (out / "model.safetensors").write_bytes(b"\0")
+    check_output(out, MANIFEST, fingerprint="abc")

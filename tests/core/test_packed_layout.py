@@ -62,3 +62,12 @@ def test_pack_refuses_what_it_cannot_hold():
     uneven = torch.tensor([0] * 10 + [1] * 20 + [2] * 2, dtype=torch.int32)
     with pytest.raises(BoaError, match="groups of sizes"):
         pack(QuantizedWeight(torch.zeros(2, 32, dtype=torch.uint8), torch.ones(2, 3), torch.zeros(2, 3), uneven, 4))
+
+
+def test_zero_points_off_the_code_range_are_refused():
+    """A zero point of maxq + 1 (which the clip search once produced for all-negative rows) made the C++ GEMV
+    compute wrong outputs; pack refuses it rather than store it."""
+    codes = torch.zeros(4, 64, dtype=torch.uint8)
+    q = QuantizedWeight(codes, torch.ones(4, 1), torch.full((4, 1), 16.0), torch.zeros(64, dtype=torch.int32), 4)
+    with pytest.raises(BoaError, match=r"zero points span \[16.0, 16.0\], outside the 4-bit codes \[0, 15\]"):
+        pack(q)

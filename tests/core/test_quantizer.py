@@ -77,3 +77,16 @@ def test_coarse_to_fine_hessian_search_is_close_to_exhaustive():
     exhaustive = brute_force_hessian_grid(w, H, spec)
     assert torch.all(ours >= exhaustive * (1 - 1e-6))  # nothing better than the optimum over all candidates
     assert float(ours.sum()) <= 1.01 * float(exhaustive.sum())
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+@pytest.mark.parametrize("grid", ["minmax", "mse", "hessian"])
+@pytest.mark.parametrize("sign", [-1, 1])
+def test_one_signed_rows_get_zero_points_on_the_grid(bits, grid, sign):
+    """Rows with no positive (or no negative) weight: every grid's zero point is a b-bit integer. (The clip search
+    once offered ceil(maxq·(1+ε)) = maxq + 1 for all-negative rows, which the packed kernels then read wrongly.)"""
+    torch.manual_seed(bits)
+    w = sign * torch.rand(16, 32, dtype=torch.float64)
+    scale, zero = find_grid(w, QuantSpec(bits, grid=grid), torch.eye(32, dtype=torch.float64))
+    assert int(zero.min()) >= 0 and int(zero.max()) <= 2**bits - 1
+    assert torch.equal(zero, torch.round(zero)) and bool((scale > 0).all())

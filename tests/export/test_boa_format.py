@@ -194,3 +194,18 @@ def test_a_manifest_with_an_old_flat_config_loads_into_the_typed_config(tiny_lla
     assert type(config.method) is type(expected) and config.method == expected
     assert config == boa.QuantConfig(expected)
     torch.testing.assert_close(logits(loaded, heldout), logits(tiny_llama, heldout), rtol=1e-4, atol=1e-4)
+
+
+def test_out_may_be_an_existing_empty_folder_such_as_a_mount_point(tiny_llama, calib, tmp_path, word_tokenizer):
+    """`docker run -v host:/out ... --out /out`: the folder cannot be renamed over, so it is filled in place (same
+    inode), the manifest last; the result loads, and a second save of the same run replaces it in place too."""
+    out = tmp_path / "out"
+    out.mkdir()
+    inode = os.stat(out).st_ino
+    result = boa.quantize(tiny_llama, boa.GPTQ(bits=4, group_size=32), calib, out=out, progress=False)
+    boa.save(result, out, word_tokenizer)
+    assert os.stat(out).st_ino == inode
+    boa.load(out)
+    boa.save(result, out, word_tokenizer)
+    assert os.stat(out).st_ino == inode and not [p for p in out.iterdir() if p.name.startswith(".")]
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
