@@ -30,6 +30,7 @@ from boa.core.output import check_output, checkpoint_folder
 from boa.core.quantizer import QuantizedWeight
 from boa.export.boa_format import MANIFEST
 from boa.models.adapter import Adapter, adapter_for
+from boa.nn import QuantLinear
 from boa.pipeline.inputs import BlockInputs
 from boa.stats import GroupStatistics, run_fp_block
 from boa_kernels import backend_for
@@ -74,6 +75,9 @@ def _check_calibration(model: nn.Module, method: Method, calib: torch.Tensor | N
         return
     if not isinstance(calib, torch.Tensor) or calib.dim() != 2 or calib.dtype != torch.long:
         raise BoaError("calib must be a LongTensor (nsamples, seqlen) of token ids")
+    if calib.numel() == 0:
+        raise BoaError(f"calib holds no tokens (shape {tuple(calib.shape)}); give at least one window, e.g. "
+                       "boa.data.calibration_windows(tokenizer, nsamples=128, seqlen=512)")
     vocab = model.get_input_embeddings().num_embeddings
     if calib.min() < 0 or calib.max() >= vocab:
         raise BoaError(
@@ -189,6 +193,9 @@ def quantize(
     method = config.method
     needs = method.needs()
     adapter = adapter or adapter_for(model.config)
+    if any(isinstance(module, QuantLinear) for module in model.modules()):
+        raise BoaError("this model is already quantized (it holds packed QuantLinear layers, as boa.load returns); "
+                       "quantize the float model (boa.load_model) instead")
     check_finite(model)
     kernel_backend = backend_for(next(model.parameters()).device)  # a bad BOA_KERNELS fails now, not mid-run
     log.info("column pass kernels: %s", kernel_backend)

@@ -56,3 +56,16 @@ def test_quantize_rejects_a_bad_backend_before_any_work(monkeypatch):
     with pytest.raises(BackendError, match="BOA_KERNELS='fortran'"):
         boa.quantize(model, boa.RTN(bits=4), None, progress=False)
     assert all(torch.equal(before[name], p) for name, p in model.state_dict().items())
+
+
+def test_an_already_quantized_model_is_refused(tiny_llama, calib, tmp_path):
+    result = boa.quantize(tiny_llama, boa.RTN(bits=4, group_size=32), progress=False)
+    boa.save(result, tmp_path / "q")
+    loaded, _, _ = boa.load(tmp_path / "q")
+    with pytest.raises(boa.BoaError, match=r"already quantized .*\(boa.load_model\)"):
+        boa.quantize(loaded, boa.GPTQ(bits=4), calib, progress=False)
+
+
+def test_empty_calibration_windows_are_refused(tiny_llama):
+    with pytest.raises(boa.BoaError, match=r"calib holds no tokens \(shape \(0, 32\)\)"):
+        boa.quantize(tiny_llama, boa.GPTQ(bits=4), torch.zeros(0, 32, dtype=torch.long), progress=False)
