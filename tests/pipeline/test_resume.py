@@ -11,7 +11,7 @@ import torch
 import boa
 from boa.algorithms import method_from_dict
 
-from conftest import Interrupted, stop_after
+from conftest import Interrupted, build_llama, random_windows, stop_after
 
 CONFIG = dict(method="gptq", bits=4, group_size=32, act_order=True)
 
@@ -170,3 +170,66 @@ def test_out_holding_another_model_is_refused_before_any_work(four_blocks, calib
 def test_resume_needs_a_checkpoint_folder(four_blocks, calib):
     with pytest.raises(boa.BoaError, match="resume=True needs the output folder"):
         boa.quantize(four_blocks, method_from_dict(CONFIG), calib, resume=True, progress=False)
+
+
+class Fault(Exception):
+    pass
+
+
+@pytest.fixture(scope="module")
+def turboboa_reference():
+    """An uninterrupted TurboBoA run on the 4-block Llama (the same model and windows as four_blocks and calib)."""
+    model = build_llama(num_layers=4)
+    return boa.quantize(model, method_from_dict(TURBOBOA), random_windows(8, 32, seed=0), progress=False), model
+
+
+@pytest.mark.parametrize("fault", ["writing the step", "writing the carry", "writing progress.json",
+                                   "removing the old carry"])
+def test_a_fault_at_any_write_of_a_checkpoint_resumes_bit_identically(four_blocks, calib, tmp_path, monkeypatch,
+                                                                       turboboa_reference, fault):
+    """TurboBoA (FP-path inputs in the carry too): block 2's checkpoint save fails at one of its writes, leaving
+    whatever that write left (a half-written temporary, a new step file with the old progress record, ...); a
+    resumed run on a fresh copy ends equal to an uninterrupted one."""
+    import boa.core.checkpoint as checkpoint_module
+
+    config = method_from_dict(TURBOBOA)
+    reference, reference_model = turboboa_reference
+    real_save_file, real_write_json = checkpoint_module.save_file, checkpoint_module.write_json
+    saves = []
+
+    def failing_save_file(tensors, path, metadata=None):
+        saves.append(path)
+        what = "writing the step" if "step-0002" in path else "writing the carry" if "carry-0002" in path else None
+        if what == fault:
+            with open(path, "wb") as f:  # half a file, as a kill mid-write leaves it
+                f.write(b"\0" * 100)
+            raise Fault
+        real_save_file(tensors, path, metadata=metadata)
+
+    def failing_write_json(path, data):
+        if fault == "writing progress.json" and data.get("next_step") == 3:
+            raise Fault
+        real_write_json(path, data)
+
+    monkeypatch.setattr(checkpoint_module, "save_file", failing_save_file)
+    monkeypatch.setattr(checkpoint_module, "write_json", failing_write_json)
+    if fault == "removing the old carry":
+        from pathlib import Path
+
+        real_unlink = Path.unlink
+
+        def failing_unlink(self, *args, **kwargs):
+            if self.name == "carry-0001.safetensors":
+                raise Fault
+            return real_unlink(self, *args, **kwargs)
+
+        monkeypatch.setattr(Path, "unlink", failing_unlink)
+    checkpoint = tmp_path / "ckpt"
+    with pytest.raises(Fault):
+        boa.quantize(copy.deepcopy(four_blocks), config, calib, checkpoint_dir=checkpoint, progress=False)
+    monkeypatch.undo()
+
+    resumed_model = copy.deepcopy(four_blocks)
+    resumed = boa.quantize(resumed_model, config, calib, checkpoint_dir=checkpoint, resume=True, progress=False)
+    assert_same_result(resumed, reference, resumed_model, reference_model)
+    assert sorted(p.name for p in checkpoint.glob("carry-*")) == ["carry-0003.safetensors"]
