@@ -25,6 +25,12 @@ def _add_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--json", type=Path, help="also write the report here as JSON")
 
 
+def _add_allow_pickle(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--allow-pickle", action="store_true",
+                   help="also read a model folder that holds only pickle weights (pytorch_model.bin); "
+                        "only for folders you trust")
+
+
 def _add_vision_eval_args(p: argparse.ArgumentParser) -> None:
     p.add_argument("--eval-images", type=int, default=0,
                    help="evaluate on the first N images (0: all: the Fashion-MNIST test set, or the bundled photos)")
@@ -64,6 +70,7 @@ def _add_quantize(sub) -> None:
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     q.add_argument("--restart", action="store_true", help="discard an interrupted run's checkpoint (OUT.partial)")
     q.add_argument("--eval-fp", action="store_true", help="also evaluate the unquantized model")
+    _add_allow_pickle(q)
     _add_eval_args(q)
 
 
@@ -71,6 +78,7 @@ def _add_eval_commands(sub) -> None:
     """`boa eval`, `prepare`, `kernels`, `export`."""
     e = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or a boa-quantized folder")
     e.add_argument("model", help="built-in name, model folder, hub id, or a folder written by `boa quantize`")
+    _add_allow_pickle(e)
     _add_eval_args(e)
 
     p = sub.add_parser("prepare", help="convert the built-in model, fetch the offline corpora and images, build the kernels")
@@ -125,6 +133,7 @@ def _add_generate(sub) -> None:
                    help="activations and unquantized weights (default: the model's; bfloat16 halves the "
                         "embedding/head traffic and takes the packed kernels' single-product bf16 path)")
     g.add_argument("--device", default="cuda" if _cuda_available() else "cpu")
+    _add_allow_pickle(g)
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -145,12 +154,40 @@ def _cuda_available() -> bool:
     return torch.cuda.is_available()
 
 
+def _eval_corpora(args) -> list[str]:
+    return [c for c in args.corpora.split(",") if c]
+
+
+def _check_eval_args(args) -> None:
+    """The evaluation flags, before anything is loaded: --eval-windows, --eval-seqlen, and each --corpora name (a
+    bad one fails now, not after minutes of quantization)."""
+    from boa.data import check_corpus
+
+    if args.eval_windows < 0:
+        raise BoaError(f"--eval-windows {args.eval_windows}: give a positive number of windows per corpus, or 0 for "
+                       "the whole held-out text")
+    if args.eval_seqlen <= 0:
+        raise BoaError(f"--eval-seqlen {args.eval_seqlen}: give a positive window length in tokens (default 512)")
+    for corpus in _eval_corpora(args):
+        check_corpus(corpus, "eval")
+
+
+def _check_positions(model, args, *flags: str) -> None:
+    """--seqlen / --eval-seqlen within the model's max_position_embeddings (beyond it OPT fails with an IndexError
+    and RoPE models silently extrapolate)."""
+    from boa.models.loader import check_seqlen
+
+    for flag in flags:
+        if flag != "--eval-seqlen" or _eval_corpora(args):
+            check_seqlen(model.config, getattr(args, flag.lstrip("-").replace("-", "_")), flag)
+
+
 def _evaluate(name, model, tokenizer, args, report) -> None:
     from boa.eval import evaluate_perplexity
     from boa.eval.harness import lm_eval_tasks
 
     row = {"model": name}
-    corpora = [c for c in args.corpora.split(",") if c]
+    corpora = _eval_corpora(args)
     with report.phase("eval"):
         row.update(evaluate_perplexity(model, tokenizer, corpora, args.eval_seqlen, args.eval_windows or None,
                                        progress=True))
@@ -186,10 +223,18 @@ def _quantize(args, report) -> None:
         raise BoaError("--resume continues the run saved under --out; give the same --out as the interrupted run")
     config = QuantConfig(_method(args), hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype)
     method = config.method
+    if method.needs().hessian:
+        if args.nsamples <= 0:
+            raise BoaError(f"--nsamples {args.nsamples}: give a positive number of calibration windows")
+        if args.seqlen <= 0:
+            raise BoaError(f"--seqlen {args.seqlen}: give a positive calibration window length in tokens")
+        data.check_corpus(args.calib, "calib")
+    _check_eval_args(args)
     if args.out:  # the cheap part of the output check, before minutes of work (quantize checks the rest)
         check_output(args.out, MANIFEST, writer="boa quantize")
     with report.phase("load"):
-        model, tokenizer, adapter = load_model(args.model)
+        model, tokenizer, adapter = load_model(args.model, allow_pickle=args.allow_pickle)
+    _check_positions(model, args, *(["--seqlen"] if method.needs().hessian else []), "--eval-seqlen")
     calib = None
     if method.needs().hessian:
         with report.phase("calibration data"):
@@ -210,8 +255,9 @@ def _quantize(args, report) -> None:
     _evaluate(method.label, model, tokenizer, args, report)
 
 
-def _load_any(name: str, report):
-    """(model, tokenizer) of a folder written by `boa quantize` or of any model `load_model` takes."""
+def _load_any(name: str, report, allow_pickle: bool = False):
+    """(model, tokenizer) of a folder written by `boa quantize` or of any model `load_model` takes; a folder saved
+    without a tokenizer is refused (evaluation and generation need one)."""
     from boa.export import load, read_manifest
     from boa.models import load_model
 
@@ -219,23 +265,47 @@ def _load_any(name: str, report):
         if Path(name).is_dir() and read_manifest(name) is not None:
             model, tokenizer, _ = load(name)
         else:
-            model, tokenizer, _ = load_model(name)
+            model, tokenizer, _ = load_model(name, allow_pickle=allow_pickle)
+    if tokenizer is None:
+        raise BoaError(f"{name} was saved without a tokenizer; copy the original model's tokenizer files "
+                       "(tokenizer.json, tokenizer_config.json) into it, or save with boa.save(result, folder, "
+                       "tokenizer)")
     return model, tokenizer
 
 
 def _eval(args, report) -> None:
-    model, tokenizer = _load_any(args.model, report)
+    _check_eval_args(args)
+    model, tokenizer = _load_any(args.model, report, args.allow_pickle)
+    _check_positions(model, args, "--eval-seqlen")
     _evaluate(args.model, model, tokenizer, args, report)
+
+
+def _check_device(device: str) -> None:
+    import torch
+
+    try:
+        parsed = torch.device(device)
+    except (RuntimeError, ValueError):
+        raise BoaError(f"--device {device!r} is not a device; use cpu or cuda (cuda:N)") from None
+    if parsed.type != "cuda":
+        return
+    if not torch.cuda.is_available():
+        raise BoaError(f"--device {device}: no CUDA GPU is available here (torch {torch.__version__}"
+                       f"{'' if torch.version.cuda else ', built without CUDA'}); use --device cpu")
+    if parsed.index is not None and parsed.index >= torch.cuda.device_count():
+        raise BoaError(f"--device {device}: this machine has {torch.cuda.device_count()} CUDA device(s)")
 
 
 def _generate(args, report) -> None:
     import torch
 
-    from boa.generate import generate
+    from boa.generate import check_sampling, generate
 
-    model, tokenizer = _load_any(args.model, report)
-    if tokenizer is None:
-        raise BoaError(f"{args.model} has no tokenizer; quantize with `boa quantize` (which saves it) or add one")
+    check_sampling(args.max_new_tokens, args.temperature, args.top_p)
+    if not args.prompt:
+        raise BoaError("--prompt is empty; give some text to continue")
+    _check_device(args.device)
+    model, tokenizer = _load_any(args.model, report, args.allow_pickle)
     model = model.to(device=args.device, dtype=getattr(torch, args.dtype) if args.dtype else None)
 
     def stream(piece: str) -> None:

@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import torch
 from transformers import DynamicCache
 
+from boa.core.errors import BoaError
+
 
 @dataclass
 class GenerationResult:
@@ -45,12 +47,26 @@ def _next_token(logits: torch.Tensor, temperature: float, top_p: float, generato
     return int(torch.multinomial(probs.cpu(), 1, generator=generator))
 
 
+def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> None:
+    """BoaError for settings that cannot generate: max_new_tokens >= 1, temperature >= 0, 0 < top_p <= 1."""
+    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, int) or max_new_tokens < 1:
+        raise BoaError(f"max_new_tokens={max_new_tokens!r} must be at least 1 (the number of tokens to generate)")
+    if not temperature >= 0 or temperature == float("inf"):
+        raise BoaError(f"temperature={temperature!r} must be a number >= 0 (0: greedy; 1: the model's distribution)")
+    if not 0 < top_p <= 1:
+        raise BoaError(f"top_p={top_p!r} must be in (0, 1] (1: no nucleus cut; 0.9: the smallest set of tokens "
+                       "holding 90% of the probability)")
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
              seed: int = 0, stop_at_eos: bool = True, stream=None) -> GenerationResult:
     """Greedy (temperature 0) or sampled continuation of `prompt`; `stream(text_piece)` gets the text as it grows."""
+    check_sampling(max_new_tokens, temperature, top_p)
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
+    if ids.shape[1] == 0:
+        raise BoaError(f"the prompt {prompt!r} has no tokens; give some text to continue")
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     accepted = inspect.signature(model.forward).parameters
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}

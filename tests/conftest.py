@@ -15,6 +15,8 @@ from pathlib import Path
 # imported (torch and transformers may import it), so it is set before anything else.
 if shutil.which("nvidia-smi") is None:
     os.environ.setdefault("TRITON_INTERPRET", "1")
+# Tests never reach the network: the Hugging Face clients run offline (tests of the offline detection set their own).
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch

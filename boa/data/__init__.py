@@ -3,10 +3,10 @@ from __future__ import annotations
 
 import torch
 
-from boa.data.corpora import corpus_text
+from boa.data.corpora import check_corpus, corpus_text
 from boa.core.errors import BoaError
 
-__all__ = ["calibration_windows", "corpus_text", "eval_tokens", "tokenize"]
+__all__ = ["calibration_windows", "check_corpus", "corpus_text", "eval_tokens", "tokenize"]
 
 
 def tokenize(tokenizer, text: str) -> torch.Tensor:
@@ -21,6 +21,10 @@ def tokenize(tokenizer, text: str) -> torch.Tensor:
 
 def calibration_windows(tokenizer, corpus: str = "wikipedia", nsamples: int = 128, seqlen: int = 512, seed: int = 0):
     """nsamples windows of seqlen consecutive tokens at seeded random offsets: LongTensor (nsamples, seqlen)."""
+    for name, value in (("nsamples", nsamples), ("seqlen", seqlen)):
+        if isinstance(value, bool) or not isinstance(value, int) or value <= 0:
+            raise BoaError(f"{name}={value!r} must be a positive integer (the number of calibration windows and "
+                           "their length in tokens)")
     ids = tokenize(tokenizer, corpus_text(corpus, "calib"))[0]
     if ids.numel() < seqlen + 1:
         raise BoaError(

@@ -16,6 +16,7 @@ from pathlib import Path
 from boa.core.debian import unpacked_deb
 from boa.core.errors import BoaError
 from boa.core.io import atomic_file, cache_dir
+from boa.data.hub import offline_unless_reachable
 
 WIKIPEDIA_FILE = "enwiki-latest-pages-articles1.xml-p000000010p000030302-shortened.bz2"
 WIKIPEDIA_HELDOUT_ARTICLES = 30
@@ -88,25 +89,64 @@ def _austen_text() -> str:
     return "\n\n".join("\n".join(str(line) for line in books[name]) for name in AUSTEN_NOVELS)
 
 
+def _utf8_lines(path: Path):
+    """(line number, line) of a UTF-8 file; a byte that is not UTF-8 is a BoaError naming the line."""
+    with path.open("rb") as f:
+        for number, raw in enumerate(f, 1):
+            try:
+                yield number, raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise BoaError(
+                    f"calibration file {str(path)!r} is not UTF-8 text: line {number} has the byte "
+                    f"0x{raw[err.start]:02x} at column {err.start + 1}; convert it to UTF-8 (e.g. `iconv -t UTF-8`)"
+                ) from None
+
+
+def _jsonl_text(path: Path, number: int, line: str) -> str:
+    where = f"calibration file {str(path)!r}, line {number}"
+    try:
+        row = json.loads(line)
+    except json.JSONDecodeError as err:
+        raise BoaError(f"{where} is not valid JSON ({err.msg} at column {err.colno}); each line of a .jsonl file "
+                       'must be one object such as {"text": "..."}') from None
+    if not isinstance(row, dict):
+        kind = {str: "string", list: "array", bool: "boolean", type(None): "null"}.get(type(row), "number")
+        raise BoaError(f'{where} is a JSON {kind}, not an object; write each line as {{"text": "..."}}')
+    if not isinstance(row.get("text"), str):
+        problem = "has no \"text\" key" if "text" not in row else "has a \"text\" that is not a string"
+        raise BoaError(f'{where} {problem} (keys: {", ".join(map(str, row)) or "none"}); write each line as '
+                       '{"text": "..."}')
+    return row["text"]
+
+
 def _local_file(path: Path) -> str:
     if path.suffix == ".jsonl":
-        with path.open(encoding="utf-8") as f:
-            return "\n\n".join(json.loads(line)["text"] for line in f if line.strip())
-    return path.read_text(encoding="utf-8")
+        return "\n\n".join(_jsonl_text(path, n, line) for n, line in _utf8_lines(path) if line.strip())
+    try:
+        return path.read_text(encoding="utf-8")
+    except UnicodeDecodeError:
+        for _ in _utf8_lines(path):  # raises at the first line that is not UTF-8
+            pass
+        raise
 
 
 def _hub_dataset(name: str, split: str) -> str:
     try:
         import datasets
 
-        if name == "wikitext2":
-            rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1", split="train" if split == "calib" else "test")
-        else:
-            shard = "en/c4-train.00000-of-01024.json.gz" if split == "calib" else "en/c4-validation.00000-of-00008.json.gz"
-            rows = datasets.load_dataset("allenai/c4", data_files={"x": shard}, split="x")
+        # Where the Hub cannot be reached, datasets runs offline (its cache still serves) instead of ~25 s of retries.
+        with offline_unless_reachable():
+            if name == "wikitext2":
+                rows = datasets.load_dataset("wikitext", "wikitext-2-raw-v1",
+                                             split="train" if split == "calib" else "test")
+            else:
+                shard = ("en/c4-train.00000-of-01024.json.gz" if split == "calib"
+                         else "en/c4-validation.00000-of-00008.json.gz")
+                rows = datasets.load_dataset("allenai/c4", data_files={"x": shard}, split="x")
     except Exception as err:  # ImportError, or any of the hub's network errors
+        cause = " ".join(str(err).split())
         raise BoaError(
-            f"corpus {name!r} needs the `datasets` package and the Hugging Face Hub, which failed here ({err}). "
+            f"corpus {name!r} needs the `datasets` package and the Hugging Face Hub, which failed here ({cause}). "
             f"Offline corpora: {', '.join(OFFLINE_CORPORA)}"
         ) from err
     return "\n\n".join(rows["text"])
@@ -132,3 +172,14 @@ def corpus_text(name: str, split: str = "calib") -> str:
     raise BoaError(
         f"unknown corpus {name!r}; offline: {', '.join(OFFLINE_CORPORA)}; online: {', '.join(ONLINE_CORPORA)}"
     )
+
+
+def check_corpus(name: str, split: str = "calib") -> None:
+    """corpus_text's refusals without its work, for checking names before a long run: an unknown name, a bad split,
+    austen for calibration, a missing local file; a local file is read (its encoding and .jsonl lines checked).
+    Whether an online corpus can be fetched is known only when it is."""
+    if name in ("wikipedia", *ONLINE_CORPORA) and split in SPLITS:
+        return
+    if name == "austen" and split == "eval":
+        return
+    corpus_text(name, split)  # raises for the bad ones; a local file is only read

@@ -16,6 +16,12 @@ def perplexity(
     progress: bool = False,
 ) -> float:
     """exp(mean next-token NLL) over the first `max_windows` (all if None) non-overlapping windows of `tokens` (1, N)."""
+    from boa.models.loader import check_seqlen
+
+    check_seqlen(model.config, seqlen, "seqlen")
+    if max_windows is not None and (isinstance(max_windows, bool) or not isinstance(max_windows, int)
+                                    or max_windows < 1):
+        raise BoaError(f"max_windows={max_windows!r} must be a positive number of windows, or None for all")
     n_windows = tokens.shape[-1] // seqlen
     if max_windows is not None:
         n_windows = min(n_windows, max_windows)

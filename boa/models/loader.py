@@ -11,6 +11,7 @@ from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
 from boa.core.errors import BoaError
 from boa.core.checks import check_finite
 from boa.core.io import atomic_dir, cache_dir
+from boa.data.hub import hub_reachable, offline_unless_reachable
 from boa.models.adapter import Adapter, adapter_for
 
 log = logging.getLogger(__name__)
@@ -56,28 +57,118 @@ def model_folder(name_or_path: str) -> str:
             f"model {name_or_path!r} not found: no such folder. Give a model folder, a hub id, or a built-in name "
             f"({', '.join(BUILTIN_MODELS)})"
         )
+    if looks_local and not (Path(name_or_path).expanduser() / "config.json").is_file():
+        raise BoaError(
+            f"{name_or_path} is not a model folder: it has no config.json. Give the folder that holds the model's "
+            "config.json, weights and tokenizer (as save_pretrained writes it), a hub id, or a built-in name "
+            f"({', '.join(BUILTIN_MODELS)})"
+        )
     return str(Path(name_or_path).expanduser()) if looks_local else name_or_path
+
+
+def _one_line(err: BaseException) -> str:
+    return " ".join(str(err).split())
 
 
 def load_config(name_or_path: str):
     folder = model_folder(name_or_path)
     try:
-        return AutoConfig.from_pretrained(folder)
+        # A hub id where the Hub cannot be reached: the local cache only, at once, instead of ~25 s of retries.
+        with offline_unless_reachable():
+            return AutoConfig.from_pretrained(folder)
     except OSError as err:
         raise BoaError(
             f"model {name_or_path!r} could not be loaded: not a built-in name ({', '.join(BUILTIN_MODELS)}), "
-            f"not a model folder, and the Hugging Face Hub could not provide it (offline?). Cause: {err}"
+            f"not a model folder, and the Hugging Face Hub could not provide it"
+            f"{'' if hub_reachable() else ' (the Hub cannot be reached from here)'}. Cause: {_one_line(err)}"
         ) from err
+    except ValueError as err:  # a config.json without a model_type transformers knows
+        raise BoaError(f"{name_or_path}'s config.json does not describe a model transformers knows: "
+                       f"{_one_line(err)}") from err
+
+
+def max_positions(config) -> int | None:
+    """The longest sequence the model's position embeddings (or RoPE's trained range) cover, or None if unknown."""
+    value = getattr(config, "max_position_embeddings", None)
+    return value if isinstance(value, int) and value > 0 else None
+
+
+def check_seqlen(config, seqlen: int, flag: str = "seqlen") -> None:
+    """BoaError unless 0 < seqlen <= the model's max_position_embeddings (beyond it OPT's learned positions fail
+    with an IndexError and RoPE models silently extrapolate)."""
+    if isinstance(seqlen, bool) or not isinstance(seqlen, int) or seqlen <= 0:
+        raise BoaError(f"{flag}={seqlen!r} must be a positive number of tokens")
+    limit = max_positions(config)
+    if limit is not None and seqlen > limit:
+        raise BoaError(f"{flag}={seqlen} is longer than this model's {limit} positions (max_position_embeddings); "
+                       f"use {flag} {limit} or less")
+
+
+QUANTIZED_MANIFEST = "quantization.json"  # boa.export.MANIFEST (boa.export imports this package, not the reverse)
+PICKLE_WEIGHTS = ("pytorch_model.bin", "pytorch_model.bin.index.json")
+
+
+def _check_local_weights(folder: Path, allow_pickle: bool) -> bool:
+    """For a local folder: True if its weights are safetensors (each file's header is read: a truncated or damaged
+    file fails here, naming it); False if only pickle weights are there and allow_pickle; else BoaError."""
+    from safetensors import SafetensorError, safe_open
+
+    shards = sorted(folder.glob("*.safetensors"))
+    if shards:
+        for shard in shards:
+            try:
+                with safe_open(str(shard), "pt"):
+                    pass
+            except (SafetensorError, OSError) as err:
+                raise BoaError(f"{shard} is damaged or truncated ({_one_line(err)}); copy or download the model "
+                               "folder again") from None
+        return True
+    if any((folder / name).is_file() for name in PICKLE_WEIGHTS):
+        if allow_pickle:
+            return False
+        raise BoaError(
+            f"{folder} holds only pickle weights (pytorch_model.bin), no safetensors; boa reads pickle files only "
+            "when asked: pass --allow-pickle (load_model(..., allow_pickle=True)) if you trust the folder, or "
+            "convert it to safetensors (model.save_pretrained(folder) writes model.safetensors)"
+        )
+    raise BoaError(f"{folder} has a config.json but no weights (no model.safetensors); copy the model's weight "
+                   "files into it")
+
+
+def _load_tokenizer(folder: str, name_or_path: str):
+    try:
+        with offline_unless_reachable():
+            return AutoTokenizer.from_pretrained(folder)
+    except Exception as err:  # missing files, or a slow tokenizer that cannot be converted here
+        raise BoaError(f"{name_or_path} has no tokenizer boa can load ({_one_line(err)[:200]}); copy the model's "
+                       "tokenizer files (tokenizer.json, tokenizer_config.json) into the folder") from err
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu"
+    name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", allow_pickle: bool = False
 ) -> tuple[torch.nn.Module, object, Adapter]:
-    """(model in eval mode, tokenizer, adapter). The architecture is checked before any weight is read."""
+    """(model in eval mode, tokenizer, adapter). The architecture is checked before any weight is read.
+
+    Weights are read from safetensors files only, unless allow_pickle=True lets a folder (or hub repository) that
+    holds only pytorch_model.bin be read (torch.load with weights_only=True: tensors only, but still a pickle)."""
     config = load_config(name_or_path)
     adapter = adapter_for(config)
     folder = model_folder(name_or_path)
-    model = adapter.model_class.from_pretrained(folder, dtype=dtype).to(device).eval()
-    tokenizer = AutoTokenizer.from_pretrained(folder)
+    if (Path(folder) / QUANTIZED_MANIFEST).is_file():  # its packed weights would load as random float ones
+        raise BoaError(f"{name_or_path} is a boa-quantized folder ({QUANTIZED_MANIFEST}): load it with boa.load "
+                       "(`boa eval` and `boa generate` take it); to quantize, give the float model")
+    tokenizer = _load_tokenizer(folder, name_or_path)  # before the weights: a folder without one fails at once
+    if Path(folder).is_dir():
+        use_safetensors = _check_local_weights(Path(folder), allow_pickle)
+    else:  # a hub id: transformers refuses a repository without safetensors unless pickle is allowed
+        use_safetensors = None if allow_pickle else True
+    try:
+        with offline_unless_reachable():
+            model = adapter.model_class.from_pretrained(folder, dtype=dtype, use_safetensors=use_safetensors)
+    except OSError as err:
+        raise BoaError(f"the weights of {name_or_path!r} could not be loaded: {_one_line(err)[:300]}"
+                       f"{'' if allow_pickle else ' (safetensors only: --allow-pickle also reads pytorch_model.bin)'}"
+                       ) from err
+    model = model.to(device).eval()
     check_finite(model)
     return model, tokenizer, adapter

@@ -1,3 +1,3 @@
-from boa.nn.quant_linear import QuantLinear, pack_model
+from boa.nn.quant_linear import QuantLinear, check_not_quantized, pack_model
 
-__all__ = ["QuantLinear", "pack_model"]
+__all__ = ["QuantLinear", "check_not_quantized", "pack_model"]

@@ -8,6 +8,7 @@ from __future__ import annotations
 import torch
 from torch import nn
 
+from boa.core.errors import BoaError
 from boa.core.packed import PackedWeight, pack
 from boa.core.quantizer import QuantizedWeight
 from boa_kernels.packed_matmul import packed_matmul
@@ -67,3 +68,11 @@ def pack_model(model: nn.Module, layers: dict, dtype: torch.dtype | None = None)
         bias = None if getattr(old, "bias", None) is None else old.bias.detach()
         setattr(parent, child, QuantLinear(weight, bias, dtype))
     return model
+
+
+def check_not_quantized(model: nn.Module) -> None:
+    """BoaError if `model` already holds QuantLinear layers (a model boa.load returned): quantizing it again would
+    find no float weights to quantize."""
+    if any(isinstance(module, QuantLinear) for module in model.modules()):
+        raise BoaError("this model is already quantized (it holds packed QuantLinear layers, as boa.load returns); "
+                       "quantize the float model (boa.load_model) instead")

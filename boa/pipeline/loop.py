@@ -30,7 +30,7 @@ from boa.core.output import check_output, checkpoint_folder
 from boa.core.quantizer import QuantizedWeight
 from boa.export.boa_format import MANIFEST
 from boa.models.adapter import Adapter, adapter_for
-from boa.nn import QuantLinear
+from boa.nn import check_not_quantized
 from boa.pipeline.inputs import BlockInputs
 from boa.stats import GroupStatistics, run_fp_block
 from boa_kernels import backend_for
@@ -193,9 +193,7 @@ def quantize(
     method = config.method
     needs = method.needs()
     adapter = adapter or adapter_for(model.config)
-    if any(isinstance(module, QuantLinear) for module in model.modules()):
-        raise BoaError("this model is already quantized (it holds packed QuantLinear layers, as boa.load returns); "
-                       "quantize the float model (boa.load_model) instead")
+    check_not_quantized(model)
     check_finite(model)
     kernel_backend = backend_for(next(model.parameters()).device)  # a bad BOA_KERNELS fails now, not mid-run
     log.info("column pass kernels: %s", kernel_backend)

@@ -1,5 +1,7 @@
 """boa.generate: the KV-cache loop gives exactly transformers' own greedy continuation, on the float model and on a
 saved, packed one; sampling is seeded and streams the text. `boa generate`: tests/cli/test_cli_generate.py."""
+import pytest
+
 import boa
 from boa.generate import generate
 
@@ -36,3 +38,16 @@ def test_sampling_is_seeded_and_streams_the_text(tiny_llama, word_tokenizer):
     c = generate(tiny_llama, word_tokenizer, PROMPT, 16, temperature=1.0, top_p=0.9, seed=4, stop_at_eos=False)
     assert a.tokens == b.tokens != c.tokens
     assert "".join(pieces) == a.text
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    ({"max_new_tokens": 0}, "max_new_tokens=0 must be at least 1"),
+    ({"temperature": -0.5}, "temperature=-0.5 must be a number >= 0"),
+    ({"temperature": 1.0, "top_p": 0.0}, r"top_p=0.0 must be in \(0, 1\]"),
+    ({"temperature": 1.0, "top_p": 1.2}, r"top_p=1.2 must be in \(0, 1\]"),
+    ({"prompt": ""}, "has no tokens"),
+], ids=["max-new-tokens-0", "temperature-negative", "top-p-0", "top-p-above-1", "empty-prompt"])
+def test_generate_refuses_settings_that_cannot_generate(tiny_llama, word_tokenizer, kwargs, message):
+    args = {"prompt": PROMPT, **kwargs}
+    with pytest.raises(boa.BoaError, match=message):
+        generate(tiny_llama, word_tokenizer, **args)

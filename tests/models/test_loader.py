@@ -56,3 +56,65 @@ def test_an_encoder_loads_quantizes_saves_and_loads_back(tmp_path, word_tokenize
     ids = calib[:2, :16]
     with torch.no_grad():
         torch.testing.assert_close(loaded(ids).last_hidden_state, model(ids).last_hidden_state, rtol=0, atol=1e-5)
+
+
+def _pickle_only(folder):
+    from safetensors.torch import load_file
+
+    torch.save(load_file(str(folder / "model.safetensors")), folder / "pytorch_model.bin")
+    (folder / "model.safetensors").unlink()
+
+
+def test_bad_model_folders(tiny_llama_dir, tmp_path, empty_cache, folder_snapshot):
+    """No config.json, a truncated model.safetensors, pickle weights only (unless allow_pickle), a boa-quantized
+    folder, no tokenizer: each a BoaError naming the problem; nothing written."""
+    import shutil
+
+    not_model = tmp_path / "notes"
+    not_model.mkdir()
+    truncated = tmp_path / "truncated"
+    shutil.copytree(tiny_llama_dir, truncated)
+    weights = (truncated / "model.safetensors").read_bytes()
+    (truncated / "model.safetensors").write_bytes(weights[: len(weights) // 2])
+    pickled = tmp_path / "pickled"
+    shutil.copytree(tiny_llama_dir, pickled)
+    _pickle_only(pickled)
+    no_tokenizer = tmp_path / "no-tokenizer"
+    no_tokenizer.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        shutil.copy(tiny_llama_dir / name, no_tokenizer / name)
+    quantized = tmp_path / "quantized"
+    model, _, _ = boa.load_model(str(tiny_llama_dir))
+    boa.save(boa.quantize(model, boa.RTN(bits=4, group_size=32), progress=False), quantized)
+    before = folder_snapshot(tmp_path)
+    for folder, message in ((not_model, "is not a model folder: it has no config.json"),
+                            (truncated, "model.safetensors is damaged or truncated"),
+                            (pickled, r"holds only pickle weights .*allow_pickle=True"),
+                            (quantized, "is a boa-quantized folder"),
+                            (no_tokenizer, "has no tokenizer boa can load")):
+        with pytest.raises(boa.BoaError, match=message):
+            boa.load_model(str(folder))
+    model, tokenizer, _ = boa.load_model(str(pickled), allow_pickle=True)
+    reference, _, _ = boa.load_model(str(tiny_llama_dir))
+    ids = torch.tensor([[1, 2, 3]])
+    with torch.no_grad():
+        torch.testing.assert_close(model(ids).logits, reference(ids).logits, rtol=0, atol=0)
+    assert folder_snapshot(tmp_path) == before
+
+
+def test_seqlen_limits(tiny_llama, tiny_opt, calib):
+    """check_seqlen (used by `boa quantize/eval` and by perplexity): positive and within max_position_embeddings."""
+    from boa.eval import perplexity
+    from boa.models.loader import check_seqlen
+
+    for model in (tiny_llama, tiny_opt):
+        check_seqlen(model.config, 128)
+        with pytest.raises(boa.BoaError, match=r"seqlen=129 is longer than this model's 128 positions"):
+            check_seqlen(model.config, 129)
+        with pytest.raises(boa.BoaError, match="seqlen=0 must be a positive"):
+            check_seqlen(model.config, 0)
+        tokens = calib.reshape(1, -1).repeat(1, 2)
+        with pytest.raises(boa.BoaError, match="seqlen=200 is longer"):
+            perplexity(model, tokens, seqlen=200)
+        with pytest.raises(boa.BoaError, match="max_windows=0 must be a positive"):
+            perplexity(model, tokens, seqlen=16, max_windows=0)

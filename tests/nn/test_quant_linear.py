@@ -1,4 +1,5 @@
 """boa.nn: QuantLinear holds a layer packed (boa/core/packed.py) and computes with the packed kernels."""
+import pytest
 import torch
 
 import boa
@@ -25,3 +26,16 @@ def test_quant_linear_stays_packed_and_matches_the_fake_quantized_linear(tiny_ll
         assert m.qweight.numel() == q.codes.shape[0] * (-(-q.codes.shape[1] // 64) * 64) // 2
         assert m.scales.dtype == torch.float32  # survived .to(bfloat16)
         assert not hasattr(m, "weight")
+
+
+def test_check_not_quantized(tiny_opt):
+    """check_not_quantized: a float model passes; one holding QuantLinear layers (as boa.load returns) is refused,
+    naming boa.load_model."""
+    import boa
+    from boa.nn import check_not_quantized
+
+    check_not_quantized(tiny_opt)
+    result = boa.quantize(tiny_opt, boa.RTN(bits=4), progress=False)
+    packed = pack_model(tiny_opt, {"model.decoder.layers.0.fc1": result.layers["model.decoder.layers.0.fc1"]})
+    with pytest.raises(boa.BoaError, match=r"already quantized .*\(boa.load_model\)"):
+        check_not_quantized(packed)
