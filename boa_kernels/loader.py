@@ -9,6 +9,8 @@ fails is reported in one line and the caller falls back to the next backend; the
 """
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import hashlib
 import os
@@ -33,6 +35,20 @@ def build_dir(name: str) -> Path:
     path = root / "kernels" / name
     path.mkdir(parents=True, exist_ok=True)
     return path
+
+
+@contextlib.contextmanager
+def build_lock(folder: Path):
+    """Holds an exclusive lock on the build folder while torch builds or loads into it. torch's own lock there is a
+    file that a killed process leaves behind, after which every later load waits forever; this lock (flock) dies
+    with its process, so whoever holds it may clear a stale torch lock first."""
+    with open(folder / "boa.lock", "w") as handle:
+        fcntl.flock(handle, fcntl.LOCK_EX)
+        try:
+            (folder / "lock").unlink(missing_ok=True)  # torch's, left by a process killed while holding it
+            yield
+        finally:
+            fcntl.flock(handle, fcntl.LOCK_UN)
 
 
 def cpu_signature() -> str:
@@ -74,10 +90,11 @@ def _build_cpu(name: str, march: str, folder_name: str):
         if not (folder / f"{name}.so").exists():
             notice("building the C++ CPU kernels (once, about a minute; cached in $BOA_CACHE/kernels)")
         flags = [march if f == "-march=native" else f for f in CPU_FLAGS]
-        return load(
-            name=name, sources=_sources("cpu", (".cpp",)), extra_cflags=flags, extra_ldflags=["-fopenmp"],
-            extra_include_paths=[str(CSRC / "include")], build_directory=str(folder), verbose=False,
-        )
+        with build_lock(folder):
+            return load(
+                name=name, sources=_sources("cpu", (".cpp",)), extra_cflags=flags, extra_ldflags=["-fopenmp"],
+                extra_include_paths=[str(CSRC / "include")], build_directory=str(folder), verbose=False,
+            )
     except Exception as err:  # a missing compiler or ninja must not stop quantization
         notice(f"could not build the C++ CPU kernels ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); using torch")
         return None
@@ -92,13 +109,15 @@ def load_cuda():
 
         if not torch.cuda.is_available():
             return None
-        if not (build_dir("cuda") / "boa_cuda.so").exists():
+        folder = build_dir("cuda")
+        if not (folder / "boa_cuda.so").exists():
             notice("building the CUDA kernels (once, a few minutes; cached in $BOA_CACHE/kernels)")
-        return load(
-            name="boa_cuda", sources=_sources("cuda", (".cu", ".cpp")),
-            extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17"],
-            extra_include_paths=[str(CSRC / "include")], build_directory=str(build_dir("cuda")), verbose=False,
-        )
+        with build_lock(folder):
+            return load(
+                name="boa_cuda", sources=_sources("cuda", (".cu", ".cpp")),
+                extra_cflags=["-O3", "-std=c++17"], extra_cuda_cflags=["-O3", "-std=c++17"],
+                extra_include_paths=[str(CSRC / "include")], build_directory=str(folder), verbose=False,
+            )
     except Exception as err:
         notice(f"could not build the CUDA kernels ({type(err).__name__}: {str(err).splitlines()[0] if str(err) else ''}); trying the next backend")
         return None
