@@ -11,7 +11,7 @@ import os
 import shutil
 from pathlib import Path
 
-from boa.core.checkpoint import Checkpoint
+from boa.core.checkpoint import PROGRESS, Checkpoint
 from boa.core.errors import BoaError
 from boa.core.io import TEMP_TAG, atomic_dir
 
@@ -93,15 +93,22 @@ def checkpoint_folder(out, resume: bool, restart: bool = False) -> Path:
         what = f"{done} finished steps" if done is not None else "its progress record is damaged"
         raise BoaError(f"{partial} holds the checkpoint of an interrupted run ({what}); rerun with --resume to "
                        "continue it, or --restart to discard it")
-    shutil.rmtree(partial)
+    _remove_checkpoint(partial)
     return partial
+
+
+def _remove_checkpoint(partial: Path) -> None:
+    """Its progress record goes first: a kill during the removal then leaves no record naming steps whose files are
+    gone (a later --resume would find that checkpoint damaged), only files that count as nothing finished."""
+    (partial / PROGRESS).unlink(missing_ok=True)
+    shutil.rmtree(partial)
 
 
 def finish_output(out) -> None:
     """After `out` was written: its checkpoint has served its purpose (anything else of that name stays)."""
     partial = partial_folder(out)
     if partial.exists() and Checkpoint.owns(partial):
-        shutil.rmtree(partial)
+        _remove_checkpoint(partial)
 
 
 @contextlib.contextmanager

@@ -7,6 +7,7 @@ import re
 
 import pytest
 
+from boa.core.checkpoint import Checkpoint
 from boa.core.errors import BoaError
 from boa.core.output import check_output, checkpoint_folder, finish_output, partial_folder, read_manifest
 
@@ -187,3 +188,22 @@ def test_an_interrupted_in_place_write_may_be_redone(tmp_path):
     (out / ".boa-tmp-x").mkdir(parents=True)
     (out / "model.safetensors").write_bytes(b"\0")
     check_output(out, MANIFEST, fingerprint="abc")
+
+
+def test_a_kill_while_the_checkpoint_is_removed_leaves_no_finished_work_behind(tmp_path, monkeypatch):
+    """Found by bench/soak.py: a SIGKILL while finish_output deleted OUT.partial file by file left progress.json
+    naming steps whose files were gone, and --resume then called the checkpoint damaged. The record goes first now."""
+    import boa.core.output as output
+
+    out = write_manifest(tmp_path / "OUT", fingerprint="abc")
+    partial = make_partial(out, finished=3)
+
+    def killed(path, *args, **kwargs):
+        raise KeyboardInterrupt  # the process dies as the removal starts
+
+    monkeypatch.setattr(output.shutil, "rmtree", killed)
+    with pytest.raises(KeyboardInterrupt):
+        finish_output(out)
+    monkeypatch.undo()
+    assert partial.exists() and Checkpoint.steps_done(partial) == 0  # nothing reads as finished
+    assert checkpoint_folder(out, resume=False) == partial and not partial.exists()
