@@ -48,24 +48,29 @@ class Checkpoint:
         return folder.is_dir() and all(_OWN.fullmatch(entry.name) for entry in folder.iterdir())
 
     @staticmethod
+    def _progress(folder: Path) -> dict | None:
+        """The progress record of `folder`, None when there is none; BoaError when it cannot be read."""
+        path = folder / PROGRESS
+        if not path.exists():
+            return None
+        try:
+            return json.loads(path.read_text())
+        except (OSError, ValueError) as err:
+            raise _damaged(path, err) from None
+
+    @staticmethod
     def steps_done(folder) -> int | None:
         """How many steps a checkpoint folder records as finished: 0 when none, None when its record is unreadable."""
-        path = Path(folder) / PROGRESS
-        if not path.exists():
-            return 0
         try:
-            return int(json.loads(path.read_text())["next_step"])
-        except (OSError, ValueError, KeyError, TypeError):
+            state = Checkpoint._progress(Path(folder))
+            return 0 if state is None else int(state["next_step"])
+        except (BoaError, KeyError, TypeError, ValueError):
             return None
 
     def _state(self) -> dict | None:
-        path = self.folder / PROGRESS
-        if not path.exists():
+        state = self._progress(self.folder)
+        if state is None:
             return None
-        try:
-            state = json.loads(path.read_text())
-        except (OSError, ValueError) as err:
-            raise _damaged(path, err) from None
         if state.get("fingerprint") != self.fingerprint or state.get("kind") != self.kind:
             raise BoaError(
                 f"the checkpoint in {self.folder} belongs to a different run (model, settings or calibration "

@@ -13,14 +13,13 @@ boa-vision folder (replaced atomically); the run's checkpoint beside it (OUT.par
 """
 from __future__ import annotations
 
-import json
 from pathlib import Path
 
 import torch
 from safetensors.torch import load_file, save_file
 
 from boa.core.errors import BoaError
-from boa.core.output import writing_output
+from boa.core.output import read_manifest, writing_output
 from boa.core.packed import PackedWeight, pack
 from boa.vision.fake_quant import FrozenLayer, apply_frozen, quant_layers
 
@@ -62,8 +61,7 @@ def load_vision(folder):
     from boa.vision.models import build_vision_model
 
     folder = Path(folder)
-    path = folder / MANIFEST
-    manifest = json.loads(path.read_text()) if path.exists() else None
+    manifest = read_manifest(folder, MANIFEST)
     if manifest is None or manifest.get("format") != FORMAT:
         raise BoaError(f"{folder} is not a quantized CNN saved by boa (no {FORMAT} {MANIFEST}); "
                        "make one with `boa quantize-vision`")
