@@ -223,7 +223,8 @@ def _quantize(args, report) -> None:
         raise BoaError("--resume continues the run saved under --out; give the same --out as the interrupted run")
     config = QuantConfig(_method(args), hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype)
     method = config.method
-    if method.needs().hessian:
+    calibrated = method.needs().hessian  # RTN on min-max grids reads no calibration text
+    if calibrated:
         if args.nsamples <= 0:
             raise BoaError(f"--nsamples {args.nsamples}: give a positive number of calibration windows")
         if args.seqlen <= 0:
@@ -234,9 +235,9 @@ def _quantize(args, report) -> None:
         check_output(args.out, MANIFEST, writer="boa quantize")
     with report.phase("load"):
         model, tokenizer, adapter = load_model(args.model, allow_pickle=args.allow_pickle)
-    _check_positions(model, args, *(["--seqlen"] if method.needs().hessian else []), "--eval-seqlen")
+    _check_positions(model, args, *(["--seqlen"] if calibrated else []), "--eval-seqlen")
     calib = None
-    if method.needs().hessian:
+    if calibrated:
         with report.phase("calibration data"):
             calib = data.calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     if args.eval_fp:
