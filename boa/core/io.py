@@ -96,10 +96,11 @@ def write_json(path: Path, data) -> None:
         tmp.write_text(json.dumps(data, indent=2, sort_keys=True) + "\n")
 
 
-def hash_tensors(digest, tensors: dict) -> None:
-    """Feeds every tensor's name, shape, dtype and bytes to a hashlib digest (about a second per GB)."""
+def hash_tensors(digest, tensors) -> None:
+    """Feeds every tensor's name, shape, dtype and bytes to a hashlib digest (about a second per GB). tensors: a
+    dict, or (name, tensor) pairs (read one at a time, so a model on disk is hashed in little memory)."""
     import torch
 
-    for name, tensor in tensors.items():
+    for name, tensor in tensors.items() if isinstance(tensors, dict) else tensors:
         digest.update(f"{name}{tuple(tensor.shape)}{tensor.dtype}".encode())
         digest.update(tensor.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy().data)

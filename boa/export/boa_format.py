@@ -8,11 +8,14 @@
                                       its state-dict name, and per quantized layer NAME its packed weight
                                       (boa/core/packed.py): NAME.qweight uint8, NAME.scales float32, NAME.zeros
                                       uint8, NAME.perm int32 (act-order only); its bits, group_size and in_features
-                                      are in quantization.json's "layers"
+                                      are in quantization.json's "layers". Past max_shard_size (5 GB) the same
+                                      tensors go into model-0000K-of-0000N.safetensors shards with
+                                      model.safetensors.index.json (boa/core/shards.py), every shard's header
+                                      carrying the run's fingerprint
 Version 1 (unpacked: NAME.codes uint8 (out, in), NAME.scale, NAME.zero, NAME.g_idx) is still read.
 
 `load` trusts nothing it can check: the manifest's own checksum (an edited field is refused), config.json's,
-model.safetensors' run fingerprint (in its header) against the manifest's, and every packed layer's widths, shapes,
+each weight file's run fingerprint (in its header) against the manifest's, and every packed layer's widths, shapes,
 finite scales and zero points against the architecture (PackedWeight.check). Manifests of earlier versions carry no
 checksums; their layers are still checked.
 
@@ -27,7 +30,7 @@ from pathlib import Path
 
 import torch
 from safetensors import safe_open
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
 from transformers import AutoConfig, AutoTokenizer
 
 from boa.config import QuantConfig
@@ -35,9 +38,11 @@ from boa.core.errors import BoaError
 from boa.core.output import read_manifest as _read_manifest
 from boa.core.output import writing_output
 from boa.core.packed import PackedWeight, pack
+from boa.core.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, parse_size, weight_files
 from boa.core.quantizer import QuantizedWeight
 from boa.export.common import plain_tensors
 from boa.models.adapter import adapter_for
+from boa.models.weights import StreamedModel
 from boa.nn.quant_linear import pack_model
 
 FORMAT_VERSION = 2
@@ -50,17 +55,26 @@ def read_manifest(folder) -> dict | None:
     return _read_manifest(folder, MANIFEST)
 
 
-def save(result, folder, tokenizer=None) -> Path:
-    """Writes a QuantResult (see boa.quantize) to `folder`, atomically; then the run's checkpoint (folder.partial)
-    is removed."""
+def _unquantized(result):
+    """(name, tensor) of every tensor that is not a quantized weight, one read at a time for a streamed run."""
+    weights = result.weights
+    if weights is None or not isinstance(weights, StreamedModel):
+        yield from plain_tensors(result.model, result.layers).items()
+        return
+    quantized = set(result.layers)
+    for name, _ in weights.model.named_parameters():  # a tied head once, under the embedding's name
+        owner, leaf = name.rsplit(".", 1)
+        if owner in quantized and leaf != "bias":
+            continue
+        yield name, weights.tensor(name)
+
+
+def save(result, folder, tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Writes a QuantResult (see boa.quantize) to `folder`, atomically, in shards of at most max_shard_size (e.g.
+    "5GB") holding one tensor in memory at a time; then the run's checkpoint (folder.partial) is removed."""
     folder = Path(folder)
     model = result.model
-    tensors = plain_tensors(model, result.layers)
     layers = {}
-    for name, q in result.layers.items():
-        packed = pack(q)
-        tensors.update({f"{name}.{k}": v for k, v in packed.tensors().items()})
-        layers[name] = {"bits": packed.bits, "group_size": packed.group_size, "in_features": packed.in_features}
     manifest = {
         "format": "boa",
         "version": FORMAT_VERSION,
@@ -73,12 +87,19 @@ def save(result, folder, tokenizer=None) -> Path:
     with writing_output(folder, MANIFEST, manifest, fingerprint=result.fingerprint, writer="boa quantize",
                         checkpoint=True) as tmp:
         model.config.save_pretrained(tmp)
-        manifest["config_sha256"] = _sha256(tmp / "config.json")  # the manifest itself is written last
-        manifest["manifest_sha256"] = _manifest_digest(manifest)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
-                  metadata={"boa_fingerprint": result.fingerprint})
+        writer = ShardWriter(tmp, parse_size(max_shard_size), metadata={"boa_fingerprint": result.fingerprint})
+        for name, tensor in _unquantized(result):
+            writer.add(name, tensor)
+        for name, q in result.layers.items():
+            packed = pack(q)
+            for key, tensor in packed.tensors().items():
+                writer.add(f"{name}.{key}", tensor)
+            layers[name] = {"bits": packed.bits, "group_size": packed.group_size, "in_features": packed.in_features}
+        writer.finish()
+        manifest["config_sha256"] = _sha256(tmp / "config.json")  # the manifest itself is written last
+        manifest["manifest_sha256"] = _manifest_digest(manifest)
     return folder
 
 
@@ -97,7 +118,9 @@ def load(folder, device: str = "cpu"):
         raise BoaError(f"{folder}/{MANIFEST} names dtype {manifest.get('dtype')!r}; the file is damaged")
     dtype = getattr(torch, manifest["dtype"])
     model = adapter_for(config).model_class.from_config(config, dtype=dtype)
-    tensors = load_file(str(folder / WEIGHTS))
+    tensors = {}
+    for path in weight_files(folder):
+        tensors.update(load_file(str(path)))
     layers = {}
     for name, info in manifest["layers"].items():
         try:
@@ -142,20 +165,23 @@ def _check_companions(folder: Path, manifest: dict) -> None:
     if recorded is not None and recorded != _manifest_digest(manifest):
         raise BoaError(f"{folder}/{MANIFEST} was edited after boa wrote it (its checksum differs); restore it or "
                        "quantize again")
-    if not (folder / WEIGHTS).exists():
-        raise BoaError(f"{folder} has no {WEIGHTS}; the folder is incomplete — quantize the model again")
+    files = weight_files(folder)
+    for path in files:
+        if not path.exists():
+            raise BoaError(f"{folder} has no {path.name}; the folder is incomplete — quantize the model again")
     expected = manifest.get("config_sha256")
     if expected is not None and _sha256(folder / "config.json") != expected:
         raise BoaError(f"{folder}/config.json is not the one saved with this model (another model's, or edited); "
                        "restore it or quantize again")
-    try:
-        with safe_open(str(folder / WEIGHTS), "pt") as f:
-            written_by = (f.metadata() or {}).get("boa_fingerprint")
-    except Exception as err:  # safetensors' own error types for a truncated or garbled file
-        raise BoaError(f"{folder}/{WEIGHTS} is damaged ({err}); quantize the model again") from None
-    if written_by is not None and written_by != manifest.get("fingerprint"):
-        raise BoaError(f"{folder}/{WEIGHTS} comes from another quantization run than its {MANIFEST}; keep the "
-                       "folder's files together as boa wrote them, or quantize again")
+    for path in files:
+        try:
+            with safe_open(str(path), "pt") as f:
+                written_by = (f.metadata() or {}).get("boa_fingerprint")
+        except Exception as err:  # safetensors' own error types for a truncated or garbled file
+            raise BoaError(f"{path} is damaged ({err}); quantize the model again") from None
+        if written_by is not None and written_by != manifest.get("fingerprint"):
+            raise BoaError(f"{path} comes from another quantization run than its {MANIFEST}; keep the folder's "
+                           "files together as boa wrote them, or quantize again")
 
 
 def _read_layer(tensors: dict, name: str, info: dict, version: int) -> QuantizedWeight | PackedWeight:

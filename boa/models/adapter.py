@@ -117,12 +117,15 @@ class LlamaAdapter(Adapter):
         apply = sys.modules[type(attention).__module__].apply_rotary_pos_emb
         rotary = self.rotary_embedding(model)
         d = self.head_dim
-        device = next(model.parameters()).device
+        # on the rotary embedding's device (its buffers'), returned on the attention's: they differ while a model
+        # in host memory is quantized block by block on a GPU
+        device = next(rotary.buffers()).device
         positions = torch.arange(seqlen, device=device)[None]
         cos, sin = rotary(torch.zeros(1, seqlen, d, device=device, dtype=torch.float32), positions)
         basis = torch.eye(d, device=device, dtype=torch.float32)[None, :, None, :].expand(1, d, seqlen, d)
         rotated, _ = apply(basis, basis, cos.float(), sin.float())   # [0, i, t] = R_t e_i
-        return rotated[0].permute(1, 2, 0).contiguous()              # [t, :, i] = R_t e_i
+        R = rotated[0].permute(1, 2, 0).contiguous()                 # [t, :, i] = R_t e_i
+        return R.to(next(attention.parameters()).device)
 
     def qk_norm_weights(self, attention):
         if getattr(attention, "q_norm", None) is None:

@@ -13,6 +13,7 @@ from boa.core.checks import check_finite
 from boa.core.io import atomic_dir, cache_dir
 from boa.data.hub import hub_reachable, offline_unless_reachable
 from boa.models.adapter import Adapter, adapter_for
+from boa.models.weights import StreamedModel
 
 log = logging.getLogger(__name__)
 
@@ -172,3 +173,24 @@ def load_model(
     model = model.to(device).eval()
     check_finite(model)
     return model, tokenizer, adapter
+
+
+def stream_model(name_or_path: str, dtype: torch.dtype | None = None, device: str | torch.device = "cpu"
+                 ) -> tuple[StreamedModel, object, Adapter]:
+    """(StreamedModel, tokenizer, adapter) for a local safetensors folder (or a built-in name): the model's skeleton
+    without weights, each part read from the shards onto `device` in `dtype` (default: the checkpoint's own) when
+    the block loop gets to it. Nothing but the shards' headers is read here; a missing shard or a tensor the
+    architecture does not expect fails now."""
+    config = load_config(name_or_path)
+    adapter = adapter_for(config)
+    folder = Path(model_folder(name_or_path))
+    if not folder.is_dir():
+        raise BoaError(f"streaming reads the weights from a local folder; download {name_or_path!r} first (e.g. "
+                       f"`hf download {name_or_path} --local-dir DIR`) and give DIR")
+    if (folder / QUANTIZED_MANIFEST).is_file():
+        raise BoaError(f"{name_or_path} is a boa-quantized folder ({QUANTIZED_MANIFEST}); to quantize, give the "
+                       "float model")
+    tokenizer = _load_tokenizer(str(folder), name_or_path)
+    if not _check_local_weights(folder, allow_pickle=False):
+        raise BoaError(f"{folder} holds only pickle weights; streaming reads safetensors shards")
+    return StreamedModel.open(folder, config, adapter, dtype, device), tokenizer, adapter

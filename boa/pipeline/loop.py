@@ -13,6 +13,7 @@ import hashlib
 import json
 import logging
 import time
+from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -30,6 +31,7 @@ from boa.core.output import check_output, checkpoint_folder
 from boa.core.quantizer import QuantizedWeight
 from boa.export.boa_format import MANIFEST
 from boa.models.adapter import Adapter, adapter_for
+from boa.models.weights import ResidentModel, StreamedModel
 from boa.nn import check_not_quantized
 from boa.pipeline.inputs import BlockInputs
 from boa.stats import GroupStatistics, run_fp_block
@@ -44,19 +46,22 @@ CHECKPOINT_KIND = "boa-blocks"
 class QuantResult:
     model: nn.Module
     config: QuantConfig
-    layers: dict[str, QuantizedWeight] = field(default_factory=dict)  # full module name -> codes and grids
+    layers: Mapping[str, QuantizedWeight] = field(default_factory=dict)  # full module name -> codes and grids
     losses: dict[str, float] = field(default_factory=dict)             # each layer's objective (LayerStats.loss)
     seconds: float = 0.0
     fingerprint: str = ""
     calibration: dict | None = None  # the windows used: nsamples, seqlen, sha256 (callers may add corpus, seed)
+    weights: ResidentModel | StreamedModel | None = None  # where the unquantized tensors are read from to save
 
 
-def run_fingerprint(model: nn.Module, config: QuantConfig, calib: torch.Tensor | None) -> str:
+def run_fingerprint(model: nn.Module | ResidentModel | StreamedModel, config: QuantConfig,
+                    calib: torch.Tensor | None) -> str:
     """Identifies (model weights, config, calibration windows), so a checkpoint or output folder is never mixed up.
-    Hashes every tensor's bytes (about a second per GB)."""
+    Hashes every tensor's bytes, one tensor in memory at a time (about a second per GB)."""
+    weights = model if isinstance(model, (ResidentModel, StreamedModel)) else ResidentModel(model)
     digest = hashlib.blake2b(config.fingerprint().encode(), digest_size=16)
-    digest.update(json.dumps(model.config.to_dict(), sort_keys=True, default=str).encode())
-    hash_tensors(digest, model.state_dict())
+    digest.update(json.dumps(weights.model.config.to_dict(), sort_keys=True, default=str).encode())
+    hash_tensors(digest, weights.state_items())
     if calib is not None:
         digest.update(calib.cpu().contiguous().numpy().data)
     return digest.hexdigest()
@@ -115,11 +120,9 @@ def saved_size(model: nn.Module, adapter: Adapter, bits: int) -> int:
     bytes a weight plus its grids (allowing 10% for them)."""
     quantized = {f"{adapter.blocks_path}.{i}.{name}.weight" for i in range(len(adapter.blocks(model)))
                  for name in adapter.linear_names()}
-    total, seen = 0, set()
-    for name, tensor in model.state_dict().items():
-        if tensor.data_ptr() in seen:  # tied weights are saved once
-            continue
-        seen.add(tensor.data_ptr())
+    total = 0
+    for name, tensor in model.named_parameters():  # tied weights once (also on the meta device, where every
+        # tensor's data_ptr is 0)
         total += int(tensor.numel() * bits / 8 * 1.1) if name in quantized else tensor.numel() * tensor.element_size()
     return total
 
@@ -164,12 +167,56 @@ def quantize_block(block: nn.Module, method: Method, adapter: Adapter, groups: l
     return layers, losses, None if fp is None else fp.outputs
 
 
+class CheckpointLayers(Mapping):
+    """The codes of a streamed run, read from its checkpoint block by block when asked for (keeping every block's
+    codes in memory would take a byte a weight: 8 GB for an 8B model)."""
+
+    def __init__(self, checkpoint: Checkpoint, names: list[list[str]]):
+        self.checkpoint, self._blocks = checkpoint, names   # names[i]: block i's layers, full names
+        self._block_of = {name: i for i, block in enumerate(names) for name in block}
+        self._cached: tuple[int, dict] | None = None
+
+    def __getitem__(self, name: str) -> QuantizedWeight:
+        index = self._block_of[name]
+        if self._cached is None or self._cached[0] != index:
+            if not Checkpoint.owns(self.checkpoint.folder):
+                raise BoaError(f"the codes of this streamed run were in {self.checkpoint.folder}, which is gone (the "
+                               "result was saved, and saving removes it): load the saved folder with boa.load")
+            layers, _ = _load_block(self.checkpoint, index)
+            prefix = name[: len(name) - len(next(iter(layers)))] if layers else ""
+            self._cached = (index, {prefix + n: q for n, q in layers.items()})
+        return self._cached[1][name]
+
+    def __iter__(self):
+        return (name for block in self._blocks for name in block)
+
+    def __len__(self) -> int:
+        return len(self._block_of)
+
+
+def default_device() -> torch.device:
+    """A GPU if there is one, else the CPU."""
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _weights(model, device) -> ResidentModel | StreamedModel:
+    if isinstance(model, StreamedModel):
+        if device is not None and torch.device(device) != model.device:
+            raise BoaError(f"this streamed model reads its weights onto {model.device}; open it with "
+                           f"device={str(device)!r} (boa.models.stream_model(..., device=...)) instead")
+        return model
+    if not isinstance(model, nn.Module):
+        raise BoaError(f"model must be a torch module or a boa.models.StreamedModel, not {type(model).__name__}")
+    return ResidentModel(model, device if device is not None else default_device())
+
+
 def quantize(
-    model: nn.Module,
+    model: nn.Module | StreamedModel,
     config: QuantConfig | Method,
     calib: torch.Tensor | None = None,
     *,
     adapter: Adapter | None = None,
+    device: str | torch.device | None = None,
     out: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
@@ -177,10 +224,15 @@ def quantize(
     progress: bool = True,
     on_block_done=None,
 ) -> QuantResult:
-    """Quantizes `model` in place (its linear weights become their fake-quantized values) and returns the codes.
+    """Quantizes `model` block by block and returns the codes.
 
+    model: a model in memory (quantized in place: its linear weights become their fake-quantized values), or a
+    StreamedModel (boa.models.stream_model: a skeleton whose blocks are read from the checkpoint's shards one at a
+    time; its codes stay in the run's checkpoint until boa.save, so it needs `out` or `checkpoint_dir`).
     config: a QuantConfig, or just a method (boa.GPTQ(...), boa.TurboBoA(...), ...) with the default run settings.
     calib: LongTensor (nsamples, seqlen) of token ids (see boa.data.calibration_windows); RTN needs none.
+    device: where each block is quantized (default: a GPU if there is one); a model in memory elsewhere has each
+    block moved there while it is worked on, and back.
     out: the folder the result will be saved to (boa.save): checked before any work, and its checkpoint OUT.partial
     keeps each finished block: resume=True continues from it, restart=True discards it, and without either an
     earlier run's finished blocks there are refused rather than thrown away.
@@ -192,25 +244,41 @@ def quantize(
     config.validate()  # settings changed after construction are checked too
     method = config.method
     needs = method.needs()
+    weights = _weights(model, device)
+    streamed = isinstance(weights, StreamedModel)
+    model = weights.model
     adapter = adapter or adapter_for(model.config)
     check_not_quantized(model)
-    check_finite(model)
-    kernel_backend = backend_for(next(model.parameters()).device)  # a bad BOA_KERNELS fails now, not mid-run
+    if not streamed:
+        check_finite(model)  # a streamed model's blocks are checked as they are read
+    elif out is None and checkpoint_dir is None:
+        raise BoaError("a streamed model keeps its codes in the run's checkpoint until it is saved: pass out= (the "
+                       "folder boa.save will write) or checkpoint_dir=")
+    kernel_backend = backend_for(weights.device)  # a bad BOA_KERNELS fails now, not mid-run
     log.info("column pass kernels: %s", kernel_backend)
     _check_calibration(model, method, calib)
     calib = calib if needs.hessian else None
-    fingerprint = run_fingerprint(model, config, calib)
+    fingerprint = run_fingerprint(weights, config, calib)
     checkpoint = _open_checkpoint(out, checkpoint_dir, resume, restart, fingerprint,
                                   saved_size(model, adapter, method.bits) if out is not None else 0)
     first = checkpoint.next_step() if (checkpoint and resume) else 0
     result = QuantResult(model, config, fingerprint=fingerprint,
-                         calibration=None if calib is None else calibration_record(calib))
+                         calibration=None if calib is None else calibration_record(calib), weights=weights)
 
     blocks = adapter.blocks(model)
     hessian_dtype = getattr(torch, config.hessian_dtype)
     inputs = statistics = None
     if needs.hessian:
-        inputs = BlockInputs.capture(model, blocks[0], calib, getattr(torch, config.cache_dtype), needs.dx)
+        around = weights.outside_blocks(adapter.blocks_path)
+        for module in around:
+            weights.load(module)
+        weights.load(blocks[0])  # the first block's parameters tell the capture its device and dtype
+        try:
+            inputs = BlockInputs.capture(model, blocks[0], calib, getattr(torch, config.cache_dtype), needs.dx)
+        finally:
+            for module in around:
+                weights.release(module)
+            weights.release(blocks[0])
         if first > 0:
             inputs.restore(checkpoint.load_carry())
         statistics = GroupStatistics(model, adapter, needs, hessian_dtype)
@@ -220,22 +288,29 @@ def quantize(
     for index in bar:
         block = blocks[index]
         prefix = f"{adapter.blocks_path}.{index}."
-        if index < first:  # finished before the interruption: restore its codes
+        if index < first:  # finished before the interruption: restore its codes (a streamed run reads them later)
             layers, losses = _load_block(checkpoint, index)
-            modules = dict(block.named_modules())
-            for name, q in layers.items():
-                _write_back(modules[name], q)
+            if not streamed:
+                modules = dict(block.named_modules())
+                for name, q in layers.items():
+                    _write_back(modules[name], q)
         else:
+            weights.load(block)
             with torch.no_grad():
                 layers, losses, fp_outputs = quantize_block(block, method, adapter, groups, statistics, inputs,
                                                             hessian_dtype, progress, bar)
                 if inputs is not None:
                     inputs.advance(block, fp_outputs)
+            weights.release(block)
             if checkpoint:
                 _save_block(checkpoint, index, layers, losses, inputs)
             if on_block_done:
                 on_block_done(index)
-        result.layers.update({prefix + n: q for n, q in layers.items()})
+        if not streamed:
+            result.layers.update({prefix + n: q for n, q in layers.items()})
         result.losses.update({prefix + n: v for n, v in losses.items()})
+    if streamed:
+        result.layers = CheckpointLayers(checkpoint, [[f"{adapter.blocks_path}.{i}.{n}" for n in adapter.linear_names()]
+                                                      for i in range(len(blocks))])
     result.seconds = time.perf_counter() - start
     return result

@@ -1,0 +1,128 @@
+"""boa.models.StreamedModel: a model quantized from its safetensors shards one block at a time gives the codes of
+the in-memory run, never holds two blocks' weights at once, and saves sharded output that boa.load reads."""
+import json
+
+import pytest
+import torch
+
+import boa
+from boa.core.errors import BoaError
+from boa.core.shards import INDEX
+from boa.models import StreamedModel, adapter_for
+from boa.models.weights import empty_model
+
+from conftest import build_llama, build_opt, random_windows
+
+METHODS = [boa.GPTQ(bits=4, group_size=32, act_order=True), boa.TurboBoA(bits=3, group_size=32, rows_per_step=4)]
+
+
+def sharded(tmp_path, model, shard="40KB"):
+    folder = tmp_path / "fp"
+    model.save_pretrained(folder, max_shard_size=shard)
+    return folder
+
+
+def open_streamed(folder, dtype=torch.float32):
+    config = boa.models.loader.load_config(str(folder))
+    return StreamedModel.open(folder, config, adapter_for(config), dtype)
+
+
+class LoadProbe:
+    """Wraps a StreamedModel's load/release and records which blocks hold weights at every moment."""
+
+    def __init__(self, streamed, monkeypatch):
+        self.resident, self.most = set(), 0
+        self.blocks = adapter_for(streamed.model.config).blocks(streamed.model)
+        blocks = {id(b): i for i, b in enumerate(self.blocks)}
+        load, release = streamed.load, streamed.release
+
+        def probe_load(module):
+            if id(module) in blocks:
+                self.resident.add(blocks[id(module)])
+                self.most = max(self.most, len(self.resident))
+            return load(module)
+
+        def probe_release(module):
+            self.resident.discard(blocks.get(id(module)))
+            return release(module)
+
+        monkeypatch.setattr(streamed, "load", probe_load)
+        monkeypatch.setattr(streamed, "release", probe_release)
+
+
+@pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
+@pytest.mark.parametrize("build", [build_llama, build_opt], ids=["llama", "opt"])
+def test_a_streamed_run_gives_the_in_memory_codes_one_block_at_a_time(tmp_path, monkeypatch, method, build):
+    model = build(num_layers=3)
+    folder = sharded(tmp_path, model)
+    assert (folder / INDEX).is_file() and len(json.loads((folder / INDEX).read_text())["weight_map"]) > 0
+    calib = random_windows(4, 16)
+    expected = boa.quantize(model, method, calib, progress=False, device="cpu")
+
+    streamed = open_streamed(folder)
+    probe = LoadProbe(streamed, monkeypatch)
+    result = boa.quantize(streamed, method, calib, out=tmp_path / "q", progress=False, device="cpu")
+    assert probe.most == 1 and not probe.resident
+    assert all(p.device.type == "meta" for p in probe.blocks.parameters())  # every block released
+    assert result.layers.keys() == expected.layers.keys()
+    for name, q in expected.layers.items():
+        for field in ("codes", "scale", "zero", "g_idx"):
+            assert torch.equal(getattr(result.layers[name], field), getattr(q, field)), (name, field)
+
+    boa.save(result, tmp_path / "q", max_shard_size="30KB")
+    assert (tmp_path / "q" / INDEX).is_file() and not (tmp_path / "q.partial").exists()
+    boa.save(expected, tmp_path / "q_memory")
+    loaded, _, _ = boa.load(tmp_path / "q")
+    loaded_memory, _, _ = boa.load(tmp_path / "q_memory")
+    windows = random_windows(2, 16, seed=1)
+    torch.testing.assert_close(loaded(input_ids=windows).logits, loaded_memory(input_ids=windows).logits,
+                               rtol=0, atol=0)
+
+
+def test_a_streamed_run_needs_a_checkpoint(tmp_path):
+    streamed = open_streamed(sharded(tmp_path, build_llama()))
+    with pytest.raises(BoaError, match="checkpoint"):
+        boa.quantize(streamed, boa.GPTQ(bits=4), random_windows(2, 16), progress=False, device="cpu")
+
+
+def test_a_skeleton_allocates_no_weights():
+    config = build_llama().config
+    model = empty_model(config, adapter_for(config), torch.bfloat16)
+    assert all(p.device.type == "meta" and p.dtype == torch.bfloat16 for p in model.parameters())
+    assert model.model.rotary_emb.inv_freq.device.type == "cpu"  # computed buffers are real
+
+
+def test_a_missing_shard_fails_before_any_work(tmp_path):
+    folder = sharded(tmp_path, build_llama())
+    shard = sorted(folder.glob("model-*.safetensors"))[1]
+    shard.unlink()
+    with pytest.raises(BoaError, match=f"missing shard.*{shard.name}"):
+        open_streamed(folder)
+
+
+def test_a_checkpoint_that_does_not_match_the_config_fails_at_open(tmp_path):
+    folder = sharded(tmp_path, build_llama())
+    config = json.loads((folder / "config.json").read_text())
+    config["intermediate_size"] = 96
+    (folder / "config.json").write_text(json.dumps(config))
+    with pytest.raises(BoaError, match="shape"):
+        open_streamed(folder)
+
+
+def test_nan_weights_are_refused_when_their_block_is_read(tmp_path):
+    model = build_llama()
+    with torch.no_grad():
+        model.model.layers[1].mlp.up_proj.weight[0, 0] = float("nan")
+    streamed = open_streamed(sharded(tmp_path, model))
+    with pytest.raises(BoaError, match="layers.1.mlp.up_proj.weight holds NaN"):
+        boa.quantize(streamed, boa.GPTQ(bits=4), random_windows(2, 16), out=tmp_path / "q", progress=False,
+                     device="cpu")
+
+
+def test_weights_stream_in_the_run_dtype(tmp_path):
+    streamed = open_streamed(sharded(tmp_path, build_llama()), dtype=torch.bfloat16)
+    block = streamed.model.model.layers[0]
+    streamed.load(block)
+    assert {p.dtype for p in block.parameters()} == {torch.bfloat16}
+    streamed.release(block)
+    assert all(p.device.type == "meta" for p in block.parameters())
