@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import sys
 from pathlib import Path
 
@@ -15,6 +16,8 @@ from boa.vision.config import DATA_SOURCES, VISION_METHODS, DistillConfig, Recon
 from boa_kernels.dispatch import BackendError
 
 EXPORT_FORMATS = ("compressed-tensors", "gptq")
+STREAM_MODES = ("auto", "always", "never")
+OFFLOADS = ("auto", "device", "cpu", "disk")  # boa.pipeline.OFFLOADS (importing boa.pipeline would slow --help 3x)
 
 
 def _add_eval_args(p: argparse.ArgumentParser) -> None:
@@ -66,6 +69,23 @@ def _add_quantize(sub) -> None:
     q.add_argument("--seed", type=int, default=0)
     q.add_argument("--hessian-dtype", choices=("float32", "float64"), default="float32")
     q.add_argument("--cache-dtype", choices=("float32", "float16", "bfloat16"), default="float32")
+    r = q.add_argument_group("where the work runs (models larger than memory: --stream)")
+    r.add_argument("--device", help="where each block is quantized: cpu, cuda, cuda:N (default: a GPU if there is one)")
+    r.add_argument("--dtype", choices=("auto", "float32", "bfloat16", "float16"), default="auto",
+                   help="the weights' dtype while quantizing (auto: the checkpoint's own); statistics and solves "
+                        "run in --hessian-dtype whatever it is")
+    r.add_argument("--stream", choices=STREAM_MODES, default="auto",
+                   help="read each block from the checkpoint's shards when it is quantized and drop it after, so "
+                        "memory holds one block (auto: when the weights would take over half the free memory; "
+                        "needs --out and a local safetensors folder)")
+    r.add_argument("--offload", choices=OFFLOADS, default="auto",
+                   help="where the calibration activations are kept: device, cpu (host memory), disk, or auto (the "
+                        "first they fit in)")
+    r.add_argument("--offload-dir", type=Path, help="folder for --offload disk (default: $BOA_CACHE/activations)")
+    r.add_argument("--nproc", type=int, default=1,
+                   help="processes sharing the work (torch.distributed: one per GPU, or CPU processes with gloo); "
+                        "the same as launching `torchrun --nproc-per-node N -m boa.cli quantize ...`")
+    r.add_argument("--max-shard-size", default="5GB", help="the largest weight file --out gets (e.g. 5GB, 500MB)")
     q.add_argument("--out", type=Path, help="save the quantized model here")
     q.add_argument("--resume", action="store_true", help="continue an interrupted run from its last finished block")
     q.add_argument("--restart", action="store_true", help="discard an interrupted run's checkpoint (OUT.partial)")
@@ -215,8 +235,10 @@ def _quantize(args, report) -> None:
     from boa import data
     from boa.config import QuantConfig
     from boa.core.output import check_output
-    from boa.export import MANIFEST, save
-    from boa.models import load_model
+    import torch
+
+    from boa.export import MANIFEST, load, save
+    from boa.models import load_model, stream_model
     from boa.pipeline import quantize
 
     if args.resume and not args.out:
@@ -233,27 +255,75 @@ def _quantize(args, report) -> None:
     _check_eval_args(args)
     if args.out:  # the cheap part of the output check, before minutes of work (quantize checks the rest)
         check_output(args.out, MANIFEST, writer="boa quantize")
+    from boa.core.ranks import init_from_environment, local_device
+
+    device = local_device(_run_device(args.device))
+    ranks = init_from_environment(device)
+    dtype = None if args.dtype == "auto" else getattr(torch, args.dtype)
+    stream = _should_stream(args, dtype)
     with report.phase("load"):
-        model, tokenizer, adapter = load_model(args.model, allow_pickle=args.allow_pickle)
-    _check_positions(model, args, *(["--seqlen"] if calibrated else []), "--eval-seqlen")
+        if stream:
+            model, tokenizer, adapter = stream_model(args.model, dtype, device)
+        else:
+            model, tokenizer, adapter = load_model(args.model, dtype, allow_pickle=args.allow_pickle)
+    _check_positions(model.model if stream else model, args, *(["--seqlen"] if calibrated else []), "--eval-seqlen")
     calib = None
     if calibrated:
         with report.phase("calibration data"):
             calib = data.calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     if args.eval_fp:
+        if stream:
+            raise BoaError("--eval-fp evaluates the model in memory, which --stream avoids; evaluate the float "
+                           "model with `boa eval MODEL` where it fits")
         _evaluate("fp", model, tokenizer, args, report)
     with report.phase("quantize"):
-        result = quantize(model, config, calib, adapter=adapter, out=args.out, resume=args.resume,
-                          restart=args.restart)
+        result = quantize(model, config, calib, adapter=adapter, device=device, offload=args.offload,
+                          offload_dir=args.offload_dir, out=args.out, resume=args.resume, restart=args.restart)
+    if not ranks.main:  # rank 0 saves and evaluates
+        return
     if result.calibration is not None:
         result.calibration.update(corpus=args.calib, seed=args.seed)
     if args.out:
         with report.phase("save"):
-            save(result, args.out, tokenizer)
+            save(result, args.out, tokenizer, max_shard_size=args.max_shard_size)
         print(f"saved to {args.out}", file=sys.stderr)
     report.info["config"] = config.to_dict()
     report.info["calibration"] = result.calibration
+    if stream:
+        if not _eval_corpora(args) and not args.tasks:
+            return
+        with report.phase("load"):  # the streamed model holds no weights: evaluate what was saved
+            model, tokenizer, _ = load(args.out, device)
     _evaluate(method.label, model, tokenizer, args, report)
+
+
+def _run_device(device: str | None):
+    """--device, checked, or a GPU if there is one."""
+    import torch
+
+    if device is None:
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    _check_device(device)
+    return torch.device(device)
+
+
+def _should_stream(args, dtype) -> bool:
+    """--stream: always / never, or auto: when the weights at the run's dtype would take over half the free host
+    memory (and there is an --out to keep the codes in)."""
+    from boa.models.weights import weights_bytes
+    from boa.pipeline.offload import host_free_memory
+
+    if args.stream == "never":
+        return False
+    if args.stream == "always":
+        if not args.out:
+            raise BoaError("--stream keeps each block's codes in the run's checkpoint beside --out until they are "
+                           "saved; give --out")
+        return True
+    if not args.out:
+        return False
+    needed = weights_bytes(args.model, dtype)
+    return needed is not None and needed > host_free_memory() / 2
 
 
 def _load_any(name: str, report, allow_pickle: bool = False):
@@ -441,12 +511,50 @@ def _after_interrupt(args) -> str:
     return f"{done} finished {unit} are kept in {partial}; rerun the same command with --resume to continue."
 
 
+def _launch(nproc: int, argv: list[str]) -> int:
+    """`boa quantize --nproc N ...` as `torchrun --standalone --nproc-per-node N -m boa.cli quantize ...`."""
+    import subprocess
+
+    rest, skip = [], False
+    for arg in argv:
+        if skip:
+            skip = False
+        elif arg == "--nproc":
+            skip = True
+        elif not arg.startswith("--nproc="):
+            rest.append(arg)
+    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc-per-node={nproc}",
+               "-m", "boa.cli", *rest]
+    return 2 if subprocess.run(command).returncode else 0
+
+
+def _check_nproc(args) -> None:
+    if args.nproc < 1:
+        raise BoaError(f"--nproc {args.nproc}: give 1 or more processes")
+    if args.nproc > args.nsamples:
+        raise BoaError(f"--nproc {args.nproc} is more processes than calibration windows (--nsamples "
+                       f"{args.nsamples}); every process needs at least one window")
+
+
+def _rank() -> int:
+    return int(os.environ.get("RANK", "0"))
+
+
 def main(argv=None) -> int:
     from boa.eval import Report
 
+    argv = sys.argv[1:] if argv is None else list(argv)
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.INFO if args.verbose else logging.WARNING, format="%(levelname)s %(message)s")
     report = Report()
+    if args.command == "quantize":
+        try:
+            _check_nproc(args)
+        except BoaError as err:
+            print(f"boa: error: {err}", file=sys.stderr)
+            return 2
+        if args.nproc > 1 and "WORLD_SIZE" not in os.environ:
+            return _launch(args.nproc, argv)
     try:
         {"quantize": _quantize, "eval": _eval, "prepare": _prepare, "kernels": _kernels,
          "export": _export, "generate": _generate, "quantize-vision": _quantize_vision,
@@ -457,7 +565,7 @@ def main(argv=None) -> int:
     except KeyboardInterrupt:
         print(f"boa: stopped (interrupted). {_after_interrupt(args)}", file=sys.stderr)
         return 2
-    if args.command not in ("prepare", "kernels", "export", "generate"):
+    if args.command not in ("prepare", "kernels", "export", "generate") and _rank() == 0:
         report.print()
         if args.json:
             report.write(args.json)

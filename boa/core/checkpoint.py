@@ -4,6 +4,8 @@ interrupted run resumes after its last finished step and ends with what an unint
     progress.json           {"fingerprint", "kind", "next_step", "carry"}: written last, it names what counts
     step-KKKK.safetensors   step K's results: tensors, and string metadata
     carry-KKKK.safetensors  what step K + 1 starts from (e.g. the next block's inputs); only the newest is kept
+    carry-KKKK-rankRofW.safetensors   the same, per rank, when W processes share the run (boa.core.ranks): each
+                            writes its own, rank 0 writes the step and progress.json once all of them have
 
 A kill at any point leaves progress.json naming a complete set: a step or carry file written after it is ignored (and
 overwritten by the rerun), and the carry it names is removed only after a newer progress.json replaced it. A folder
@@ -21,10 +23,11 @@ from safetensors.torch import load_file, save_file
 
 from boa.core.errors import BoaError
 from boa.core.io import atomic_file, write_json
+from boa.core.ranks import Ranks
 
 PROGRESS = "progress.json"
 # What a checkpoint folder may hold: its files, and the temporaries atomic_file leaves when killed (".NAME.xxxx").
-_FILES = r"(progress\.json|step-\d{4}\.safetensors|carry-\d{4}\.safetensors)"
+_FILES = r"(progress\.json|step-\d{4}\.safetensors|carry-\d{4}(-rank\d+of\d+)?\.safetensors)"
 _OWN = re.compile(rf"{_FILES}|\.{_FILES}\..+")
 
 
@@ -36,10 +39,11 @@ def _damaged(path: Path, err: Exception) -> BoaError:
 class Checkpoint:
     """The steps of one run (identified by `fingerprint`) in `folder`; `kind` names the run type in errors."""
 
-    def __init__(self, folder, fingerprint: str, kind: str):
+    def __init__(self, folder, fingerprint: str, kind: str, ranks: Ranks = Ranks.single()):
         self.folder = Path(folder)
         self.fingerprint = fingerprint
         self.kind = kind
+        self.ranks = ranks
 
     @staticmethod
     def owns(folder) -> bool:
@@ -86,23 +90,30 @@ class Checkpoint:
     def _step_path(self, step: int) -> Path:
         return self.folder / f"step-{step:04d}.safetensors"
 
+    def _carry_name(self, step: int) -> str:
+        rank = f"-rank{self.ranks.rank}of{self.ranks.world}" if self.ranks.distributed else ""
+        return f"carry-{step:04d}{rank}.safetensors"
+
     def save(self, step: int, tensors: dict[str, torch.Tensor], meta: dict | None = None,
              carry: dict[str, torch.Tensor] | None = None) -> None:
-        """Records step `step` as finished, with the state the next step starts from (if any)."""
+        """Records step `step` as finished, with the state the next step starts from (if any). With several
+        ranks every rank calls it with its own carry; rank 0's tensors and meta are the step's."""
         self.folder.mkdir(parents=True, exist_ok=True)
-        with atomic_file(self._step_path(step)) as tmp:
-            save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
-                      metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
-        carry_name = None
         if carry is not None:
-            carry_name = f"carry-{step:04d}.safetensors"
-            with atomic_file(self.folder / carry_name) as tmp:
+            with atomic_file(self.folder / self._carry_name(step)) as tmp:
                 save_file({k: v.contiguous() for k, v in carry.items()}, str(tmp))
-        write_json(self.folder / PROGRESS, {"fingerprint": self.fingerprint, "kind": self.kind,
-                                            "next_step": step + 1, "carry": carry_name})
-        for old in self.folder.glob("carry-*.safetensors"):
-            if old.name != carry_name:
-                old.unlink()
+        self.ranks.barrier(f"the checkpoint of step {step}")  # every rank's carry is on disk
+        if self.ranks.main:
+            with atomic_file(self._step_path(step)) as tmp:
+                save_file({k: v.contiguous() for k, v in tensors.items()}, str(tmp),
+                          metadata={k: json.dumps(v) for k, v in (meta or {}).items()})
+            write_json(self.folder / PROGRESS, {"fingerprint": self.fingerprint, "kind": self.kind,
+                                                "next_step": step + 1,
+                                                "carry": None if carry is None else self._carry_name(step)})
+            for old in self.folder.glob("carry-*.safetensors"):
+                if not old.name.startswith(f"carry-{step:04d}"):
+                    old.unlink()
+        self.ranks.barrier(f"the progress record of step {step}")
 
     def load(self, step: int) -> tuple[dict[str, torch.Tensor], dict]:
         """A finished step's tensors and metadata."""
@@ -115,11 +126,12 @@ class Checkpoint:
             raise _damaged(path, err) from None
 
     def load_carry(self) -> dict[str, torch.Tensor]:
-        """The state the next step starts from ({} when the last step saved none)."""
+        """The state the next step starts from, this rank's ({} when the last step saved none)."""
         state = self._state()
-        name = None if state is None else state.get("carry")
-        if name is None:
+        if state is None or not state.get("carry"):
             return {}
+        # rank 0's file is named; the other ranks' follow from the step
+        name = self._carry_name(state["next_step"] - 1) if self.ranks.distributed else state["carry"]
         try:
             return load_file(str(self.folder / name))
         except Exception as err:

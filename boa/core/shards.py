@@ -32,6 +32,8 @@ _DTYPES = {torch.float64: "F64", torch.float32: "F32", torch.float16: "F16", tor
            torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
            torch.bool: "BOOL"}
 
+_FROM_CODE = {code: dtype for dtype, code in _DTYPES.items()}
+
 
 def parse_size(text: str | int) -> int:
     """Bytes from 5GB, 500MB, 2GiB or a plain number."""
@@ -103,6 +105,10 @@ class ShardReader:
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, from the header (nothing is read)."""
         return tuple(self._files[self.weight_map[name]].get_slice(name).get_shape())
+
+    def dtype(self, name: str) -> torch.dtype:
+        """A tensor's dtype, from the header."""
+        return _FROM_CODE[self._files[self.weight_map[name]].get_slice(name).get_dtype()]
 
     def metadata(self) -> dict[str, str]:
         """The first shard's __metadata__ (boa writes the same into every shard)."""

@@ -146,9 +146,10 @@ def _load_tokenizer(folder: str, name_or_path: str):
 
 
 def load_model(
-    name_or_path: str, dtype: torch.dtype = torch.float32, device: str = "cpu", allow_pickle: bool = False
+    name_or_path: str, dtype: torch.dtype | None = None, device: str = "cpu", allow_pickle: bool = False
 ) -> tuple[torch.nn.Module, object, Adapter]:
-    """(model in eval mode, tokenizer, adapter). The architecture is checked before any weight is read.
+    """(model in eval mode, tokenizer, adapter), its weights in `dtype` (None: the checkpoint's own). The
+    architecture is checked before any weight is read.
 
     Weights are read from safetensors files only, unless allow_pickle=True lets a folder (or hub repository) that
     holds only pytorch_model.bin be read (torch.load with weights_only=True: tensors only, but still a pickle)."""
@@ -165,7 +166,8 @@ def load_model(
         use_safetensors = None if allow_pickle else True
     try:
         with offline_unless_reachable():
-            model = adapter.model_class.from_pretrained(folder, dtype=dtype, use_safetensors=use_safetensors)
+            model = adapter.model_class.from_pretrained(folder, dtype=dtype or "auto",
+                                                         use_safetensors=use_safetensors)
     except OSError as err:
         raise BoaError(f"the weights of {name_or_path!r} could not be loaded: {_one_line(err)[:300]}"
                        f"{'' if allow_pickle else ' (safetensors only: --allow-pickle also reads pytorch_model.bin)'}"

@@ -16,6 +16,7 @@ model's prefix ("model." / "bert.") and a tied head stored once under the embedd
 from __future__ import annotations
 
 import contextlib
+import math
 from operator import attrgetter
 from pathlib import Path
 
@@ -220,3 +221,23 @@ class ResidentModel:
 
     def state_items(self):
         return self.model.state_dict().items()
+
+
+def weights_bytes(name_or_path: str, dtype: torch.dtype | None) -> int | None:
+    """The bytes a local safetensors model's weights take in `dtype` (None: as stored), from the shards' headers
+    alone; None where there is no such folder (a hub id, pickle weights)."""
+    from boa.models.loader import model_folder
+
+    folder = Path(model_folder(name_or_path))
+    if not folder.is_dir():
+        return None
+    try:
+        reader = ShardReader(folder)
+    except BoaError:
+        return None
+    total = 0
+    for key in reader.keys():
+        numel = math.prod(reader.shape(key))
+        stored = reader.dtype(key)
+        total += numel * (dtype.itemsize if dtype is not None and stored.is_floating_point else stored.itemsize)
+    return total

@@ -27,8 +27,9 @@ from boa.core.checkpoint import Checkpoint
 from boa.core.checks import check_finite
 from boa.core.errors import BoaError
 from boa.core.io import hash_tensors
-from boa.core.output import check_output, checkpoint_folder
+from boa.core.output import check_output, checkpoint_folder, partial_folder
 from boa.core.quantizer import QuantizedWeight
+from boa.core.ranks import Ranks
 from boa.export.boa_format import MANIFEST
 from boa.models.adapter import Adapter, adapter_for
 from boa.models.weights import ResidentModel, StreamedModel
@@ -55,11 +56,14 @@ class QuantResult:
 
 
 def run_fingerprint(model: nn.Module | ResidentModel | StreamedModel, config: QuantConfig,
-                    calib: torch.Tensor | None) -> str:
-    """Identifies (model weights, config, calibration windows), so a checkpoint or output folder is never mixed up.
-    Hashes every tensor's bytes, one tensor in memory at a time (about a second per GB)."""
+                    calib: torch.Tensor | None, processes: int = 1) -> str:
+    """Identifies (model weights, config, calibration windows, and how many processes share the run when more than
+    one: their sums round differently), so a checkpoint or output folder is never mixed up. Hashes every tensor's
+    bytes, one tensor in memory at a time (about a second per GB)."""
     weights = model if isinstance(model, (ResidentModel, StreamedModel)) else ResidentModel(model)
     digest = hashlib.blake2b(config.fingerprint().encode(), digest_size=16)
+    if processes > 1:
+        digest.update(f"processes={processes}".encode())
     digest.update(json.dumps(weights.model.config.to_dict(), sort_keys=True, default=str).encode())
     hash_tensors(digest, weights.state_items())
     if calib is not None:
@@ -128,35 +132,76 @@ def saved_size(model: nn.Module, adapter: Adapter, bits: int) -> int:
 
 
 def _open_checkpoint(out, checkpoint_dir, resume: bool, restart: bool, fingerprint: str,
-                     need_bytes: int) -> Checkpoint | None:
+                     need_bytes: int, ranks: Ranks) -> Checkpoint | None:
     """The run's checkpoint: beside the output folder (checked first: nothing is worked on for a folder that cannot
-    be written or lacks room), or in checkpoint_dir, or none."""
+    be written or lacks room), or in checkpoint_dir, or none. Rank 0 alone discards an earlier checkpoint."""
     if out is not None:
         check_output(out, MANIFEST, fingerprint, writer="boa quantize", need_bytes=need_bytes)
-        checkpoint_dir = checkpoint_folder(out, resume, restart)
+        checkpoint_dir = checkpoint_folder(out, resume, restart) if ranks.main else partial_folder(out)
     elif resume and not checkpoint_dir:
         raise BoaError("resume=True needs the output folder (out=) or checkpoint_dir of the interrupted run")
-    return Checkpoint(checkpoint_dir, fingerprint, CHECKPOINT_KIND) if checkpoint_dir else None
+    ranks.barrier("the checkpoint folder")
+    return Checkpoint(checkpoint_dir, fingerprint, CHECKPOINT_KIND, ranks) if checkpoint_dir else None
+
+
+_DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
+
+
+def _share_layer(q: QuantizedWeight | None, owner: int, ranks: Ranks, shape: tuple[int, int],
+                 device: torch.device) -> QuantizedWeight:
+    """The owner rank's solve of a (rows, cols) layer, on every rank."""
+    meta = torch.zeros(4, dtype=torch.int64, device=device)  # groups, scale dtype, zero dtype, bits
+    if q is not None:
+        meta.copy_(torch.tensor([q.scale.shape[1], _DTYPES.index(q.scale.dtype), _DTYPES.index(q.zero.dtype),
+                                 q.bits]))
+    groups, scale_dtype, zero_dtype, bits = ranks.broadcast_(meta, owner, "a layer's grid shape").tolist()
+    rows, cols = shape
+    if q is None:
+        q = QuantizedWeight(torch.empty(rows, cols, dtype=torch.uint8, device=device),
+                            torch.empty(rows, groups, dtype=_DTYPES[scale_dtype], device=device),
+                            torch.empty(rows, groups, dtype=_DTYPES[zero_dtype], device=device),
+                            torch.empty(cols, dtype=torch.int32, device=device), bits)
+    for part in ("codes", "scale", "zero", "g_idx"):
+        ranks.broadcast_(getattr(q, part), owner, "a solved layer's codes")
+    return q
+
+
+def _solve_cost(layer: nn.Linear) -> float:
+    """About what a layer's solve costs: its Hessian's factorisation and the column pass."""
+    rows, cols = layer.weight.shape
+    return float(cols) ** 3 + float(rows) * cols * cols
 
 
 def quantize_block(block: nn.Module, method: Method, adapter: Adapter, groups: list[list[str]],
                    statistics: GroupStatistics | None, inputs: BlockInputs | None, hessian_dtype: torch.dtype,
-                   progress: bool = True, bar=None) -> tuple[dict[str, QuantizedWeight], dict[str, float], list | None]:
+                   progress: bool = True, bar=None, ranks: Ranks = Ranks.single()
+                   ) -> tuple[dict[str, QuantizedWeight], dict[str, float], list | None]:
     """Quantizes one block in place, group by group: (codes per layer, loss per layer, the FP path's outputs when
-    the dX correction runs)."""
+    the dX correction runs). With several ranks each layer of a group is solved on its owner rank (balanced by
+    cost), all of them in parallel, then every rank receives every solve."""
     modules = dict(block.named_modules())
     layers, losses = {}, {}
     # the FP path: this block before quantization, on the FP path's inputs (TurboBoA's dX reference)
     fp = None
     if inputs is not None and inputs.fp is not None:
-        fp = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, inputs.dtype, method.needs().attention)
+        fp = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, inputs.dtype, method.needs().attention,
+                          out=inputs.fp.empty_like())
     for group in groups:
         stats = statistics(block, group, inputs.hidden, inputs.kwargs, fp) if statistics is not None else {}
+        owners = ranks.owners({name: _solve_cost(modules[name]) for name in group})
+        solved = {}
+        for name in group:
+            if owners[name] == ranks.rank:
+                W = modules[name].weight.detach()
+                solved[name] = method.solve(W.to(hessian_dtype if stats.get(name) else torch.float32),
+                                            stats.get(name), qkv=name in adapter.qkv,
+                                            progress=name if progress else None)
         for name in group:
             layer, layer_stats = modules[name], stats.get(name)
-            W = layer.weight.detach()
-            q = method.solve(W.to(hessian_dtype if layer_stats else torch.float32), layer_stats,
-                             qkv=name in adapter.qkv, progress=name if progress else None)
+            q = solved.get(name)
+            if ranks.distributed:
+                q = _share_layer(q, owners[name], ranks, tuple(layer.weight.shape), layer.weight.device)
+            W = layer.weight.detach()  # the weights before: _write_back gives the layer new storage
             _write_back(layer, q)
             layers[name] = q
             losses[name] = layer_stats.loss(W, layer.weight) if layer_stats else float("nan")
@@ -217,6 +262,8 @@ def quantize(
     *,
     adapter: Adapter | None = None,
     device: str | torch.device | None = None,
+    offload: str = "auto",
+    offload_dir: str | Path | None = None,
     out: str | Path | None = None,
     checkpoint_dir: str | Path | None = None,
     resume: bool = False,
@@ -233,13 +280,20 @@ def quantize(
     calib: LongTensor (nsamples, seqlen) of token ids (see boa.data.calibration_windows); RTN needs none.
     device: where each block is quantized (default: a GPU if there is one); a model in memory elsewhere has each
     block moved there while it is worked on, and back.
+    offload: where the calibration activations are kept: "device", "cpu" (host memory, pinned for a GPU), "disk"
+    (files under offload_dir, default $BOA_CACHE/activations), or "auto": the first of these they fit in.
     out: the folder the result will be saved to (boa.save): checked before any work, and its checkpoint OUT.partial
     keeps each finished block: resume=True continues from it, restart=True discards it, and without either an
     earlier run's finished blocks there are refused rather than thrown away.
     checkpoint_dir: a checkpoint folder without an output folder (what `out` picks itself).
     on_block_done(index): called after each block's checkpoint (used by tests to interrupt a run).
+
+    Under torchrun (torch.distributed initialised) every process calls this with the same arguments: each takes its
+    share of the windows, statistics are summed across processes, each layer is solved on one of them and shared,
+    rank 0 writes the checkpoint's progress; every process returns the same result.
     """
     start = time.perf_counter()
+    ranks = Ranks.current()
     config = config if isinstance(config, QuantConfig) else QuantConfig(config)
     config.validate()  # settings changed after construction are checked too
     method = config.method
@@ -258,9 +312,9 @@ def quantize(
     log.info("column pass kernels: %s", kernel_backend)
     _check_calibration(model, method, calib)
     calib = calib if needs.hessian else None
-    fingerprint = run_fingerprint(weights, config, calib)
+    fingerprint = run_fingerprint(weights, config, calib, ranks.world)
     checkpoint = _open_checkpoint(out, checkpoint_dir, resume, restart, fingerprint,
-                                  saved_size(model, adapter, method.bits) if out is not None else 0)
+                                  saved_size(model, adapter, method.bits) if out is not None else 0, ranks)
     first = checkpoint.next_step() if (checkpoint and resume) else 0
     result = QuantResult(model, config, fingerprint=fingerprint,
                          calibration=None if calib is None else calibration_record(calib), weights=weights)
@@ -274,41 +328,47 @@ def quantize(
             weights.load(module)
         weights.load(blocks[0])  # the first block's parameters tell the capture its device and dtype
         try:
-            inputs = BlockInputs.capture(model, blocks[0], calib, getattr(torch, config.cache_dtype), needs.dx)
+            inputs = BlockInputs.capture(model, blocks[0], ranks.share(calib), getattr(torch, config.cache_dtype),
+                                         needs.dx, offload=offload, offload_dir=offload_dir)
         finally:
             for module in around:
                 weights.release(module)
             weights.release(blocks[0])
         if first > 0:
             inputs.restore(checkpoint.load_carry())
-        statistics = GroupStatistics(model, adapter, needs, hessian_dtype)
+        statistics = GroupStatistics(model, adapter, needs, hessian_dtype, ranks)
 
     groups = adapter.sequential_groups() if config.true_sequential else [adapter.linear_names()]
+    progress = progress and ranks.main
     bar = tqdm(range(len(blocks)), desc=method.label, disable=not progress, unit="block")
-    for index in bar:
-        block = blocks[index]
-        prefix = f"{adapter.blocks_path}.{index}."
-        if index < first:  # finished before the interruption: restore its codes (a streamed run reads them later)
-            layers, losses = _load_block(checkpoint, index)
+    try:
+        for index in bar:
+            block = blocks[index]
+            prefix = f"{adapter.blocks_path}.{index}."
+            if index < first:  # finished before an interruption: its codes (a streamed run reads them later)
+                layers, losses = _load_block(checkpoint, index)
+                if not streamed:
+                    modules = dict(block.named_modules())
+                    for name, q in layers.items():
+                        _write_back(modules[name], q)
+            else:
+                weights.load(block)
+                with torch.no_grad():
+                    layers, losses, fp_outputs = quantize_block(block, method, adapter, groups, statistics, inputs,
+                                                                hessian_dtype, progress, bar, ranks)
+                    if inputs is not None:
+                        inputs.advance(block, fp_outputs)
+                weights.release(block)
+                if checkpoint:
+                    _save_block(checkpoint, index, layers, losses, inputs)
+                if on_block_done:
+                    on_block_done(index)
             if not streamed:
-                modules = dict(block.named_modules())
-                for name, q in layers.items():
-                    _write_back(modules[name], q)
-        else:
-            weights.load(block)
-            with torch.no_grad():
-                layers, losses, fp_outputs = quantize_block(block, method, adapter, groups, statistics, inputs,
-                                                            hessian_dtype, progress, bar)
-                if inputs is not None:
-                    inputs.advance(block, fp_outputs)
-            weights.release(block)
-            if checkpoint:
-                _save_block(checkpoint, index, layers, losses, inputs)
-            if on_block_done:
-                on_block_done(index)
-        if not streamed:
-            result.layers.update({prefix + n: q for n, q in layers.items()})
-        result.losses.update({prefix + n: v for n, v in losses.items()})
+                result.layers.update({prefix + n: q for n, q in layers.items()})
+            result.losses.update({prefix + n: v for n, v in losses.items()})
+    finally:  # disk caches go now, not at exit
+        if inputs is not None:
+            inputs.close()
     if streamed:
         result.layers = CheckpointLayers(checkpoint, [[f"{adapter.blocks_path}.{i}.{n}" for n in adapter.linear_names()]
                                                       for i in range(len(blocks))])

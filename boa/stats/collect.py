@@ -3,6 +3,7 @@ the solver needs: input Hessians, the dX terms against the FP path, and (BoA) th
 from __future__ import annotations
 
 import contextlib
+import copy
 from dataclasses import dataclass
 from operator import attrgetter
 
@@ -44,57 +45,90 @@ class LayerStats:
         return float((HdW * dW).sum())
 
 
-@dataclass
-class FPPass:
-    """The unquantized block on the FP path's inputs (TurboBoA's dX reference): per batch, every linear layer's
-    input and the attention call's (query, key, mask, scaling); and the outputs, the next block's FP inputs."""
-
-    layer_inputs: list[dict[str, torch.Tensor]]
-    attention: list[tuple] | None
-    outputs: list[torch.Tensor]
+def _forward(block: nn.Module, x: torch.Tensor, kwargs: dict):
+    """The block on one batch, moved to where and in what dtype the block computes."""
+    weight = next(block.parameters())
+    return block(x.to(weight.device, weight.dtype), **kwargs)
 
 
-def run_block(block: nn.Module, inputs, kwargs, dtype: torch.dtype) -> list[torch.Tensor]:
-    """The block's outputs on every batch, in `dtype`: the next block's inputs."""
-    block_dtype = next(block.parameters()).dtype
-    outputs = []
+def run_block(block: nn.Module, inputs, kwargs, dtype: torch.dtype, out=None):
+    """The block's outputs on every batch, in `dtype`, appended one by one to `out` (anything with `append`; a new
+    list by default), which is returned: the next block's inputs."""
+    outputs = [] if out is None else out
     for x, kw in zip(inputs, kwargs):
-        out = block(x.to(block_dtype), **kw)
-        outputs.append((out[0] if isinstance(out, tuple) else out).to(dtype))
+        y = _forward(block, x, kw)
+        outputs.append((y[0] if isinstance(y, tuple) else y).to(dtype))
     return outputs
 
 
-def run_fp_block(block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torch.dtype, attention: bool) -> FPPass:
-    """One full forward of the block (before any of its layers is quantized) that keeps what the dX terms need.
-    Layers fed the same tensor keep one copy; inputs are stored in `dtype` (the cache dtype)."""
-    modules = dict(block.named_modules())
-    layer_inputs: list[dict[str, torch.Tensor]] = []
-    stored: list[tuple[torch.Tensor, torch.Tensor]] = []  # this batch's distinct inputs and their copies
+class FPPass:
+    """The unquantized block on the FP path's inputs (TurboBoA's dX reference). Its outputs, the next block's FP
+    inputs, are computed at once; what the dX terms need of batch i — linear layers' inputs and the attention call —
+    comes from `batch(i, layers)`, which runs a frozen copy of the block on that batch again, so the activations kept
+    grow with one batch, not with every layer's input on every batch."""
 
-    def keep(name):
-        def hook(module, args):
-            x = args[0]
-            copy = next((kept for seen, kept in stored if seen is x), None)
-            if copy is None:
-                copy = x.detach().to(dtype)
-                stored.append((x, copy))
-            layer_inputs[-1][name] = copy
+    def __init__(self, block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torch.dtype, attention: bool,
+                 outputs):
+        self.block = block  # the frozen copy
+        self.adapter = adapter
+        self.inputs, self.kwargs, self.dtype = inputs, kwargs, dtype
+        self.attention = attention
+        self.outputs = outputs
+        self._last: tuple | None = None  # ((i, layers), what batch(i, layers) gave)
 
-        return hook
+    def batch(self, i: int, layers: list[str]) -> tuple[dict[str, torch.Tensor], tuple | None]:
+        """Batch i's inputs of `layers` (listed in call order), in `dtype`, one copy for layers fed the same tensor;
+        and when the pass records the attention and v_proj is among them, the attention call's (query, key, mask,
+        scaling). The most recent answer is kept, so asking twice runs the block once."""
+        key = (i, tuple(layers))
+        if self._last is None or self._last[0] != key:
+            self._last = (key, self._run(i, layers))
+        return self._last[1]
 
-    def next_batch(module, args, kwargs):
-        layer_inputs.append({})
-        stored.clear()
+    def _run(self, i: int, layers: list[str]) -> tuple[dict[str, torch.Tensor], tuple | None]:
+        modules = dict(self.block.named_modules())
+        kept: dict[str, torch.Tensor] = {}
+        copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # the distinct inputs seen and their copies
+        recorder = None
+        if self.attention and self.adapter.v_proj in layers:
+            recorder = AttentionRecorder(values=False, stop=layers[-1] in self.adapter.qkv)
+        last = layers[-1]
+        stop_at_last = recorder is None or not recorder.stop
 
-    recorder = AttentionRecorder(values=False) if attention else None
-    with contextlib.ExitStack() as stack:
-        stack.callback(block.register_forward_pre_hook(next_batch, with_kwargs=True).remove)
-        for name in adapter.linear_names():
-            stack.callback(modules[name].register_forward_pre_hook(keep(name)).remove)
-        if recorder is not None:
-            stack.enter_context(adapter.capturing({"fp": attrgetter(adapter.attention)(block)}, recorder))
-        outputs = run_block(block, inputs, kwargs, dtype)
-    return FPPass(layer_inputs, recorder.kept if recorder is not None else None, outputs)
+        def keep(name):
+            def hook(module, args):
+                x = args[0]
+                stored = next((c for seen, c in copies if seen is x), None)
+                if stored is None:
+                    stored = x.detach().to(self.dtype)
+                    copies.append((x, stored))
+                kept[name] = stored
+                if name == last and stop_at_last:
+                    raise StopForward
+
+            return hook
+
+        with contextlib.ExitStack() as stack, torch.no_grad():
+            for name in layers:
+                stack.callback(modules[name].register_forward_pre_hook(keep(name)).remove)
+            if recorder is not None:
+                attention = attrgetter(self.adapter.attention)(self.block)
+                stack.enter_context(self.adapter.capturing({"fp": attention}, recorder))
+            try:
+                _forward(self.block, self.inputs[i], self.kwargs[i])
+            except StopForward:
+                pass
+        return kept, recorder.kept[0] if recorder is not None else None
+
+
+def run_fp_block(block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torch.dtype, attention: bool,
+                 out=None) -> FPPass:
+    """The FP path of a block none of whose layers is quantized yet: its outputs on every batch (into `out`, as
+    run_block) and a frozen copy of it, from which FPPass.batch recomputes the layer inputs (and, with `attention`,
+    the attention calls) the dX terms need. The copy lives as long as the FPPass."""
+    frozen = copy.deepcopy(block).requires_grad_(False)
+    outputs = run_block(frozen, inputs, kwargs, dtype, out)
+    return FPPass(frozen, adapter, inputs, kwargs, dtype, attention, outputs)
 
 
 def collect_statistics(
@@ -140,15 +174,14 @@ def collect_statistics(
             if recorder.values:
                 stack.callback(recorder.watch_values(modules[adapter.v_proj]).remove)
             stack.enter_context(adapter.capturing({"quantized": attrgetter(adapter.attention)(block)}, recorder))
-        block_dtype = next(block.parameters()).dtype
         for i, (x, kw) in enumerate(zip(inputs, kwargs)):
             fed.clear()
             if fp is not None:
-                fp_inputs = fp.layer_inputs[i]
-                if recorder is not None and fp.attention is not None:
-                    recorder.reference = (*fp.attention[i], fp_inputs[adapter.v_proj])
+                fp_inputs, fp_attention = fp.batch(i, layers)
+                if recorder is not None and fp_attention is not None:
+                    recorder.reference = (*fp_attention, fp_inputs[adapter.v_proj])
             try:
-                block(x.to(block_dtype), **kw)
+                _forward(block, x, kw)
             except StopForward:
                 pass
     return hessians

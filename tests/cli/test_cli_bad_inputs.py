@@ -32,6 +32,13 @@ class Inputs:
             (folder / "model.safetensors").unlink()
         return str(folder)
 
+    def missing_shard(self) -> str:
+        folder = self.tmp / "sharded"
+        build_llama().save_pretrained(folder, max_shard_size="40KB")
+        self.tokenizer.save_pretrained(folder)
+        sorted(folder.glob("model-*.safetensors"))[1].unlink()
+        return str(folder)
+
     def truncated(self) -> str:
         folder = self.tmp / "truncated"
         folder.mkdir()
@@ -69,6 +76,20 @@ CASES = {
                               ["model.safetensors is damaged or truncated"]),
     "quantize-a-quantized-folder": (lambda i: ["quantize", i.quantized_without_tokenizer(), "--method", "rtn",
                                                "--corpora", ""], ["is a boa-quantized folder", "float model"]),
+    "missing-shard-streamed": (lambda i: ["quantize", i.missing_shard(), "--stream", "always", "--calib", i.calib,
+                                          "--nsamples", "2", "--seqlen", "16", "--corpora", "",
+                                          "--out", str(i.tmp / "OUT")], ["missing shard", "model-00002-of-"]),
+    "stream-without-out": (lambda i: ["quantize", i.model, "--stream", "always", "--corpora", ""],
+                           ["--stream", "give --out"]),
+    "nproc-over-windows": (lambda i: ["quantize", i.model, "--calib", i.calib, "--nsamples", "2", "--nproc", "3",
+                                      "--corpora", "", "--out", str(i.tmp / "OUT")],
+                           ["--nproc 3", "more processes than calibration windows"]),
+    "offload-dir-not-writable": (lambda i: ["quantize", i.model, "--calib", i.calib, "--nsamples", "2", "--seqlen",
+                                            "16", "--offload", "disk", "--offload-dir",
+                                            i.file("a-file", b"x") + "/below", "--corpora", "",
+                                            "--out", str(i.tmp / "OUT")], ["--offload-dir"]),
+    "quantize-bad-device": (lambda i: ["quantize", i.model, "--device", "tpu9", "--corpora", ""],
+                            ["is not a device"]),
     # 3. evaluation and calibration lengths
     "eval-windows-negative": (lambda i: ["eval", i.model, "--corpora", i.calib, "--eval-windows", "-1"],
                               ["--eval-windows -1", "0 for the whole"]),
@@ -139,9 +160,10 @@ def test_bad_input_ends_in_one_line(case, tiny_llama_dir, calib_txt, word_tokeni
     assert not (tmp_path / "OUT").exists() and not (tmp_path / "OUT.partial").exists()
 
 
-def test_cuda_without_a_gpu(tiny_llama_dir, monkeypatch, capsys):
+@pytest.mark.parametrize("command", [["generate", "--prompt", "w1"], ["quantize", "--corpora", ""]])
+def test_cuda_without_a_gpu(command, tiny_llama_dir, monkeypatch, capsys):
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
-    assert main(["generate", str(tiny_llama_dir), "--prompt", "w1", "--device", "cuda"]) == 2
+    assert main([command[0], str(tiny_llama_dir), *command[1:], "--device", "cuda"]) == 2
     err = capsys.readouterr().err
     assert "boa: error: --device cuda: no CUDA GPU is available here" in err and "--device cpu" in err
     assert "Traceback" not in err

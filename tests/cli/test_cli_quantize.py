@@ -118,3 +118,81 @@ def test_cli_json_report_holds_the_config_and_calibration(tiny_llama_dir, calib_
     assert (info["calibration"]["nsamples"], info["calibration"]["seqlen"]) == (4, 16)
     assert info["calibration"]["corpus"] == str(calib_txt) and info["calibration"]["seed"] == 0
     assert info["results"][0]["model"] == "boa w3g128"
+
+
+def weight_tensors(folder):
+    from boa.core.shards import weight_files
+
+    tensors = {}
+    for path in weight_files(folder):
+        tensors.update(load_file(str(path)))
+    return tensors
+
+
+@pytest.mark.parametrize("method", ["gptq", "turboboa"])
+def test_cli_streamed_run_writes_what_the_in_memory_run_writes(tiny_llama_dir, calib_txt, tmp_path, method):
+    """--stream always (blocks read from the shards one at a time, output in shards) and --stream never give the
+    same tensors and manifest; the streamed run's evaluation loads what it saved."""
+    memory, streamed = tmp_path / "MEMORY", tmp_path / "STREAMED"
+    common = ["--method", method, "--device", "cpu", "--corpora", "wikipedia", "--eval-windows", "2",
+              "--eval-seqlen", "16"]
+    reports = tmp_path / "memory.json", tmp_path / "streamed.json"
+    assert main([*cli_args(tiny_llama_dir, calib_txt, memory), *common, "--stream", "never",
+                 "--json", str(reports[0])]) == 0
+    assert main([*cli_args(tiny_llama_dir, calib_txt, streamed), *common, "--stream", "always",
+                 "--max-shard-size", "20KB", "--json", str(reports[1])]) == 0
+    assert len(list(streamed.glob("model-*-of-*.safetensors"))) > 1
+    a, b = weight_tensors(memory), weight_tensors(streamed)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    assert (json.loads((memory / "quantization.json").read_text())
+            == json.loads((streamed / "quantization.json").read_text()))
+    ppl = [json.loads(r.read_text())["results"][0]["ppl_wikipedia"] for r in reports]
+    assert ppl[1] == pytest.approx(ppl[0], rel=1e-4)
+
+
+def test_cli_streamed_run_resumes(tiny_llama_dir, calib_txt, tmp_path, monkeypatch):
+    """A streamed run interrupted after block 0 resumes with --resume, quantizes block 1 only, and writes what an
+    uninterrupted run writes."""
+    out, fresh = tmp_path / "OUT", tmp_path / "FRESH"
+    args = ["--stream", "always", "--device", "cpu"]
+    real_quantize = boa.pipeline.loop.quantize
+    monkeypatch.setattr(boa.pipeline, "quantize", lambda *a, **kw: real_quantize(*a, **kw,
+                                                                                 on_block_done=stop_after(0)))
+    with pytest.raises(Interrupted):
+        main(cli_args(tiny_llama_dir, calib_txt, out, *args))
+    monkeypatch.setattr(boa.pipeline, "quantize", real_quantize)
+    solved = []
+    real_solve = boa.GPTQ.solve
+    monkeypatch.setattr(boa.GPTQ, "solve", lambda self, W, stats, **kw: solved.append(1) or real_solve(self, W, stats,
+                                                                                                        **kw))
+    assert main(cli_args(tiny_llama_dir, calib_txt, out, *args, "--resume")) == 0
+    assert len(solved) == 7
+    assert main(cli_args(tiny_llama_dir, calib_txt, fresh, *args)) == 0
+    a, b = weight_tensors(out), weight_tensors(fresh)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_cli_offload_choices_are_the_pipelines():
+    from boa import cli, pipeline
+
+    assert cli.OFFLOADS == pipeline.OFFLOADS
+
+
+def test_cli_nproc_2_writes_what_one_process_writes(tiny_llama_dir, calib_txt, tmp_path):
+    """`boa quantize --nproc 2` (torchrun, 2 gloo processes on the CPU) with float64 statistics saves the codes one
+    process saves; only rank 0 reports."""
+    one, two = tmp_path / "ONE", tmp_path / "TWO"
+    flags = ["--device", "cpu", "--hessian-dtype", "float64"]
+    assert main(cli_args(tiny_llama_dir, calib_txt, one, *flags)) == 0
+    env = {**os.environ, "OMP_NUM_THREADS": "1", "BOA_CACHE": str(tmp_path / "cache")}
+    proc = subprocess.run([sys.executable, "-m", "boa.cli", *cli_args(tiny_llama_dir, calib_txt, two, *flags),
+                           "--nproc", "2"], capture_output=True, text=True, env=env, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert proc.stdout.count("gptq w4g128") == 1
+    a, b = weight_tensors(one), weight_tensors(two)
+    assert a.keys() == b.keys()
+    for key in a:
+        if a[key].is_floating_point():
+            torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=0)
+        else:
+            assert torch.equal(a[key], b[key]), key

@@ -22,7 +22,7 @@ def test_capture_keeps_what_enters_the_first_block_per_batch():
     assert [x.shape[0] for x in inputs.hidden] == [FORWARD_BATCH, 3]
     with torch.no_grad():
         embeddings = model.model.embed_tokens(calib)
-    torch.testing.assert_close(torch.cat(inputs.hidden), embeddings, rtol=0, atol=0)
+    torch.testing.assert_close(torch.cat(list(inputs.hidden)), embeddings, rtol=0, atol=0)
     assert inputs.fp is None and len(inputs.kwargs) == 2
     for kw in inputs.kwargs:
         assert kw["use_cache"] is False
@@ -43,7 +43,7 @@ def test_capture_keeps_what_enters_the_first_block_per_batch():
 
 def test_the_fp_path_starts_as_a_copy_in_the_cache_dtype():
     _, _, inputs = capture(with_fp=True, dtype=torch.float16)
-    assert all(x.dtype == torch.float16 for x in inputs.hidden + inputs.fp)
+    assert all(x.dtype == torch.float16 for x in [*inputs.hidden, *inputs.fp])
     for x, fp in zip(inputs.hidden, inputs.fp):
         assert torch.equal(x, fp) and x.data_ptr() != fp.data_ptr()
 
