@@ -98,6 +98,10 @@ def _add_eval_commands(sub) -> None:
     """`boa eval`, `prepare`, `kernels`, `export`."""
     e = sub.add_parser("eval", help="perplexity (and lm-eval tasks) of a model or a boa-quantized folder")
     e.add_argument("model", help="built-in name, model folder, hub id, or a folder written by `boa quantize`")
+    e.add_argument("--stream", choices=STREAM_MODES, default="auto",
+                   help="score a float model's perplexity block by block, each block read from the safetensors "
+                        "shards and dropped after, so memory holds one block (auto: when the weights would take "
+                        "over half the free memory; needs a local safetensors folder), on a GPU if there is one")
     _add_allow_pickle(e)
     _add_eval_args(e)
 
@@ -111,6 +115,8 @@ def _add_eval_commands(sub) -> None:
     x.add_argument("--format", required=True, choices=EXPORT_FORMATS,
                    help="compressed-tensors (llm-compressor's pack-quantized, for vLLM and transformers) or gptq (v1)")
     x.add_argument("--out", type=Path, required=True, help="the folder to write")
+    x.add_argument("--max-shard-size", default="5GB",
+                   help="the largest weight file (e.g. 5GB, 500MB); past it, shards with the Hugging Face index")
 
 
 def _add_vision_commands(sub) -> None:
@@ -272,9 +278,9 @@ def _quantize(args, report) -> None:
         with report.phase("calibration data"):
             calib = data.calibration_windows(tokenizer, args.calib, args.nsamples, args.seqlen, args.seed)
     if args.eval_fp:
-        if stream:
-            raise BoaError("--eval-fp evaluates the model in memory, which --stream avoids; evaluate the float "
-                           "model with `boa eval MODEL` where it fits")
+        if stream and args.tasks:
+            raise BoaError("--eval-fp with --stream scores the float model's perplexity block by block; lm-eval "
+                           "--tasks need it in memory: drop --tasks, or use --stream never where it fits")
         _evaluate("fp", model, tokenizer, args, report)
     with report.phase("quantize"):
         result = quantize(model, config, calib, adapter=adapter, device=device, offload=args.offload,
@@ -309,18 +315,19 @@ def _run_device(device: str | None):
 
 def _should_stream(args, dtype) -> bool:
     """--stream: always / never, or auto: when the weights at the run's dtype would take over half the free host
-    memory (and there is an --out to keep the codes in)."""
+    memory (and, to quantize, there is an --out to keep the codes in)."""
     from boa.models.weights import weights_bytes
     from boa.pipeline.offload import host_free_memory
 
+    keeps_codes = args.command == "quantize"  # `boa eval` keeps nothing
     if args.stream == "never":
         return False
     if args.stream == "always":
-        if not args.out:
+        if keeps_codes and not args.out:
             raise BoaError("--stream keeps each block's codes in the run's checkpoint beside --out until they are "
                            "saved; give --out")
         return True
-    if not args.out:
+    if keeps_codes and not args.out:
         return False
     needed = weights_bytes(args.model, dtype)
     return needed is not None and needed > host_free_memory() / 2
@@ -345,7 +352,23 @@ def _load_any(name: str, report, allow_pickle: bool = False):
 
 
 def _eval(args, report) -> None:
+    from boa.export import read_manifest
+    from boa.models import stream_model
+
     _check_eval_args(args)
+    quantized = Path(args.model).is_dir() and read_manifest(args.model) is not None
+    if quantized and args.stream == "always":
+        raise BoaError(f"{args.model} is a boa-quantized folder, which is evaluated in memory (its weights are "
+                       "packed); --stream is for float models: drop it")
+    if not quantized and _should_stream(args, None):
+        if args.tasks:
+            raise BoaError("--stream scores perplexity block by block; lm-eval --tasks need the model in memory: "
+                           "drop --tasks, or use --stream never where it fits")
+        with report.phase("load"):
+            model, tokenizer, _ = stream_model(args.model, device=_run_device(None))
+        _check_positions(model.model, args, "--eval-seqlen")
+        _evaluate(args.model, model, tokenizer, args, report)
+        return
     model, tokenizer = _load_any(args.model, report, args.allow_pickle)
     _check_positions(model, args, "--eval-seqlen")
     _evaluate(args.model, model, tokenizer, args, report)
@@ -412,7 +435,7 @@ def _export(args, report) -> None:
     layers = {name: m.quantized_weight() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
     exporter = {"compressed-tensors": export_compressed_tensors, "gptq": export_gptq}[args.format]
     with report.phase("export"):
-        exporter(model, layers, args.out, tokenizer, config)
+        exporter(model, layers, args.out, tokenizer, config, max_shard_size=args.max_shard_size)
     print(f"exported {args.model} as {args.format} to {args.out}", file=sys.stderr)
 
 

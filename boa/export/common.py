@@ -1,19 +1,19 @@
 """What boa's two foreign exports (compressed_tensors.py, gptq_format.py) share: packing codes into an int32 bit
-stream, telling a layer's grid shape, the unquantized tensors, and writing the folder atomically."""
+stream, telling a layer's grid shape, the unquantized tensors, and writing the folder atomically, its weights in
+shards with the Hugging Face index past a size (what transformers and vLLM read)."""
 from __future__ import annotations
 
 import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import save_file
 from torch import nn
 
 from boa.core.output import writing_output
 from boa.core.quantizer import QuantizedWeight
+from boa.core.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, parse_size
 
 EXPORT_MANIFEST = "boa_export.json"
-WEIGHTS = "model.safetensors"
 _MASK32 = (1 << 32) - 1
 
 
@@ -62,9 +62,10 @@ def plain_tensors(model: nn.Module, layers: dict) -> dict[str, torch.Tensor]:
 
 
 def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantization_config: dict,
-                 tokenizer=None, config=None) -> Path:
-    """Writes config.json (the model's, with `quantization_config`), the tokenizer, model.safetensors and the export
-    manifest to `out_dir`, atomically."""
+                 tokenizer=None, config=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:
+    """Writes config.json (the model's, with `quantization_config`), the tokenizer, the weights and the export
+    manifest to `out_dir`, atomically: model.safetensors, or past max_shard_size (e.g. "5GB") shards
+    model-0000K-of-0000N.safetensors with model.safetensors.index.json."""
     from boa import __version__
 
     out_dir = Path(out_dir)
@@ -72,14 +73,17 @@ def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantizatio
     hf_config["quantization_config"] = quantization_config
     hf_config["dtype"] = str(model_dtype(model)).removeprefix("torch.")
     manifest = {"format": fmt, "boa_version": __version__, "config": None if config is None else config.to_dict()}
+    max_shard_bytes = parse_size(max_shard_size)  # an unreadable size fails before any file is written
     with writing_output(out_dir, EXPORT_MANIFEST, manifest, writer="boa export") as tmp:
         (tmp / "config.json").write_text(json.dumps(hf_config, indent=2, sort_keys=True) + "\n")
         if getattr(model, "generation_config", None) is not None and model.can_generate():
             model.generation_config.save_pretrained(tmp)
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
-        save_file({k: v.detach().cpu().contiguous() for k, v in tensors.items()}, str(tmp / WEIGHTS),
-                  metadata={"format": "pt"})
+        writer = ShardWriter(tmp, max_shard_bytes, metadata={"format": "pt"})  # transformers wants "pt" there
+        for name, tensor in tensors.items():
+            writer.add(name, tensor)
+        writer.finish()
     return out_dir
 
 

@@ -2,9 +2,10 @@
 `transformers.AutoModelForCausalLM.from_pretrained` wherever the `compressed-tensors` package is installed.
 
     config.json, tokenizer files   the model's, with "quantization_config" (schema below)
-    model.safetensors              every tensor that is not quantized (embeddings, norms, lm_head, biases) as the
-                                   model holds it (a tied head once, under the embedding's name), and per quantized
-                                   layer NAME (W = scale[:, k // g] · (code[:, k] − zero[:, k // g])):
+    model.safetensors              (or shards past max_shard_size, with model.safetensors.index.json) every
+                                   tensor that is not quantized (embeddings, norms, lm_head, biases) as the model
+                                   holds it (a tied head once, under the embedding's name), and per quantized layer
+                                   NAME (W = scale[:, k // g] · (code[:, k] − zero[:, k // g])):
         NAME.weight_packed      int32 (out, ⌈in·b/32⌉)   codes packed along the input (pack_int32, dim 1)
         NAME.weight_scale       model dtype (out, G)     G = in / g (strategy "group"), or 1 (strategy "channel")
         NAME.weight_shape       int64 (2,)               [out, in]
@@ -38,6 +39,7 @@ import torch
 from torch import nn
 
 from boa.core.errors import BoaError
+from boa.core.shards import DEFAULT_MAX_SHARD_BYTES
 from boa.export.common import (
     group_width, has_plain_groups, is_symmetric, model_dtype, pack_int32, plain_tensors, write_export,
 )
@@ -70,10 +72,10 @@ def _weights_args(bits: int, symmetric: bool, group_size: int | None) -> dict:
 
 
 def export_compressed_tensors(model: nn.Module, layers: dict[str, QuantizedWeight], out_dir, tokenizer=None,
-                              config=None) -> Path:
+                              config=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Writes `model` (fake-quantized or loaded by boa.load) with its quantized `layers` {module name:
-    QuantizedWeight} to `out_dir` in compressed-tensors' pack-quantized format; `config` is the boa QuantConfig
-    recorded in the export manifest."""
+    QuantizedWeight} to `out_dir` in compressed-tensors' pack-quantized format, in weight files of at most
+    max_shard_size (e.g. "5GB"); `config` is the boa QuantConfig recorded in the export manifest."""
     if not layers:
         raise BoaError("the model has no quantized layers to export; quantize it first with `boa quantize`")
     dtype = model_dtype(model)
@@ -101,4 +103,5 @@ def export_compressed_tensors(model: nn.Module, layers: dict[str, QuantizedWeigh
     }
     if any(not symmetric for _, symmetric, _ in by_scheme):
         quantization_config["dequantize"] = True
-    return write_export(out_dir, "compressed-tensors", model, tensors, quantization_config, tokenizer, config)
+    return write_export(out_dir, "compressed-tensors", model, tensors, quantization_config, tokenizer, config,
+                        max_shard_size)

@@ -4,7 +4,8 @@ transformers (through optimum + gptqmodel) and vLLM load it.
     config.json, tokenizer files   the model's, with "quantization_config": {"quant_method": "gptq", "bits",
                                    "group_size" (−1: per-channel), "desc_act", "sym", "checkpoint_format": "gptq",
                                    "lm_head": false, "meta": {"quantizer": ["boa:VERSION"]}}
-    model.safetensors              every tensor that is not quantized as the model holds it (a tied head once, under
+    model.safetensors              (or shards past max_shard_size, with model.safetensors.index.json) every
+                                   tensor that is not quantized as the model holds it (a tied head once, under
                                    the embedding's name), and per quantized layer NAME, with G groups of g columns:
         NAME.qweight   int32   (in·b/32, out)   codes packed along the input: column o of the words holds codes
                                                 (0, o), (1, o), … as one bit stream (below)
@@ -39,6 +40,7 @@ import torch
 from torch import nn
 
 from boa.core.errors import BoaError
+from boa.core.shards import DEFAULT_MAX_SHARD_BYTES
 from boa.export.common import (
     group_width, has_plain_groups, is_symmetric, pack_int32, plain_tensors, write_export,
 )
@@ -93,10 +95,11 @@ def gptq_tensors(q: QuantizedWeight) -> dict[str, torch.Tensor]:
     }
 
 
-def export_gptq(model: nn.Module, layers: dict[str, QuantizedWeight], out_dir, tokenizer=None, config=None):
+def export_gptq(model: nn.Module, layers: dict[str, QuantizedWeight], out_dir, tokenizer=None, config=None,
+                max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES):
     """Writes `model` (fake-quantized or loaded by boa.load) with its quantized `layers` {module name:
-    QuantizedWeight} to `out_dir` in the GPTQ (v1) checkpoint format; `config` is the boa QuantConfig recorded in
-    the export manifest."""
+    QuantizedWeight} to `out_dir` in the GPTQ (v1) checkpoint format, in weight files of at most max_shard_size
+    (e.g. "5GB"); `config` is the boa QuantConfig recorded in the export manifest."""
     from boa import __version__
 
     if not layers:
@@ -116,4 +119,4 @@ def export_gptq(model: nn.Module, layers: dict[str, QuantizedWeight], out_dir, t
         "sym": all(is_symmetric(q) for q in layers.values()),
         "checkpoint_format": "gptq", "lm_head": False, "meta": {"quantizer": [f"boa:{__version__}"]},
     }
-    return write_export(out_dir, "gptq", model, tensors, quantization_config, tokenizer, config)
+    return write_export(out_dir, "gptq", model, tensors, quantization_config, tokenizer, config, max_shard_size)

@@ -49,6 +49,8 @@ class Adapter:
     mlp_out: str                     # its output projection
     attention: str = "self_attn"     # the attention module inside a block (the one calling the attention function)
     rotary_path: str | None = None   # the model's rotary embedding module, if it has one
+    after_blocks: tuple[str, ...]    # what the last block's output passes through before the head, in order (a
+                                     # module the config leaves out, set to None, is skipped)
     model_class = AutoModelForCausalLM  # the transformers auto class that builds the model (with its head)
 
     def __init__(self, config):
@@ -110,6 +112,7 @@ class LlamaAdapter(Adapter):
     mlp_in = ("mlp.gate_proj", "mlp.up_proj")
     mlp_out = "mlp.down_proj"
     rotary_path = "model.rotary_emb"
+    after_blocks = ("model.norm",)
 
     def rotary_matrices(self, model, attention, seqlen):
         # Rotate the basis vectors with the modeling file's own apply_rotary_pos_emb, so any rope scaling and layout
@@ -142,6 +145,9 @@ class OPTAdapter(Adapter):
     q_proj, k_proj, v_proj, o_proj = "self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.out_proj"
     mlp_in = ("fc1",)
     mlp_out = "fc2"
+    # final_layer_norm is None where do_layer_norm_before is off (OPT-350m); project_out exists only where
+    # word_embed_proj_dim differs from hidden_size
+    after_blocks = ("model.decoder.final_layer_norm", "model.decoder.project_out")
 
 
 @register
@@ -156,3 +162,4 @@ class BertAdapter(Adapter):
     o_proj = "attention.output.dense"
     mlp_in = ("intermediate.dense",)
     mlp_out = "output.dense"
+    after_blocks = ()  # no final norm, and no head

@@ -74,8 +74,9 @@ class StreamedModel:
         self.model, self.reader, self.device, self.dtype = model, reader, torch.device(device), dtype
         self._prefix = getattr(model, "base_model_prefix", "")
         # every name a parameter is known by (a tied head shares the embedding's parameter)
+        self._skeleton = dict(model.named_parameters(remove_duplicate=False))
         shared: dict[int, list[str]] = {}
-        for name, param in model.named_parameters(remove_duplicate=False):
+        for name, param in self._skeleton.items():
             shared.setdefault(id(param), []).append(name)
         self._aliases = {name: names for names in shared.values() for name in names}
         self._module_names = {id(m): name for name, m in model.named_modules()}
@@ -144,10 +145,11 @@ class StreamedModel:
         return module
 
     def release(self, module: nn.Module) -> None:
-        """Drops `module`'s weights (back to meta parameters)."""
-        for local, param in list(module.named_parameters()):
+        """Drops `module`'s weights: back to the skeleton's own meta parameters (so tied ones are one again)."""
+        prefix = self._module_names[id(module)]
+        for local, _ in list(module.named_parameters()):
             owner, leaf = _split(module, local)
-            owner._parameters[leaf] = nn.Parameter(param.to("meta"), requires_grad=False)
+            owner._parameters[leaf] = self._skeleton[f"{prefix}.{local}" if prefix else local]
 
     def outside_blocks(self, blocks_path: str) -> list[nn.Module]:
         return outside_blocks(self.model, blocks_path)

@@ -326,14 +326,12 @@ def quantize(
         around = weights.outside_blocks(adapter.blocks_path)
         for module in around:
             weights.load(module)
-        weights.load(blocks[0])  # the first block's parameters tell the capture its device and dtype
         try:
             inputs = BlockInputs.capture(model, blocks[0], ranks.share(calib), getattr(torch, config.cache_dtype),
                                          needs.dx, offload=offload, offload_dir=offload_dir)
         finally:
             for module in around:
                 weights.release(module)
-            weights.release(blocks[0])
         if first > 0:
             inputs.restore(checkpoint.load_carry())
         statistics = GroupStatistics(model, adapter, needs, hessian_dtype, ranks)

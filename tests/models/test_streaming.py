@@ -126,3 +126,17 @@ def test_weights_stream_in_the_run_dtype(tmp_path):
     assert {p.dtype for p in block.parameters()} == {torch.bfloat16}
     streamed.release(block)
     assert all(p.device.type == "meta" for p in block.parameters())
+
+
+def test_a_tied_head_stays_tied_after_its_embedding_was_loaded(tmp_path):
+    model = build_llama()
+    model.config.tie_word_embeddings = True
+    model.tie_weights()
+    streamed = open_streamed(sharded(tmp_path, model))
+    names = [n for n, _ in streamed.model.named_parameters()]
+    assert "lm_head.weight" not in names
+    embedding = streamed.model.get_input_embeddings()
+    streamed.load(embedding)
+    streamed.release(embedding)
+    assert [n for n, _ in streamed.model.named_parameters()] == names
+    assert streamed.model.lm_head.weight is embedding.weight

@@ -191,37 +191,38 @@ def test_advance_and_restore_keep_the_placement(tmp_path):
 
 
 @pytest.fixture
-def placed_capture(monkeypatch, tmp_path):
-    """Makes boa.quantize capture its inputs placed as asked; returns the BlockInputs it made."""
+def captured(monkeypatch):
+    """The BlockInputs boa.quantize makes (BlockInputs.capture, spied on)."""
     made = []
     capture = BlockInputs.capture
 
-    def place(offload):
-        def placed(model, block, calib, dtype, with_fp):
-            made.append(capture(model, block, calib, dtype, with_fp, offload=offload, offload_dir=tmp_path))
-            return made[-1]
+    def spy(*args, **kwargs):
+        made.append(capture(*args, **kwargs))
+        return made[-1]
 
-        monkeypatch.setattr(BlockInputs, "capture", placed)
-        return made
-
-    return place
+    monkeypatch.setattr(BlockInputs, "capture", spy)
+    return made
 
 
 @pytest.mark.parametrize("method", [boa.GPTQ(bits=3, group_size=16), boa.TurboBoA(bits=3, group_size=16)],
                          ids=["gptq", "turboboa"])
-def test_the_codes_do_not_depend_on_where_the_activations_live(method, placed_capture, tmp_path):
+def test_the_codes_do_not_depend_on_where_the_activations_live(method, captured, tmp_path):
     codes = {}
     for place in PLACES:
-        made = placed_capture(place)
+        files = []
+
+        def look(index):  # mid-run: the caches as placed
+            inputs = captured[-1]
+            assert inputs.hidden.placement == place and len(inputs.hidden) == 2
+            assert (inputs.fp is not None) == method.needs().dx
+            if place == "disk":
+                files.append(len(list(inputs.hidden.folder.glob("*.safetensors"))))
+
         config = boa.QuantConfig(method, cache_dtype="bfloat16")
-        result = boa.pipeline.quantize(build_llama(), config, random_windows(12, 16), progress=False)
-        inputs = made[-1]
-        assert inputs.hidden.placement == place and len(inputs.hidden) == 2
-        assert (inputs.fp is not None) == method.needs().dx
-        if place == "disk":
-            assert len(list(inputs.hidden.folder.glob("*.safetensors"))) == 2
-        inputs.close()
-        assert list(tmp_path.iterdir()) == []
+        result = boa.pipeline.quantize(build_llama(), config, random_windows(12, 16), progress=False, offload=place,
+                                       offload_dir=tmp_path, on_block_done=look)
+        assert files == ([2, 2] if place == "disk" else [])
+        assert list(tmp_path.iterdir()) == []  # closed when the run ended
         codes[place] = {k: (q.codes, q.scale, q.zero) for k, q in result.layers.items()}
     for place in PLACES[1:]:
         assert codes[place].keys() == codes["device"].keys()
