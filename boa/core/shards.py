@@ -98,9 +98,13 @@ class ShardReader:
         return [self.folder / f for f in self._files]
 
     def get(self, name: str) -> torch.Tensor:
+        """The tensor in memory of its own: a tensor read through a file kept open stays a view of the file's
+        mapping, whose pages then count as this process's memory (all of a 16 GB checkpoint once each tensor was
+        read)."""
         if name not in self.weight_map:
             raise BoaError(f"{self.folder} holds no tensor {name!r}; the checkpoint does not match config.json")
-        return self._files[self.weight_map[name]].get_tensor(name)
+        with safe_open(str(self.folder / self.weight_map[name]), "pt") as f:
+            return f.get_tensor(name).clone()
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, from the header (nothing is read)."""

@@ -27,6 +27,7 @@ from boa.core.checkpoint import Checkpoint
 from boa.core.checks import check_finite
 from boa.core.errors import BoaError
 from boa.core.io import hash_tensors
+from boa.core.memory import return_freed_memory
 from boa.core.output import check_output, checkpoint_folder, partial_folder
 from boa.core.quantizer import QuantizedWeight
 from boa.core.ranks import Ranks
@@ -209,6 +210,8 @@ def quantize_block(block: nn.Module, method: Method, adapter: Adapter, groups: l
                 log.info("%s loss %.6g", name, losses[name])
                 if bar is not None:
                     bar.set_postfix_str(f"{name.split('.')[-1]} loss {losses[name]:.4g}")
+        del stats, solved
+        return_freed_memory()  # the group's statistics and solver temporaries
     return layers, losses, None if fp is None else fp.outputs
 
 
@@ -357,6 +360,7 @@ def quantize(
                     if inputs is not None:
                         inputs.advance(block, fp_outputs)
                 weights.release(block)
+                return_freed_memory()
                 if checkpoint:
                     _save_block(checkpoint, index, layers, losses, inputs)
                 if on_block_done:

@@ -23,9 +23,10 @@ class KeptInputs:
     """The FP pass kept whole: one forward of the unquantized block per batch that keeps every linear layer's
     input and the attention call, for every batch at once (what the FP pass did before it recomputed them)."""
 
-    def __init__(self, block, adapter, inputs, kwargs, dtype, attention):
+    def __init__(self, block, adapter, inputs, kwargs, dtype, attention, out=None):
         modules = dict(block.named_modules())
-        self.layer_inputs, self.calls, self.outputs = [], [], []
+        self.layer_inputs, self.calls = [], []
+        self.outputs = [] if out is None else out
         for x, kw in zip(inputs, kwargs):
             seen = {}
             handles = [modules[name].register_forward_pre_hook(
