@@ -329,8 +329,8 @@ def _should_stream(args, dtype) -> bool:
         return True
     if keeps_codes and not args.out:
         return False
-    needed = weights_bytes(args.model, dtype)
-    return needed is not None and needed > host_free_memory() / 2
+    needed, free = weights_bytes(args.model, dtype), host_free_memory()
+    return needed is not None and free is not None and needed > free / 2
 
 
 def _load_any(name: str, report, allow_pickle: bool = False):

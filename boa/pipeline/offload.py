@@ -2,6 +2,7 @@
 (`ActivationCache`), and `choose_offload`, which picks the nearest of those they fit in ("auto")."""
 from __future__ import annotations
 
+import os
 import shutil
 import tempfile
 import weakref
@@ -18,8 +19,9 @@ OFFLOADS = ("auto", "device", "cpu", "disk")
 HEADROOM = 0.8
 
 
-def host_free_memory() -> int:
-    """Bytes of host memory a new allocation can take without swapping (MemAvailable)."""
+def host_free_memory() -> int | None:
+    """Bytes of host memory a new allocation can take without swapping (Linux's MemAvailable; elsewhere the free
+    physical pages where the system reports them), or None where it cannot be told."""
     try:
         with open("/proc/meminfo") as f:
             for line in f:
@@ -27,8 +29,10 @@ def host_free_memory() -> int:
                     return int(line.split()[1]) * 1024
     except OSError:
         pass
-    raise BoaError("cannot tell how much host memory is free (no MemAvailable in /proc/meminfo); choose where the "
-                   "activations go: --offload device, cpu or disk")
+    try:
+        return os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):
+        return None
 
 
 def choose_offload(requested: str, device: torch.device, nbytes: int) -> str:
@@ -41,7 +45,8 @@ def choose_offload(requested: str, device: torch.device, nbytes: int) -> str:
     device = torch.device(device)
     if device.type == "cuda" and nbytes <= HEADROOM * torch.cuda.mem_get_info(device)[0]:
         return "device"
-    if nbytes <= HEADROOM * host_free_memory():
+    free = host_free_memory()
+    if free is None or nbytes <= HEADROOM * free:  # unknown: host memory, as a plain run would use
         return "device" if device.type == "cpu" else "cpu"
     return "disk"
 

@@ -241,3 +241,10 @@ def test_host_memory_is_pinned_for_a_cuda_device(tmp_path):
             if place == "cpu":
                 assert all(cache.stored(i).is_pinned() for i in range(len(cache)))
             assert all(a.device.type == "cuda" and torch.equal(a, b) for a, b in zip(cache, stored, strict=True))
+
+
+def test_auto_keeps_the_activations_in_memory_where_free_memory_cannot_be_told(monkeypatch):
+    """No /proc/meminfo nor sysconf (a platform boa cannot ask): auto keeps what a plain run keeps, never errs."""
+    fake_memory(monkeypatch, 1_000, None)
+    assert choose_offload("auto", torch.device("cpu"), 10**15) == "device"
+    assert choose_offload("auto", torch.device("cuda"), 10**15) == "cpu"
