@@ -207,3 +207,39 @@ OLD_FLAT_TURBOBOA = {
     "row_order": False, "init": None, "rounding_iters": 500, "rounding_lr": 0.1, "round_weight": 1.0,
     "round_weight_qkv": 1.5, "hessian_dtype": "float32", "cache_dtype": "float32",
 }
+
+
+def open_streamed(folder, dtype=torch.float32):
+    """The model saved in `folder` as a boa.models.StreamedModel (nothing read but the shards' headers)."""
+    from boa.models import StreamedModel, adapter_for
+    from boa.models.loader import load_config
+
+    config = load_config(str(folder))
+    return StreamedModel.open(folder, config, adapter_for(config), dtype)
+
+
+class BlockProbe:
+    """Wraps a StreamedModel's load/release: records the most blocks whose weights it held at once (`most`), the
+    blocks holding weights now (`resident`) and every module it loaded (`loaded`, by id)."""
+
+    def __init__(self, weights, monkeypatch):
+        from boa.models import adapter_for
+
+        self.blocks = adapter_for(weights.model.config).blocks(weights.model)
+        index = {id(b): i for i, b in enumerate(self.blocks)}
+        self.resident, self.most, self.loaded = set(), 0, set()
+        load, release = weights.load, weights.release
+
+        def probe_load(module):
+            self.loaded.add(id(module))
+            if id(module) in index:
+                self.resident.add(index[id(module)])
+                self.most = max(self.most, len(self.resident))
+            return load(module)
+
+        def probe_release(module):
+            self.resident.discard(index.get(id(module)))
+            return release(module)
+
+        monkeypatch.setattr(weights, "load", probe_load)
+        monkeypatch.setattr(weights, "release", probe_release)

@@ -8,9 +8,8 @@ from transformers import BertModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OP
 import boa
 from boa.eval import evaluate_perplexity, perplexity
 from boa.eval.streamed import streamed_perplexity
-from boa.models import StreamedModel, adapter_for
 
-from conftest import VOCAB, build_bert, build_llama, build_opt, random_windows
+from conftest import VOCAB, BlockProbe, build_bert, build_llama, build_opt, open_streamed, random_windows
 
 
 def tied_llama():
@@ -51,32 +50,7 @@ def sharpened(model):
 
 def streamed(model, folder):
     model.save_pretrained(folder, max_shard_size="40KB")
-    config = boa.models.loader.load_config(str(folder))
-    return StreamedModel.open(folder, config, adapter_for(config), torch.float32)
-
-
-class BlockProbe:
-    """Records the most blocks whose weights a StreamedModel held at once, and which modules it loaded."""
-
-    def __init__(self, weights, monkeypatch):
-        self.blocks = adapter_for(weights.model.config).blocks(weights.model)
-        index = {id(b): i for i, b in enumerate(self.blocks)}
-        self.resident, self.most, self.loaded = set(), 0, set()
-        load, release = weights.load, weights.release
-
-        def probe_load(module):
-            self.loaded.add(id(module))
-            if id(module) in index:
-                self.resident.add(index[id(module)])
-                self.most = max(self.most, len(self.resident))
-            return load(module)
-
-        def probe_release(module):
-            self.resident.discard(index.get(id(module)))
-            return release(module)
-
-        monkeypatch.setattr(weights, "load", probe_load)
-        monkeypatch.setattr(weights, "release", probe_release)
+    return open_streamed(folder)
 
 
 @pytest.mark.parametrize("build", MODELS.values(), ids=MODELS.keys())

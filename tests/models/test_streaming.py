@@ -8,10 +8,10 @@ import torch
 import boa
 from boa.core.errors import BoaError
 from boa.core.shards import INDEX
-from boa.models import StreamedModel, adapter_for
+from boa.models import adapter_for
 from boa.models.weights import empty_model
 
-from conftest import build_llama, build_opt, random_windows
+from conftest import BlockProbe, build_llama, build_opt, open_streamed, random_windows
 
 METHODS = [boa.GPTQ(bits=4, group_size=32, act_order=True), boa.TurboBoA(bits=3, group_size=32, rows_per_step=4)]
 
@@ -20,34 +20,6 @@ def sharded(tmp_path, model, shard="40KB"):
     folder = tmp_path / "fp"
     model.save_pretrained(folder, max_shard_size=shard)
     return folder
-
-
-def open_streamed(folder, dtype=torch.float32):
-    config = boa.models.loader.load_config(str(folder))
-    return StreamedModel.open(folder, config, adapter_for(config), dtype)
-
-
-class LoadProbe:
-    """Wraps a StreamedModel's load/release and records which blocks hold weights at every moment."""
-
-    def __init__(self, streamed, monkeypatch):
-        self.resident, self.most = set(), 0
-        self.blocks = adapter_for(streamed.model.config).blocks(streamed.model)
-        blocks = {id(b): i for i, b in enumerate(self.blocks)}
-        load, release = streamed.load, streamed.release
-
-        def probe_load(module):
-            if id(module) in blocks:
-                self.resident.add(blocks[id(module)])
-                self.most = max(self.most, len(self.resident))
-            return load(module)
-
-        def probe_release(module):
-            self.resident.discard(blocks.get(id(module)))
-            return release(module)
-
-        monkeypatch.setattr(streamed, "load", probe_load)
-        monkeypatch.setattr(streamed, "release", probe_release)
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
@@ -60,7 +32,7 @@ def test_a_streamed_run_gives_the_in_memory_codes_one_block_at_a_time(tmp_path, 
     expected = boa.quantize(model, method, calib, progress=False, device="cpu")
 
     streamed = open_streamed(folder)
-    probe = LoadProbe(streamed, monkeypatch)
+    probe = BlockProbe(streamed, monkeypatch)
     result = boa.quantize(streamed, method, calib, out=tmp_path / "q", progress=False, device="cpu")
     assert probe.most == 1 and not probe.resident
     assert all(p.device.type == "meta" for p in probe.blocks.parameters())  # every block released
