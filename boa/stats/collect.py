@@ -61,6 +61,33 @@ def run_block(block: nn.Module, inputs, kwargs, dtype: torch.dtype, out=None):
     return outputs
 
 
+def _watch_inputs(stack: contextlib.ExitStack, modules: dict, layers: list[str], first_seen, stop_at_last: bool):
+    """Pre-hooks on `layers` (in call order, removed with `stack`): a layer whose input tensor was not seen yet in this
+    forward gets `first_seen(name, x)`, one fed a tensor already seen (q/k/v, gate/up read one) gets what that gave;
+    the last layer stops the forward when `stop_at_last`. Returns ({layer: value}, the seen list: clear it between
+    forwards)."""
+    values: dict = {}
+    seen: list[tuple[torch.Tensor, object]] = []
+    last = layers[-1]
+
+    def watch(name):
+        def hook(module, args):
+            x = args[0]
+            value = next((v for t, v in seen if t is x), None)
+            if value is None:
+                value = first_seen(name, x)
+                seen.append((x, value))
+            values[name] = value
+            if name == last and stop_at_last:
+                raise StopForward
+
+        return hook
+
+    for name in layers:
+        stack.callback(modules[name].register_forward_pre_hook(watch(name)).remove)
+    return values, seen
+
+
 class FPPass:
     """The unquantized block on the FP path's inputs (TurboBoA's dX reference). Its outputs, the next block's FP
     inputs, are computed at once; what the dX terms need of batch i — linear layers' inputs and the attention call —
@@ -86,31 +113,12 @@ class FPPass:
         return self._last[1]
 
     def _run(self, i: int, layers: list[str]) -> tuple[dict[str, torch.Tensor], tuple | None]:
-        modules = dict(self.block.named_modules())
-        kept: dict[str, torch.Tensor] = {}
-        copies: list[tuple[torch.Tensor, torch.Tensor]] = []  # the distinct inputs seen and their copies
         recorder = None
         if self.attention and self.adapter.v_proj in layers:
             recorder = AttentionRecorder(values=False, stop=layers[-1] in self.adapter.qkv)
-        last = layers[-1]
-        stop_at_last = recorder is None or not recorder.stop
-
-        def keep(name):
-            def hook(module, args):
-                x = args[0]
-                stored = next((c for seen, c in copies if seen is x), None)
-                if stored is None:
-                    stored = x.detach().to(self.dtype)
-                    copies.append((x, stored))
-                kept[name] = stored
-                if name == last and stop_at_last:
-                    raise StopForward
-
-            return hook
-
         with contextlib.ExitStack() as stack, torch.no_grad():
-            for name in layers:
-                stack.callback(modules[name].register_forward_pre_hook(keep(name)).remove)
+            kept, _ = _watch_inputs(stack, dict(self.block.named_modules()), layers,
+                                    lambda name, x: x.detach().to(self.dtype), recorder is None or not recorder.stop)
             if recorder is not None:
                 attention = attrgetter(self.adapter.attention)(self.block)
                 stack.enter_context(self.adapter.capturing({"fp": attention}, recorder))
@@ -147,29 +155,15 @@ def collect_statistics(
     recorder (if any) the attention's. A pass stops as soon as everything it needs has been seen (layers are listed
     in call order)."""
     modules = dict(block.named_modules())
-    hessians: dict[str, HessianAccumulator] = {}
-    fed: list[tuple[torch.Tensor, HessianAccumulator]] = []  # this batch's distinct inputs
     fp_inputs: dict[str, torch.Tensor] = {}
-    last = layers[-1]
-    stop_at_last = recorder is None or not recorder.stop
 
-    def accumulate(name):
-        def hook(module, args):
-            x = args[0]
-            shared = next((acc for seen, acc in fed if seen is x), None)
-            if shared is None:
-                shared = hessians.get(name) or HessianAccumulator(x.shape[-1], dtype, x.device)
-                shared.add(x.detach(), fp_inputs.get(name))
-                fed.append((x, shared))
-            hessians[name] = shared
-            if name == last and stop_at_last:
-                raise StopForward
-
-        return hook
+    def accumulate(name, x):  # a layer's accumulator lives across batches; it takes each new input once
+        acc = hessians.get(name) or HessianAccumulator(x.shape[-1], dtype, x.device)
+        acc.add(x.detach(), fp_inputs.get(name))
+        return acc
 
     with contextlib.ExitStack() as stack:
-        for name in layers:
-            stack.callback(modules[name].register_forward_pre_hook(accumulate(name)).remove)
+        hessians, fed = _watch_inputs(stack, modules, layers, accumulate, recorder is None or not recorder.stop)
         if recorder is not None:
             if recorder.values:
                 stack.callback(recorder.watch_values(modules[adapter.v_proj]).remove)
