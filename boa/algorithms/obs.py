@@ -44,13 +44,13 @@ class GPTQ(GridMethod):
                     percdamp=self.percdamp, rows_per_step=1, row_order=False)
 
     def solve(self, W, stats, *, qkv=False, progress=None) -> QuantizedWeight:
-        return obs_solve(W, stats.H, self.spec, H_out=stats.H_out, D=stats.dx_term(self.dx_alpha),
+        return obs_solve(W, stats.H, self.spec, H_out=stats.H_out, D=stats.D, dx_alpha=self.dx_alpha,
                          refine_iters=self.refine_iters, **self._solver_knobs())
 
     def solve_state(self, W, stats) -> tuple[QuantizedWeight, SolveState]:
         """The codes before scale refinement, and the state a learned rounding starts from (aespa)."""
         return obs_solve(W, stats.H, self.spec, H_out=stats.H_out if self.row_coupled else None, heads=stats.heads,
-                         D=stats.dx_term(self.dx_alpha), keep_state=True, **self._solver_knobs())
+                         D=stats.D, dx_alpha=self.dx_alpha, keep_state=True, **self._solver_knobs())
 
 
 @register

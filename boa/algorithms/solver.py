@@ -207,8 +207,15 @@ class _Order:
         return cls(columns, rows)
 
     def square(self, M: torch.Tensor) -> torch.Tensor:
-        """A (batch, cols, cols) matrix over the columns, in processing order."""
-        return M[:, self.columns][:, :, self.columns]
+        """A (batch, cols, cols) matrix over the columns, in processing order (M itself when that is W's own order:
+        at MLP width each copy is a Hessian's 0.8 GB)."""
+        if self.columns_kept:
+            return M
+        return M[:, self.columns[:, None], self.columns]  # one gather: no Hessian-sized intermediate
+
+    @property
+    def columns_kept(self) -> bool:
+        return bool((self.columns == torch.arange(len(self.columns), device=self.columns.device)).all())
 
     def square_rows(self, M: torch.Tensor) -> torch.Tensor:
         """A symmetric (heads, d, d) matrix over each head's rows, in processing order."""
@@ -266,6 +273,7 @@ def obs_solve(
     H_out: torch.Tensor | None = None,
     heads: int = 1,
     D: torch.Tensor | None = None,
+    dx_alpha: float = 1.0,
     rows_per_step: int = 1,
     block_size: int = 128,
     act_order: bool = False,
@@ -279,7 +287,7 @@ def obs_solve(
     (and, with keep_state, the SolveState a learned rounding starts from).
 
     H: (cols, cols) shared input Hessian, or (heads, cols, cols) one per head. H_out: (heads, d, d) row factors, or
-    None for none (GPTQ). D: the dX term, shaped like H, α already applied. rows_per_step: N rows of a head quantized
+    None for none (GPTQ). D: the dX term 2E[(X_fp − X_q) X_qᵀ], shaped like H, weighted by dx_alpha. rows_per_step: N rows of a head quantized
     jointly. act_order: columns by decreasing diag(H_in) (averaged over heads for per-head H_in, so that every head
     shares one column order). row_order: each head's rows by decreasing diag(H_out).
     """
@@ -296,8 +304,10 @@ def obs_solve(
     H = order.square(H)
     U = inverse_cholesky_upper(H, percdamp)
     W = order.weights(W)
-    if D is not None:  # the target T = W + W D H⁻¹, H⁻¹ = Uᵀ U of the damped H
-        W = W + ((W @ order.square(D.reshape(-1, cols, cols).to(H.dtype))) @ U.transpose(-1, -2)) @ U
+    if D is not None and dx_alpha > 0:  # the target T = W + α W D H⁻¹, H⁻¹ = Uᵀ U of the damped H
+        WD = W @ order.square(D.reshape(-1, cols, cols).to(H.dtype))  # α on W D (weight-sized), not on a copy of D
+        W = W + ((WD * dx_alpha) @ U.transpose(-1, -2)) @ U
+        del WD
     if H_out is not None:
         H_out = order.square_rows(H_out).to(H.dtype)
         W = _take_rows(W, order.rows)

@@ -54,9 +54,10 @@ def layer_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
 
 def damp(H: torch.Tensor, percdamp: float) -> torch.Tensor:
     """H + percdamp · mean(diag H) · I, per matrix of a batch."""
-    diag = torch.diagonal(H, dim1=-2, dim2=-1)
-    eye = torch.eye(H.shape[-1], dtype=H.dtype, device=H.device)
-    return H + (percdamp * diag.mean(-1))[..., None, None] * eye
+    damped = H.clone()  # one copy: adding a multiple of torch.eye would make two Hessian-sized temporaries
+    diag = torch.diagonal(damped, dim1=-2, dim2=-1)
+    diag.add_((percdamp * diag.mean(-1)).unsqueeze(-1))
+    return damped
 
 
 def _cholesky_with_retry(H: torch.Tensor, upper: bool = False) -> torch.Tensor:
@@ -85,5 +86,5 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = 0.01) -> torch.Ten
     """
     if not torch.isfinite(H).all():
         raise BoaError("the Hessian holds NaN/Inf; check the model's weights and calibration data")
-    L = _cholesky_with_retry(damp(H, percdamp))
-    return _cholesky_with_retry(torch.cholesky_inverse(L), upper=True)
+    H_inv = torch.cholesky_inverse(_cholesky_with_retry(damp(H, percdamp)))  # the factor is freed before the next
+    return _cholesky_with_retry(H_inv, upper=True)

@@ -32,10 +32,6 @@ class LayerStats:
             return self.H_out.shape[0]
         return self.H.shape[0] if self.H.dim() == 3 else 1
 
-    def dx_term(self, alpha: float) -> torch.Tensor | None:
-        """α·D, the dX term a solve uses, or None when there is none or α = 0."""
-        return self.D * alpha if self.D is not None and alpha > 0 else None
-
     def loss(self, W: torch.Tensor, Q: torch.Tensor) -> float:
         """tr(H_out ΔW H ΔWᵀ) summed over heads, ΔW = Q − W: the error this layer's solve minimises (without dX)."""
         dW = (Q - W).to(self.H.dtype).reshape(self.heads, -1, W.shape[-1])
