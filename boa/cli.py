@@ -63,6 +63,15 @@ def _add_quantize(sub) -> None:
     a.add_argument("--init", choices=INITS, help="the method whose rounding aespa starts from (default turboboa)")
     a.add_argument("--rounding-iters", type=int, default=Aespa.rounding_iters, help="Adam steps per layer")
     a.add_argument("--rounding-lr", type=float, default=Aespa.rounding_lr, help="Adam learning rate")
+    o = q.add_argument_group("rotations and activation quantization (QuaRot; RMSNorm models)")
+    o.add_argument("--rotate", action="store_true",
+                   help="a random Hadamard rotation (seeded by --seed) of the residual stream, Hadamards per value "
+                        "head and before down_proj, fused into the weights; the saved model stays in boa's format")
+    o.add_argument("--no-online-down", action="store_true",
+                   help="with --rotate: no run-time Hadamard before down_proj (its input keeps its outliers)")
+    o.add_argument("--a-bits", type=int, choices=(4, 8, 16), default=16,
+                   help="inputs of every quantized linear quantized per token at run time (16: not quantized)")
+    o.add_argument("--a-clip", type=float, default=0.9, help="with --a-bits: the clip ratio of each token's range")
     q.add_argument("--calib", default="wikipedia", help="corpus: wikipedia, a .txt/.jsonl file, wikitext2, c4")
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
@@ -246,10 +255,15 @@ def _quantize(args, report) -> None:
     from boa.export import MANIFEST, load, save
     from boa.models import load_model, stream_model
     from boa.pipeline import quantize
+    from boa.transforms import ActivationQuant, QuaRot
 
     if args.resume and not args.out:
         raise BoaError("--resume continues the run saved under --out; give the same --out as the interrupted run")
-    config = QuantConfig(_method(args), hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype)
+    transforms = (QuaRot(seed=args.seed, online_down=not args.no_online_down),) if args.rotate else ()
+    if args.a_bits != 16:
+        transforms += (ActivationQuant(bits=args.a_bits, clip_ratio=args.a_clip),)
+    config = QuantConfig(_method(args), hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype,
+                         transforms=transforms)
     method = config.method
     calibrated = method.needs().hessian  # RTN on min-max grids reads no calibration text
     if calibrated:

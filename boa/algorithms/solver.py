@@ -287,8 +287,8 @@ def obs_solve(
     (and, with keep_state, the SolveState a learned rounding starts from).
 
     H: (cols, cols) shared input Hessian, or (heads, cols, cols) one per head. H_out: (heads, d, d) row factors, or
-    None for none (GPTQ). D: the dX term 2E[(X_fp − X_q) X_qᵀ], shaped like H, weighted by dx_alpha. rows_per_step: N rows of a head quantized
-    jointly. act_order: columns by decreasing diag(H_in) (averaged over heads for per-head H_in, so that every head
+    None for none (GPTQ). D: the dX term 2E[(X_fp − X_q) X_qᵀ], shaped like H, weighted by dx_alpha. rows_per_step:
+    N rows of a head quantized jointly. act_order: columns by decreasing diag(H_in) (averaged over heads for per-head H_in, so that every head
     shares one column order). row_order: each head's rows by decreasing diag(H_out).
     """
     rows, cols = W.shape

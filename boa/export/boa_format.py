@@ -145,8 +145,13 @@ def load(folder, device: str = "cpu"):
     tied = {k for k in still_missing if _is_tied(model, k)}
     if set(still_missing) - tied:
         raise BoaError(f"{folder} is missing tensors {sorted(set(still_missing) - tied)[:5]}; the file is damaged")
+    quant_config = QuantConfig.from_dict(manifest["config"])
+    for transform in quant_config.transforms:  # the weights hold the fused part; the run-time part is rebuilt
+        transform.attach(model, adapter_for(config))
+    if quant_config.transforms:
+        model.boa_transforms = quant_config.transforms
     tokenizer = AutoTokenizer.from_pretrained(folder) if (folder / "tokenizer_config.json").exists() else None
-    return model.to(device).eval(), tokenizer, QuantConfig.from_dict(manifest["config"])
+    return model.to(device).eval(), tokenizer, quant_config
 
 
 def _sha256(path: Path) -> str:

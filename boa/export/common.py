@@ -9,12 +9,23 @@ from pathlib import Path
 import torch
 from torch import nn
 
+from boa.core.errors import BoaError
 from boa.core.output import writing_output
 from boa.core.quantizer import QuantizedWeight
 from boa.core.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, parse_size
 
 EXPORT_MANIFEST = "boa_export.json"
 _MASK32 = (1 << 32) - 1
+
+
+def check_no_transforms(model: nn.Module, fmt: str) -> None:
+    """A model rotated by boa.transforms needs its run-time parts (online Hadamards, a conjugated final norm), which
+    `fmt` cannot describe: refused rather than written as a model that computes something else."""
+    transforms = getattr(model, "boa_transforms", ())
+    if transforms:
+        raise BoaError(f"this model was quantized with {[t.name for t in transforms]}, whose run-time rotations the "
+                       f"{fmt} format cannot describe; keep boa's own format (boa.load / boa eval / boa generate run "
+                       "it)")
 
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:

@@ -52,6 +52,12 @@ class Adapter:
     after_blocks: tuple[str, ...]    # what the last block's output passes through before the head, in order (a
                                      # module the config leaves out, set to None, is skipped)
     model_class = AutoModelForCausalLM  # the transformers auto class that builds the model (with its head)
+    # Norms, for the rotations (boa.transforms): RMSNorm blocks only (a LayerNorm's mean subtraction does not
+    # commute with a rotation); inside a block, the norm before attention and the one before the MLP
+    rms_norm: bool = False
+    attn_norm: str | None = None
+    mlp_norm: str | None = None
+    final_norm: str | None = None    # from the top model: the norm before the head
 
     def __init__(self, config):
         self.config = config
@@ -113,6 +119,7 @@ class LlamaAdapter(Adapter):
     mlp_out = "mlp.down_proj"
     rotary_path = "model.rotary_emb"
     after_blocks = ("model.norm",)
+    rms_norm, attn_norm, mlp_norm, final_norm = True, "input_layernorm", "post_attention_layernorm", "model.norm"
 
     def rotary_matrices(self, model, attention, seqlen):
         # Rotate the basis vectors with the modeling file's own apply_rotary_pos_emb, so any rope scaling and layout

@@ -258,6 +258,23 @@ def _weights(model, device) -> ResidentModel | StreamedModel:
     return ResidentModel(model, device if device is not None else default_device())
 
 
+def _apply_transforms(config: QuantConfig, weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
+    """The config's transforms on the model, once: the model keeps their run-time hooks (online rotations), and
+    `boa_transforms` records them so that a second run on the same model is refused instead of rotating twice."""
+    model = weights.model
+    if getattr(model, "boa_transforms", ()):
+        raise BoaError("this model was already transformed by an earlier boa.quantize run (it holds "
+                       f"{[t.name for t in model.boa_transforms]}); quantize a freshly loaded model instead")
+    if not config.transforms:
+        return
+    if isinstance(weights, StreamedModel):
+        raise BoaError("transforms (--rotate) on a streamed model are not supported yet; load the model into memory "
+                       "(--stream never)")
+    for transform in config.transforms:
+        transform.apply(model, adapter)
+    model.boa_transforms = config.transforms
+
+
 def quantize(
     model: nn.Module | StreamedModel,
     config: QuantConfig | Method,
@@ -311,6 +328,7 @@ def quantize(
     elif out is None and checkpoint_dir is None:
         raise BoaError("a streamed model keeps its codes in the run's checkpoint until it is saved: pass out= (the "
                        "folder boa.save will write) or checkpoint_dir=")
+    _apply_transforms(config, weights, adapter)
     kernel_backend = backend_for(weights.device)  # a bad BOA_KERNELS fails now, not mid-run
     log.info("column pass kernels: %s", kernel_backend)
     _check_calibration(model, method, calib)

@@ -88,6 +88,11 @@ CASES = {
                                             "16", "--offload", "disk", "--offload-dir",
                                             i.file("a-file", b"x") + "/below", "--corpora", "",
                                             "--out", str(i.tmp / "OUT")], ["--offload-dir"]),
+    "rotate-a-layernorm-model": (lambda i: ["quantize", i.folder("opt", build_opt()), "--method", "rtn",
+                                            "--rotate", "--corpora", "", "--out", str(i.tmp / "OUT")],
+                                 ["RMSNorm", "without --rotate"]),
+    "rotate-streamed": (lambda i: ["quantize", i.model, "--method", "rtn", "--rotate", "--stream", "always",
+                                   "--corpora", "", "--out", str(i.tmp / "OUT")], ["streamed model", "--stream never"]),
     "quantize-bad-device": (lambda i: ["quantize", i.model, "--device", "tpu9", "--corpora", ""],
                             ["is not a device"]),
     # 3. evaluation and calibration lengths

@@ -107,6 +107,20 @@ def test_cli_aespa_knobs_reach_the_config(tiny_llama_dir, calib_txt, tmp_path):
                                rounding_lr=0.05)
 
 
+def test_cli_rotation_and_activation_flags_reach_the_config(tiny_llama_dir, calib_txt, tmp_path, heldout):
+    """`--rotate --a-bits 8 --seed 3`: QuaRot seeded by --seed, then 8-bit activations; the folder loads with its
+    Hadamards and quantizers attached and is evaluated by `boa eval`."""
+    from boa.transforms import ActivationQuant, QuaRot
+
+    out = tmp_path / "OUT"
+    assert main(cli_args(tiny_llama_dir, calib_txt, out, "--rotate", "--a-bits", "8", "--a-clip", "0.8",
+                         "--seed", "3")) == 0
+    model, _, config = boa.load(out)
+    assert config.transforms == (QuaRot(seed=3), ActivationQuant(bits=8, clip_ratio=0.8))
+    assert model.boa_transforms == config.transforms
+    assert main(["eval", str(out), "--corpora", "", "--eval-windows", "1"]) == 0
+
+
 def test_cli_json_report_holds_the_config_and_calibration(tiny_llama_dir, calib_txt, tmp_path):
     report = tmp_path / "report.json"
     assert main(cli_args(tiny_llama_dir, calib_txt, tmp_path / "OUT", "--method", "boa", "--bits", "3",

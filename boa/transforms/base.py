@@ -1,0 +1,69 @@
+"""What a transform is to the pipeline: a typed config that changes the model before (and around) its quantization
+and composes with every method — a rotation fused into the weights, quantizers on activations. Transforms register
+by name like methods, so that manifests record them and `boa.load` rebuilds the same model.
+
+A transform works on a model in two parts, so that a streamed model can take it one block at a time as each block is
+loaded: `fuse_outside` (embeddings, final norm, head) and `fuse_block` (one decoder block, in place, weights on any
+device). `attach` adds what runs at inference time (online rotations, activation quantizers) to a model whose
+weights are already transformed — a freshly fused one, or one rebuilt by `boa.load` — and returns the hook handles.
+"""
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass
+from typing import ClassVar
+
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from boa.core.errors import BoaError
+
+TRANSFORMS: dict[str, type["Transform"]] = {}
+
+
+def register_transform(cls):
+    TRANSFORMS[cls.name] = cls
+    return cls
+
+
+@dataclass
+class Transform:
+    name: ClassVar[str]
+
+    def validate(self) -> None:
+        pass
+
+    def to_dict(self) -> dict:
+        return {"name": self.name, **dataclasses.asdict(self)}
+
+    def fuse_outside(self, model: nn.Module, adapter) -> None:
+        """Changes the weights outside the blocks (embeddings, final norm, head), in place."""
+
+    def fuse_block(self, block: nn.Module, adapter) -> None:
+        """Changes one decoder block's weights, in place."""
+
+    def attach(self, model: nn.Module, adapter) -> list[RemovableHandle]:
+        """Adds the run-time parts (hooks) to a model whose weights this transform already changed."""
+        return []
+
+    def apply(self, model: nn.Module, adapter) -> list[RemovableHandle]:
+        """The whole transform on a model in memory: fuse everything, then attach."""
+        self.fuse_outside(model, adapter)
+        for block in adapter.blocks(model):
+            self.fuse_block(block, adapter)
+        return self.attach(model, adapter)
+
+
+def transform_from_dict(data: dict) -> Transform:
+    data = dict(data)
+    name = data.pop("name", None)
+    if name not in TRANSFORMS:
+        raise BoaError(f"unknown transform {name!r}; boa knows {', '.join(sorted(TRANSFORMS))} (a newer boa wrote "
+                       "this file?)")
+    fields = {f.name for f in dataclasses.fields(TRANSFORMS[name])}
+    unknown = set(data) - fields
+    if unknown:
+        raise BoaError(f"transform {name!r} has no settings {sorted(unknown)}")
+    transform = TRANSFORMS[name](**data)
+    transform.validate()
+    return transform
