@@ -131,6 +131,10 @@ def run_fp_block(block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torc
     run_block) and a frozen copy of it, from which FPPass.batch recomputes the layer inputs (and, with `attention`,
     the attention calls) the dX terms need. The copy lives as long as the FPPass."""
     frozen = copy.deepcopy(block).requires_grad_(False)
+    for module in frozen.modules():  # the float path: run-time quantizers (boa.transforms) copied with it removed
+        for key, hook in list(module._forward_pre_hooks.items()):
+            if getattr(hook, "lossy", False):
+                del module._forward_pre_hooks[key]
     outputs = run_block(frozen, inputs, kwargs, dtype, out)
     return FPPass(frozen, adapter, inputs, kwargs, dtype, attention, outputs)
 

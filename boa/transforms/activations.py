@@ -32,6 +32,8 @@ class _QuantizeInputs:
     """A forward pre-hook shared by a block's linears: inputs quantized per token; a tensor fed to several layers
     (q/k/v, gate/up) is quantized once and the same result handed to each, so they still share one input."""
 
+    lossy = True  # not part of the float model: TurboBoA's FP path runs without it
+
     def __init__(self, bits: int, clip_ratio: float):
         self.bits, self.clip_ratio = bits, clip_ratio
         self._last: tuple[weakref.ref, torch.Tensor] | None = None

@@ -11,7 +11,7 @@ import boa
 from boa.core.errors import BoaError
 from boa.export import export_compressed_tensors, export_gptq
 from boa.models.adapter import adapter_for
-from boa.transforms import ActivationQuant, QuaRot
+from boa.transforms import ActivationQuant, KVQuant, QuaRot
 
 from conftest import VOCAB
 
@@ -46,11 +46,17 @@ def test_each_method_runs_on_the_rotated_model_and_round_trips(name, calib, held
     assert torch.equal(logits(loaded, heldout), logits(model, heldout))
 
 
-@pytest.mark.parametrize("a_bits", [8, 4])
-def test_a_rotated_weight_activation_model_round_trips(a_bits, calib, heldout, tmp_path, monkeypatch):
-    """W4A8 / W4A4: the loaded model re-attaches the Hadamards and the activation quantizers, in that order."""
+SETTINGS = {"w4a8": (ActivationQuant(8),), "w4a4": (ActivationQuant(4),),
+            "w4a4kv4": (ActivationQuant(4), KVQuant(4))}
+
+
+@pytest.mark.parametrize("method", ["gptq", "boa"])
+@pytest.mark.parametrize("setting", SETTINGS)
+def test_a_rotated_weight_activation_model_round_trips(setting, method, calib, heldout, tmp_path, monkeypatch):
+    """W4A8 / W4A4 / W4A4-KV4: the loaded model re-attaches the Hadamards, the activation quantizers (in that order)
+    and the KV quantizers; BoA's attention capture runs through the KV-quantized attention."""
     model = tied_llama()
-    config = boa.QuantConfig(boa.GPTQ(bits=4, group_size=16), transforms=(QuaRot(seed=1), ActivationQuant(a_bits)))
+    config = boa.QuantConfig(METHODS[method], transforms=(QuaRot(seed=1), *SETTINGS[setting]))
     result = boa.quantize(model, config, calib, progress=False)
     loaded, _, loaded_config = boa.load(boa.save(result, tmp_path / "out"))
     assert loaded_config == config
@@ -58,8 +64,7 @@ def test_a_rotated_weight_activation_model_round_trips(a_bits, calib, heldout, t
     expected = logits(model, heldout)
     assert torch.equal(logits(loaded, heldout), expected)
     weight_only = tied_llama()
-    boa.quantize(weight_only, boa.QuantConfig(boa.GPTQ(bits=4, group_size=16), transforms=(QuaRot(seed=1),)),
-                 calib, progress=False)
+    boa.quantize(weight_only, boa.QuantConfig(METHODS[method], transforms=(QuaRot(seed=1),)), calib, progress=False)
     assert not torch.allclose(logits(weight_only, heldout), expected)  # the activations are quantized indeed
 
 

@@ -147,3 +147,23 @@ def test_the_copy_goes_when_the_block_is_done(monkeypatch):
     boa.quantize(build_llama(), boa.TurboBoA(bits=3, group_size=16), random_windows(8, 16), progress=False,
                  on_block_done=on_block_done)
     assert len(copies) == 2
+
+
+def test_the_fp_path_drops_run_time_quantizers_and_keeps_rotations():
+    """A block carrying boa.transforms hooks: the FP copy keeps the online Hadamard (part of the rotated float
+    model) and drops the activation quantizers (lossy), so its outputs are the rotated float model's."""
+    from boa.transforms import ActivationQuant, QuaRot
+
+    model = build_llama()
+    adapter = adapter_for(model.config)
+    QuaRot().apply(model, adapter)
+    block = adapter.blocks(model)[0]
+    with torch.no_grad():
+        inputs = BlockInputs.capture(model, block, random_windows(4, 16), torch.float32, with_fp=True)
+        float_path = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, inputs.dtype, attention=False).outputs
+        ActivationQuant(4).attach(model, adapter)
+        fp = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, inputs.dtype, attention=False)
+    assert all(torch.equal(a, b) for a, b in zip(fp.outputs, float_path))
+    assert len(fp.block.get_submodule(adapter.mlp_out)._forward_pre_hooks) == 1   # the Hadamard
+    assert len(block.get_submodule(adapter.mlp_out)._forward_pre_hooks) == 2      # the block keeps both
+    assert not fp.block.get_submodule(adapter.q_proj)._forward_pre_hooks
