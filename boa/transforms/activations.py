@@ -14,8 +14,7 @@ from typing import ClassVar
 
 import torch
 
-from boa.core.errors import BoaError
-from boa.transforms.base import Transform, register_transform
+from boa.transforms.base import Transform, check_quantizer, register_transform
 
 A_BITS = (4, 8)
 
@@ -57,13 +56,7 @@ class ActivationQuant(Transform):
     clip_ratio: float = 0.9
 
     def validate(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in A_BITS:
-            raise BoaError(f"activation bits={self.bits!r}: choose one of {', '.join(map(str, A_BITS))} (16 means no "
-                           "activation quantization: leave the transform out)")
-        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) or not (
-            0 < self.clip_ratio <= 1
-        ):
-            raise BoaError(f"activation clip_ratio={self.clip_ratio!r} must be in (0, 1]; QuaRot uses 0.9")
+        check_quantizer("activation", self.bits, A_BITS, self.clip_ratio, 0.9)
 
     def attach(self, model, adapter) -> list:
         handles = []

@@ -54,6 +54,15 @@ class Transform:
         return self.attach(model, adapter)
 
 
+def check_quantizer(what: str, bits, allowed: tuple[int, ...], clip_ratio, usual_clip: float) -> None:
+    """A run-time quantizer's settings: bits one of `allowed`, clip_ratio in (0, 1]."""
+    if isinstance(bits, bool) or bits not in allowed:
+        raise BoaError(f"{what} bits={bits!r}: choose one of {', '.join(map(str, allowed))} (16 means not "
+                       "quantized: leave the transform out)")
+    if isinstance(clip_ratio, bool) or not isinstance(clip_ratio, (int, float)) or not 0 < clip_ratio <= 1:
+        raise BoaError(f"{what} clip_ratio={clip_ratio!r} must be in (0, 1]; QuaRot uses {usual_clip}")
+
+
 def transform_from_dict(data: dict) -> Transform:
     data = dict(data)
     name = data.pop("name", None)

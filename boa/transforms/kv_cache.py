@@ -15,8 +15,7 @@ from typing import ClassVar
 
 import torch
 
-from boa.core.errors import BoaError
-from boa.transforms.base import Transform, register_transform
+from boa.transforms.base import Transform, check_quantizer, register_transform
 from boa.transforms.hadamard import Rotation
 
 KV_ATTENTION = "boa_kv"
@@ -82,13 +81,7 @@ class KVQuant(Transform):
     rotate_qk: bool = True
 
     def validate(self) -> None:
-        if isinstance(self.bits, bool) or self.bits not in KV_BITS:
-            raise BoaError(f"KV-cache bits={self.bits!r}: choose one of {', '.join(map(str, KV_BITS))} (16 means no "
-                           "KV quantization: leave the transform out)")
-        if isinstance(self.clip_ratio, bool) or not isinstance(self.clip_ratio, (int, float)) or not (
-            0 < self.clip_ratio <= 1
-        ):
-            raise BoaError(f"KV-cache clip_ratio={self.clip_ratio!r} must be in (0, 1]; QuaRot uses 0.95")
+        check_quantizer("KV-cache", self.bits, KV_BITS, self.clip_ratio, 0.95)
 
     def attach(self, model, adapter) -> list:
         from transformers import AttentionInterface
