@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -11,26 +12,58 @@ import boa
 FP = "fp"
 # Set by the run itself (--settings, --nsamples, --seqlen, the method name), so not overridable per method.
 RESERVED = ("method", "bits", "group_size", "nsamples", "seqlen")
-# Run settings an entry may set beside its method's fields (boa.QuantConfig's other fields).
-RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(boa.QuantConfig) if f.name != "method")
+# Run settings an entry may set beside its method's fields (boa.QuantConfig's other fields; its transforms come from
+# the setting's a/kv bits and the entry's `rotate`).
+RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(boa.QuantConfig) if f.name not in ("method", "transforms"))
+ROTATE = "rotate"  # an entry's `rotate=true`: QuaRot (seed 0) before the method
 
 
-def parse_settings(text: str) -> list[tuple[int, int]]:
-    """"w4g128,w3" -> [(4, 128), (3, -1)]: bits and group size (-1, per-channel, when no g)."""
+@dataclasses.dataclass(frozen=True)
+class Setting:
+    """What is quantized to how many bits: weights (bits, one grid per group_size columns, -1 per channel), the
+    linears' input activations (a_bits, 16: not quantized) and the KV cache (kv_bits)."""
+
+    bits: int
+    group_size: int = -1
+    a_bits: int = 16
+    kv_bits: int = 16
+
+    @property
+    def label(self) -> str:
+        return setting_label(self.bits, self.group_size, self.a_bits, self.kv_bits)
+
+    @classmethod
+    def of_row(cls, row: dict) -> "Setting":
+        return cls(row["bits"], row["group_size"], row.get("a_bits", 16), row.get("kv_bits", 16))
+
+    def transforms(self, rotate: bool) -> tuple:
+        from boa.transforms import ActivationQuant, KVQuant, QuaRot
+
+        return ((QuaRot(),) if rotate else ()) + ((ActivationQuant(self.a_bits),) if self.a_bits < 16 else ()) + (
+            (KVQuant(self.kv_bits),) if self.kv_bits < 16 else ())
+
+
+_SETTING = re.compile(r"w(\d+)(?:g(\d+))?(?:a(\d+))?(?:kv(\d+))?")
+
+
+def parse_settings(text: str) -> list[Setting]:
+    """"w4g128,w3,w4a4kv4" -> [Setting(4, 128), Setting(3, -1), Setting(4, -1, 4, 4)]."""
     settings = []
     for item in text.split(","):
         item = item.strip()
-        bits, _, group = item.removeprefix("w").partition("g")
-        try:
-            settings.append((int(bits), int(group) if group else -1))
-        except ValueError:
-            raise SystemExit(f"setting {item!r} is not of the form wBITS[gGROUP], e.g. w4g128 or w3") from None
+        match = _SETTING.fullmatch(item)
+        if not match:
+            raise SystemExit(f"setting {item!r} is not of the form wBITS[gGROUP][aBITS][kvBITS], e.g. w4g128, w3 or "
+                             "w4a4kv4")
+        bits, group, a_bits, kv_bits = match.groups()
+        settings.append(Setting(int(bits), int(group) if group else -1, int(a_bits or 16), int(kv_bits or 16)))
     return settings
 
 
-def setting_label(bits: int, group_size: int) -> str:
-    """(4, 128) -> "w4g128", (3, -1) -> "w3": the inverse of parse_settings."""
-    return f"w{bits}" + (f"g{group_size}" if group_size != -1 else "")
+def setting_label(bits: int, group_size: int, a_bits: int = 16, kv_bits: int = 16) -> str:
+    """(4, 128) -> "w4g128", (3, -1) -> "w3", (4, -1, 4, 4) -> "w4a4kv4": the inverse of parse_settings."""
+    return (f"w{bits}" + (f"g{group_size}" if group_size != -1 else "") + (f"a{a_bits}" if a_bits < 16 else "")
+            + (f"kv{kv_bits}" if kv_bits < 16 else ""))
 
 
 @dataclasses.dataclass
@@ -39,18 +72,21 @@ class MethodEntry:
     method: str       # "turboboa"
     overrides: dict   # {"rows_per_step": 4}
 
-    def config(self, bits: int, group_size: int) -> boa.QuantConfig:
+    def config(self, setting: Setting) -> boa.QuantConfig:
         """The run's config at one setting: the method built by boa.algorithms.method_from_dict from its name, the
-        setting and the method overrides (aespa's init fields among them), and the run options the entry sets."""
+        setting and the method overrides (aespa's init fields among them), the run options the entry sets, and the
+        transforms of the setting's activation / KV bits (after QuaRot with `rotate=true`)."""
         from boa.algorithms import method_from_dict
 
-        fields = {k: v for k, v in self.overrides.items() if k not in RUN_OPTIONS}
+        fields = {k: v for k, v in self.overrides.items() if k not in RUN_OPTIONS and k != ROTATE}
         options = {k: v for k, v in self.overrides.items() if k in RUN_OPTIONS}
         try:
-            method = method_from_dict({"method": self.method, "bits": bits, "group_size": group_size, **fields})
-            return boa.QuantConfig(method, **options)
+            method = method_from_dict({"method": self.method, "bits": setting.bits,
+                                       "group_size": setting.group_size, **fields})
+            return boa.QuantConfig(method, transforms=setting.transforms(bool(self.overrides.get(ROTATE))),
+                                   **options)
         except (boa.BoaError, TypeError) as e:
-            raise SystemExit(f"method entry {self.entry!r} at {setting_label(bits, group_size)}: {e}") from None
+            raise SystemExit(f"method entry {self.entry!r} at {setting.label}: {e}") from None
 
 
 def parse_value(text: str):
@@ -103,7 +139,7 @@ def parse_methods(text: str) -> list[MethodEntry]:
         if method == FP and overrides:
             raise SystemExit(f"method entry {item!r}: fp takes no overrides")
         if method != FP:
-            known = method_fields(method, overrides) | set(RUN_OPTIONS)
+            known = method_fields(method, overrides) | set(RUN_OPTIONS) | {ROTATE}
             for key in overrides:
                 if key not in known:
                     raise SystemExit(f"method entry {item!r}: {key!r} is not a setting of {method}; known: "

@@ -27,7 +27,7 @@ from boa.algorithms import method_from_dict
 from boa.core.io import atomic_file
 from boa.eval import evaluate_perplexity
 
-from _common import RESERVED, method_fields, parse_settings, setting_label  # bench/ is on sys.path
+from _common import RESERVED, method_fields, parse_settings  # bench/ is on sys.path
 
 
 def quantize_first_blocks(model, adapter, config, calib, blocks: int):
@@ -68,7 +68,8 @@ def main() -> None:
     args = parser.parse_args()
     if args.threads is not None:
         torch.set_num_threads(args.threads)
-    (bits, group_size), = parse_settings(args.setting)
+    (setting,) = parse_settings(args.setting)
+    bits, group_size = setting.bits, setting.group_size
     overrides = {}
     for item in filter(None, args.overrides.split(",")):
         key, _, value = item.partition("=")
@@ -90,7 +91,7 @@ def main() -> None:
 
     fp_model, tokenizer, adapter = boa.load_model(args.model)
     calib = boa.data.calibration_windows(tokenizer, "wikipedia", nsamples=args.nsamples, seqlen=args.seqlen)
-    header = {"model": args.model, "blocks": args.blocks, "setting": setting_label(bits, group_size),
+    header = {"model": args.model, "blocks": args.blocks, "setting": setting.label,
               "init": args.init, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
               "threads": torch.get_num_threads(), "overrides": overrides}
     rows, reference = [], None

@@ -14,7 +14,7 @@ import boa
 from boa.algorithms import method_from_dict
 from boa.eval import Report, evaluate_perplexity
 
-from _common import parse_settings, setting_label  # bench/ is sys.path[0] when run as a script
+from _common import parse_settings  # bench/ is sys.path[0] when run as a script
 
 
 def main() -> None:
@@ -41,14 +41,15 @@ def main() -> None:
               flush=True)
 
     evaluate("fp32", fp_model, 0.0)
-    for bits, group_size in parse_settings(args.settings):
+    for setting in parse_settings(args.settings):
+        bits, group_size = setting.bits, setting.group_size
         for method in args.methods.split(","):
             model = copy.deepcopy(fp_model)
             config = method_from_dict({"method": method, "bits": bits, "group_size": group_size})
             start = time.perf_counter()
             with report.phase(f"quantize {method}"):
                 boa.quantize(model, config, calib, adapter=adapter, progress=True)
-            tag = f"{method} {setting_label(bits, group_size)}"
+            tag = f"{method} {setting.label}"
             evaluate(tag, model, time.perf_counter() - start)
     print()
     report.print()

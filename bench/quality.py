@@ -14,10 +14,13 @@ so that the full table (fp, rtn, gptq, boa, turboboa, aespa at w4g128, w3, w2g64
 cores (aespa, with TurboBoA as its init and 500 learned-rounding steps per layer, is half of it).
 Compare numbers only between runs with the same --nsamples/--seqlen/--eval-windows (they are in the JSON).
 
+Settings. wBITS[gGROUP] for the weights, then aBITS for the linears' inputs quantized per token at run time and
+kvBITS for the KV cache (boa.transforms): w4g128, w3, w4a8, w4a4kv4, w8a8.
+
 Methods. A method entry may carry overrides after colons, e.g. `turboboa:rows_per_step=4:refine_iters=0`,
 `rtn:grid=mse` or `aespa:init=gptq:rounding_iters=200`: the method's own settings (boa.TurboBoA's fields; aespa's and
-its init's), or the run options hessian_dtype, cache_dtype, true_sequential (values are read as int, then float,
-then true/false, else string). The JSON keeps the whole
+its init's), the run options hessian_dtype, cache_dtype, true_sequential, or rotate=true (QuaRot, seed 0, before the
+method) (values are read as int, then float, then true/false, else string). The JSON keeps the whole
 entry string as the row's "method", so several variants of one method can be compared in one run.
 
 Output. The JSON is rewritten (atomically) after every finished row, so an interrupted run keeps what it finished;
@@ -43,14 +46,14 @@ import boa
 from boa.core.io import atomic_file
 from boa.eval import EVAL_CORPORA, evaluate_perplexity
 
-from _common import FP, parse_methods, parse_settings, setting_label  # bench/ is on sys.path
+from _common import FP, Setting, parse_methods, parse_settings  # bench/ is on sys.path
 
-FP_BITS, FP_GROUP = 16, -1
+FP_SETTING = Setting(16, -1)
 HEADER_KEYS = ("model", "nsamples", "seqlen", "eval_windows")  # must match for --resume to reuse rows
 
 
 def row_key(row: dict) -> tuple:
-    return row["method"], row["bits"], row["group_size"]
+    return row["method"], Setting.of_row(row)
 
 
 def write_results(path: Path, data: dict) -> None:
@@ -76,7 +79,7 @@ def load_previous(path: Path, header: dict) -> list[dict]:
 
 def format_row(row: dict) -> str:
     ppl = " ".join(f"{k}={row[k]:.3f}" for k in row if k.startswith("ppl_"))
-    label = "" if row["method"] == FP else " " + setting_label(row["bits"], row["group_size"])
+    label = "" if row["method"] == FP else " " + Setting.of_row(row).label
     return f"{row['method']}{label}: {ppl} seconds={row['seconds']:.1f}"
 
 
@@ -85,18 +88,18 @@ def print_table(rows: list[dict], corpora: list[str]) -> None:
     fp = next((r for r in rows if r["method"] == FP), None)
     gptq = {}
     for r in rows:   # the plain "gptq" entry if present, else the first gptq variant
-        if r["method"] == "gptq" or (r["method"].split(":")[0] == "gptq" and (r["bits"], r["group_size"]) not in gptq):
-            gptq[(r["bits"], r["group_size"])] = r["seconds"]
+        if r["method"] == "gptq" or (r["method"].split(":")[0] == "gptq" and Setting.of_row(r) not in gptq):
+            gptq[Setting.of_row(r)] = r["seconds"]
     header = ["method", "setting", *(f"ppl {c}" for c in corpora)]
     header += [f"+% {c}" for c in corpora] + ["seconds"] + (["× gptq"] if gptq else [])
     table = []
     for r in rows:
-        line = [r["method"], "-" if r["method"] == FP else setting_label(r["bits"], r["group_size"])]
+        line = [r["method"], "-" if r["method"] == FP else Setting.of_row(r).label]
         line += [f"{r[f'ppl_{c}']:.3f}" for c in corpora]
         line += [f"{100 * (r[f'ppl_{c}'] / fp[f'ppl_{c}'] - 1):+.1f}" if fp else "" for c in corpora]
         line.append(f"{r['seconds']:.1f}")
         if gptq:
-            ref = gptq.get((r["bits"], r["group_size"]))
+            ref = gptq.get(Setting.of_row(r))
             line.append(f"{r['seconds'] / ref:.2f}" if ref and r["method"] != FP else "")
         table.append(line)
     widths = [max(len(h), *(len(line[i]) for line in table)) for i, h in enumerate(header)]
@@ -105,7 +108,7 @@ def print_table(rows: list[dict], corpora: list[str]) -> None:
         print("  ".join(v.ljust(w) if i < 2 else v.rjust(w) for i, (v, w) in enumerate(zip(line, widths))))
 
 
-def plot(rows: list[dict], corpora: list[str], settings: list[tuple[int, int]], path: Path, title: str) -> None:
+def plot(rows: list[dict], corpora: list[str], settings: list[Setting], path: Path, title: str) -> None:
     """One panel per corpus: perplexity (log) against the setting, a line per method, FP dashed."""
     try:
         import matplotlib
@@ -122,14 +125,14 @@ def plot(rows: list[dict], corpora: list[str], settings: list[tuple[int, int]], 
     def plain_2_5(value, _pos):   # minor ticks: label only the 2s and 5s of each decade
         return f"{value:g}" if value > 0 and round(value / 10 ** math.floor(math.log10(value)), 6) in (2, 5) else ""
 
-    labels = [setting_label(*s) for s in settings]
+    labels = [s.label for s in settings]
     fp = next((r for r in rows if r["method"] == FP), None)
     methods = list(dict.fromkeys(r["method"] for r in rows if r["method"] != FP))
     by_key = {row_key(r): r for r in rows}
     fig, axes = plt.subplots(1, len(corpora), figsize=(5.5 * len(corpora), 4.2), squeeze=False)
     for ax, corpus in zip(axes[0], corpora):
         for method in methods:
-            ys = [by_key.get((method, *s), {}).get(f"ppl_{corpus}", math.nan) for s in settings]
+            ys = [by_key.get((method, s), {}).get(f"ppl_{corpus}", math.nan) for s in settings]
             ax.plot(labels, ys, marker="o", label=method)
         if fp:
             ax.axhline(fp[f"ppl_{corpus}"], color="black", linestyle="--", linewidth=1, label="fp")
@@ -154,7 +157,7 @@ def main() -> None:
     parser.add_argument("--model", default="smollm2-135m", help="a name or path for boa.load_model")
     parser.add_argument("--methods", default="fp,rtn,gptq,boa,turboboa,aespa",
                         help="comma-separated methods, each optionally with :key=value overrides of its settings")
-    parser.add_argument("--settings", default="w4g128,w3,w2g64", help="comma-separated wBITS[gGROUP]")
+    parser.add_argument("--settings", default="w4g128,w3,w2g64", help="comma-separated wBITS[gGROUP][aBITS][kvBITS]")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (shared by every method)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 tokens per corpus")
@@ -171,17 +174,17 @@ def main() -> None:
     entries = parse_methods(args.methods)
     quantized = [e for e in entries if e.method != FP]
     for entry in quantized:   # catch a bad method, setting or override before spending an hour
-        for bits, group_size in settings:
-            entry.config(bits, group_size)
+        for setting in settings:
+            entry.config(setting)
 
     json_path = Path(args.json)
     header = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
               "eval_windows": args.eval_windows, "threads": torch.get_num_threads(), "torch": torch.__version__}
     rows = load_previous(json_path, header) if args.resume else []
     done = {row_key(r) for r in rows}
-    todo = [(e, FP_BITS, FP_GROUP) for e in entries if e.method == FP]
-    todo += [(e, bits, group_size) for bits, group_size in settings for e in quantized]
-    pending = [t for t in todo if (t[0].entry, t[1], t[2]) not in done]
+    todo = [(e, FP_SETTING) for e in entries if e.method == FP]
+    todo += [(e, setting) for setting in settings for e in quantized]
+    pending = [t for t in todo if (t[0].entry, t[1]) not in done]
     if args.resume:
         print(f"--resume: {len(todo) - len(pending)} of {len(todo)} rows already in {json_path}")
 
@@ -195,27 +198,27 @@ def main() -> None:
         print(f"{args.model}: calibration {args.nsamples} × {args.seqlen} Wikipedia tokens (shared by every method); "
               f"perplexity on {args.eval_windows} × 512 held-out tokens of {' and '.join(corpora)}; "
               f"torch threads: {torch.get_num_threads()}", flush=True)
-        for entry, bits, group_size in pending:
+        for entry, setting in pending:
             try:
                 if entry.method == FP:
                     model, seconds, config = fp_model, 0.0, {}
                 else:
                     model = copy.deepcopy(fp_model)
-                    cfg = entry.config(bits, group_size)
+                    cfg = entry.config(setting)
                     start = time.perf_counter()
                     boa.quantize(model, cfg, calib, adapter=adapter, progress=True)
                     seconds, config = time.perf_counter() - start, cfg.to_dict()
                 ppl = evaluate_perplexity(model, tokenizer, max_windows=args.eval_windows)
             except Exception:   # keep going: the other rows are still worth having; this one is retried on --resume
                 traceback.print_exc()
-                failed.append(entry.entry if entry.method == FP else f"{entry.entry} {setting_label(bits, group_size)}")
+                failed.append(entry.entry if entry.method == FP else f"{entry.entry} {setting.label}")
                 print(f"FAILED: {failed[-1]}", flush=True)
                 continue
             finally:
                 model = None
                 gc.collect()
-            row = {"method": entry.entry, "bits": bits, "group_size": group_size, **ppl, "seconds": seconds,
-                   "config": config}
+            row = {"method": entry.entry, "bits": setting.bits, "group_size": setting.group_size,
+                   "a_bits": setting.a_bits, "kv_bits": setting.kv_bits, **ppl, "seconds": seconds, "config": config}
             rows = [r for r in rows if row_key(r) != row_key(row)] + [row]
             write_results(json_path, {**header, "results": rows})
             print(format_row(row), flush=True)
@@ -225,7 +228,7 @@ def main() -> None:
     # The table and plot cover what this command asked for, in its order (the file may hold more after --resume).
     # FP (the reference for the excess columns) is shown whenever the file has it.
     by_key = {row_key(r): r for r in rows}
-    wanted = [(FP, FP_BITS, FP_GROUP)] + [(e.entry, b, g) for e, b, g in todo if e.method != FP]
+    wanted = [(FP, FP_SETTING)] + [(e.entry, s) for e, s in todo if e.method != FP]
     shown = [by_key[k] for k in wanted if k in by_key]
     print()
     print_table(shown, corpora)
