@@ -9,8 +9,8 @@ alone). That covers SmolLM2's 576 = 36·16 and 1536 = 12·128, Gemma-3-270M's 64
 orthogonal matrix of the odd part instead: still orthogonal and dense, so it spreads outliers as well, but its
 entries are not ±1/√n and it costs an m × m product; `Rotation.exact_hadamard` says which was built.
 
-Applying x ↦ x·(K ⊗ S) to rows of length n costs a fast Walsh–Hadamard transform over the 2^k axis (k passes of
-butterflies) and one m × m product, never an n × n matrix.
+Applying x ↦ x·(K ⊗ S) to rows of length n costs a fast Walsh–Hadamard transform over the 2^k axis (products with
+Sylvester factors of order ≤ 128) and one m × m product, never an n × n matrix.
 """
 from __future__ import annotations
 
@@ -95,17 +95,25 @@ def _factor(n: int) -> tuple[int | None, int]:
     return None, n & -n
 
 
+# Sylvester's matrices factor as S_ab = S_a ⊗ S_b, so x @ S_n is a few products with S of order ≤ FACTOR: BLAS
+# products cost FACTOR multiply-adds an element per factor but beat log2(n) butterfly passes in torch (one kernel
+# call each, not three), and round once per factor in bfloat16 instead of once per pass.
+FACTOR = 128
+
+
+@lru_cache(maxsize=None)
+def _sylvester_as(order: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    return sylvester(order).to(dtype=dtype, device=device)
+
+
 def fast_walsh_hadamard(x: torch.Tensor) -> torch.Tensor:
-    """x @ S along the last axis (a power of two, Sylvester's order), unnormalised: log2(n) butterfly passes."""
+    """x @ S along the last axis (a power of two, Sylvester's order), unnormalised. With x's rows viewed as
+    (n / f, f) matrices X, x @ (S_{n/f} ⊗ S_f) = S_{n/f} X S_f: the f axis by one product, the other recursively."""
     n = x.shape[-1]
-    lead = x.shape[:-1]
-    h = 1
-    while h < n:
-        pairs = x.reshape(*lead, n // (2 * h), 2, h)
-        a, b = pairs[..., 0, :], pairs[..., 1, :]
-        x = torch.stack((a + b, a - b), dim=-2).reshape(*lead, n)
-        h *= 2
-    return x
+    if n <= FACTOR:
+        return x @ _sylvester_as(n, x.dtype, x.device)
+    X = x.reshape(*x.shape[:-1], n // FACTOR, FACTOR) @ _sylvester_as(FACTOR, x.dtype, x.device)
+    return fast_walsh_hadamard(X.transpose(-1, -2)).transpose(-1, -2).reshape(x.shape)
 
 
 @dataclass

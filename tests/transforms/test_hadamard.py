@@ -51,3 +51,10 @@ def test_the_seed_draws_the_signs():
 def test_rows_of_the_wrong_length_are_refused():
     with pytest.raises(ValueError, match="order 64"):
         Rotation.build(64).apply(torch.zeros(2, 32))
+
+
+@pytest.mark.parametrize("n", [1, 2, 128, 256, 4096])
+def test_the_factored_transform_equals_the_sylvester_product_at_every_depth(n):
+    """Orders up to FACTOR take one product; 256 two factors; 4096 = 32 · 128 recurses once more."""
+    x = torch.randn(3, n, dtype=torch.float64, generator=torch.Generator().manual_seed(n))
+    assert torch.allclose(fast_walsh_hadamard(x), x @ sylvester(n), atol=1e-9)
