@@ -16,6 +16,7 @@ RESERVED = ("method", "bits", "group_size", "nsamples", "seqlen")
 # the setting's a/kv bits and the entry's `rotate`).
 RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(boa.QuantConfig) if f.name not in ("method", "transforms"))
 ROTATE = "rotate"  # an entry's `rotate=true`: QuaRot (seed 0) before the method
+A_CALIBRATE = "a_calibrate"  # `a_calibrate=false`: statistics from float activations (ActivationQuant.calibrate)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -36,11 +37,11 @@ class Setting:
     def of_row(cls, row: dict) -> "Setting":
         return cls(row["bits"], row["group_size"], row.get("a_bits", 16), row.get("kv_bits", 16))
 
-    def transforms(self, rotate: bool) -> tuple:
+    def transforms(self, rotate: bool, a_calibrate: bool = True) -> tuple:
         from boa.transforms import ActivationQuant, KVQuant, QuaRot
 
-        return ((QuaRot(),) if rotate else ()) + ((ActivationQuant(self.a_bits),) if self.a_bits < 16 else ()) + (
-            (KVQuant(self.kv_bits),) if self.kv_bits < 16 else ())
+        activations = (ActivationQuant(self.a_bits, calibrate=a_calibrate),) if self.a_bits < 16 else ()
+        return ((QuaRot(),) if rotate else ()) + activations + ((KVQuant(self.kv_bits),) if self.kv_bits < 16 else ())
 
 
 _SETTING = re.compile(r"w(\d+)(?:g(\d+))?(?:a(\d+))?(?:kv(\d+))?")
@@ -78,13 +79,13 @@ class MethodEntry:
         transforms of the setting's activation / KV bits (after QuaRot with `rotate=true`)."""
         from boa.algorithms import method_from_dict
 
-        fields = {k: v for k, v in self.overrides.items() if k not in RUN_OPTIONS and k != ROTATE}
+        fields = {k: v for k, v in self.overrides.items() if k not in (*RUN_OPTIONS, ROTATE, A_CALIBRATE)}
         options = {k: v for k, v in self.overrides.items() if k in RUN_OPTIONS}
         try:
             method = method_from_dict({"method": self.method, "bits": setting.bits,
                                        "group_size": setting.group_size, **fields})
-            return boa.QuantConfig(method, transforms=setting.transforms(bool(self.overrides.get(ROTATE))),
-                                   **options)
+            transforms = setting.transforms(bool(self.overrides.get(ROTATE)), self.overrides.get(A_CALIBRATE, True))
+            return boa.QuantConfig(method, transforms=transforms, **options)
         except (boa.BoaError, TypeError) as e:
             raise SystemExit(f"method entry {self.entry!r} at {setting.label}: {e}") from None
 
@@ -139,7 +140,7 @@ def parse_methods(text: str) -> list[MethodEntry]:
         if method == FP and overrides:
             raise SystemExit(f"method entry {item!r}: fp takes no overrides")
         if method != FP:
-            known = method_fields(method, overrides) | set(RUN_OPTIONS) | {ROTATE}
+            known = method_fields(method, overrides) | set(RUN_OPTIONS) | {ROTATE, A_CALIBRATE}
             for key in overrides:
                 if key not in known:
                     raise SystemExit(f"method entry {item!r}: {key!r} is not a setting of {method}; known: "

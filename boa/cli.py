@@ -72,6 +72,9 @@ def _add_quantize(sub) -> None:
     o.add_argument("--a-bits", type=int, choices=(4, 8, 16), default=16,
                    help="inputs of every quantized linear quantized per token at run time (16: not quantized)")
     o.add_argument("--a-clip", type=float, default=0.9, help="with --a-bits: the clip ratio of each token's range")
+    o.add_argument("--a-float-stats", action="store_true",
+                   help="with --a-bits: gather the statistics from float activations (QuaRot's order) instead of "
+                        "the quantized ones the layers will see")
     o.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=16,
                    help="keys and values quantized per head and token, after a Hadamard on queries and keys")
     o.add_argument("--kv-clip", type=float, default=0.95, help="with --kv-bits: the clip ratio of each vector's range")
@@ -264,7 +267,7 @@ def _quantize(args, report) -> None:
         raise BoaError("--resume continues the run saved under --out; give the same --out as the interrupted run")
     transforms = (QuaRot(seed=args.seed, online_down=not args.no_online_down),) if args.rotate else ()
     if args.a_bits != 16:
-        transforms += (ActivationQuant(bits=args.a_bits, clip_ratio=args.a_clip),)
+        transforms += (ActivationQuant(bits=args.a_bits, clip_ratio=args.a_clip, calibrate=not args.a_float_stats),)
     if args.kv_bits != 16:
         transforms += (KVQuant(bits=args.kv_bits, clip_ratio=args.kv_clip),)
     config = QuantConfig(_method(args), hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype,

@@ -389,6 +389,8 @@ def quantize(
     finally:  # disk caches go now, not at exit
         if inputs is not None:
             inputs.close()
+    for transform in config.transforms:  # run-time parts from their calibration state to inference's
+        transform.finish(model, adapter)
     if streamed:
         result.layers = CheckpointLayers(checkpoint, [[f"{adapter.blocks_path}.{i}.{n}" for n in adapter.linear_names()]
                                                       for i in range(len(blocks))])

@@ -2,8 +2,10 @@
 
 Each token's input row x gets its own symmetric grid at run time: s = clip · max|x| / (2^(b−1) − 1), codes
 round(x / s) clamped to [−2^(b−1), 2^(b−1) − 1]; the layer computes with s · codes (fake quantization here; the
-int8 kernels compute on the codes). Applied by forward pre-hooks, so statistics gathered after `attach` see the
-quantized inputs the layer will see at inference (GPTQ then minimises ‖(W − Q) X̂‖ for X̂ what it will be fed).
+int8 kernels compute on the codes). Applied by forward pre-hooks. With `calibrate` (the default) they run while
+the model is quantized, so the statistics see the quantized inputs each layer will see at inference (GPTQ then
+minimises ‖(W − Q) X̂‖ for X̂ what it will be fed); without it they are switched on only once every block is done
+(QuaRot's order: weights quantized on float activations).
 """
 from __future__ import annotations
 
@@ -14,6 +16,7 @@ from typing import ClassVar
 
 import torch
 
+from boa.core.errors import BoaError
 from boa.transforms.base import Transform, check_quantizer, register_transform
 
 A_BITS = (4, 8)
@@ -33,11 +36,13 @@ class _QuantizeInputs:
 
     lossy = True  # not part of the float model: TurboBoA's FP path runs without it
 
-    def __init__(self, bits: int, clip_ratio: float):
-        self.bits, self.clip_ratio = bits, clip_ratio
+    def __init__(self, bits: int, clip_ratio: float, enabled: bool = True):
+        self.bits, self.clip_ratio, self.enabled = bits, clip_ratio, enabled
         self._last: tuple[weakref.ref, torch.Tensor] | None = None
 
     def __call__(self, module, args):
+        if not self.enabled:
+            return None
         x = args[0]
         if self._last is not None and self._last[0]() is x:
             return (self._last[1], *args[1:])
@@ -54,14 +59,26 @@ class ActivationQuant(Transform):
     name: ClassVar[str] = "activations"
     bits: int = 8
     clip_ratio: float = 0.9
+    calibrate: bool = True  # statistics from the quantized inputs (False: from float inputs, as QuaRot's GPTQ does)
 
     def validate(self) -> None:
         check_quantizer("activation", self.bits, A_BITS, self.clip_ratio, 0.9)
+        if not isinstance(self.calibrate, bool):
+            raise BoaError(f"activation calibrate={self.calibrate!r} must be true or false")
 
-    def attach(self, model, adapter) -> list:
+    def attach(self, model, adapter, enabled: bool = True) -> list:
         handles = []
         for block in adapter.blocks(model):
-            hook = _QuantizeInputs(self.bits, self.clip_ratio)
+            hook = _QuantizeInputs(self.bits, self.clip_ratio, enabled)
             for name in adapter.linear_names():
                 handles.append(attrgetter(name)(block).register_forward_pre_hook(hook))
         return handles
+
+    def attach_for_calibration(self, model, adapter) -> list:
+        return self.attach(model, adapter, enabled=self.calibrate)
+
+    def finish(self, model, adapter) -> None:
+        for module in model.modules():
+            for hook in module._forward_pre_hooks.values():
+                if isinstance(hook, _QuantizeInputs):
+                    hook.enabled = True

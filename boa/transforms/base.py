@@ -5,7 +5,8 @@ by name like methods, so that manifests record them and `boa.load` rebuilds the 
 A transform works on a model in two parts, so that a streamed model can take it one block at a time as each block is
 loaded: `fuse_outside` (embeddings, final norm, head) and `fuse_block` (one decoder block, in place, weights on any
 device). `attach` adds what runs at inference time (online rotations, activation quantizers) to a model whose
-weights are already transformed — a freshly fused one, or one rebuilt by `boa.load` — and returns the hook handles.
+weights are already transformed — a freshly fused one, or one rebuilt by `boa.load` — and returns the hook handles;
+a transform may calibrate with its run-time parts in another state (`attach_for_calibration`, then `finish`).
 """
 from __future__ import annotations
 
@@ -46,12 +47,20 @@ class Transform:
         """Adds the run-time parts (hooks) to a model whose weights this transform already changed."""
         return []
 
+    def attach_for_calibration(self, model: nn.Module, adapter) -> list[RemovableHandle]:
+        """The run-time parts as the calibration should see them (by default as at inference)."""
+        return self.attach(model, adapter)
+
+    def finish(self, model: nn.Module, adapter) -> None:
+        """After the last block is quantized: the run-time parts switched to what inference runs."""
+
     def apply(self, model: nn.Module, adapter) -> list[RemovableHandle]:
-        """The whole transform on a model in memory: fuse everything, then attach."""
+        """The whole transform on a model in memory, before quantizing it: fuse everything, then attach what the
+        calibration runs (`finish` completes it afterwards)."""
         self.fuse_outside(model, adapter)
         for block in adapter.blocks(model):
             self.fuse_block(block, adapter)
-        return self.attach(model, adapter)
+        return self.attach_for_calibration(model, adapter)
 
 
 def check_quantizer(what: str, bits, allowed: tuple[int, ...], clip_ratio, usual_clip: float) -> None:

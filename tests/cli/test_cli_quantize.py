@@ -108,15 +108,15 @@ def test_cli_aespa_knobs_reach_the_config(tiny_llama_dir, calib_txt, tmp_path):
 
 
 def test_cli_rotation_and_activation_flags_reach_the_config(tiny_llama_dir, calib_txt, tmp_path, heldout):
-    """`--rotate --a-bits 8 --seed 3`: QuaRot seeded by --seed, then 8-bit activations; the folder loads with its
-    Hadamards and quantizers attached and is evaluated by `boa eval`."""
+    """`--rotate --a-bits 8 --a-float-stats --seed 3`: QuaRot seeded by --seed, then 8-bit activations (statistics
+    from float ones); the folder loads with its Hadamards and quantizers attached and is evaluated by `boa eval`."""
     from boa.transforms import ActivationQuant, QuaRot
 
     out = tmp_path / "OUT"
     assert main(cli_args(tiny_llama_dir, calib_txt, out, "--rotate", "--a-bits", "8", "--a-clip", "0.8",
-                         "--seed", "3")) == 0
+                         "--a-float-stats", "--seed", "3")) == 0
     model, _, config = boa.load(out)
-    assert config.transforms == (QuaRot(seed=3), ActivationQuant(bits=8, clip_ratio=0.8))
+    assert config.transforms == (QuaRot(seed=3), ActivationQuant(bits=8, clip_ratio=0.8, calibrate=False))
     assert model.boa_transforms == config.transforms
     assert main(["eval", str(out), "--corpora", "", "--eval-windows", "1"]) == 0
 

@@ -68,6 +68,22 @@ def test_a_rotated_weight_activation_model_round_trips(setting, method, calib, h
     assert not torch.allclose(logits(weight_only, heldout), expected)  # the activations are quantized indeed
 
 
+def test_float_statistics_quantize_as_weight_only_then_switch_the_activations_on(calib, heldout):
+    """ActivationQuant(calibrate=False): the codes are those of the weight-only run on the rotated model (nothing
+    was quantized while calibrating), and the returned model computes with quantized activations."""
+    method = boa.GPTQ(bits=4, group_size=16)
+    weight_only = tied_llama()
+    expected = boa.quantize(weight_only, boa.QuantConfig(method, transforms=(QuaRot(),)), calib, progress=False)
+    model = tied_llama()
+    config = boa.QuantConfig(method, transforms=(QuaRot(), ActivationQuant(4, calibrate=False)))
+    got = boa.quantize(model, config, calib, progress=False)
+    assert all(torch.equal(got.layers[n].codes, expected.layers[n].codes) for n in got.layers)
+    assert not torch.allclose(logits(model, heldout), logits(weight_only, heldout))
+    calibrated = boa.quantize(tied_llama(), boa.QuantConfig(method, transforms=(QuaRot(), ActivationQuant(4))),
+                              calib, progress=False)
+    assert any(not torch.equal(calibrated.layers[n].codes, expected.layers[n].codes) for n in got.layers)
+
+
 def test_the_run_quantizes_the_rotated_weights(calib):
     """The codes are those of the rotated model: quantizing a model rotated by hand gives the same ones."""
     method = boa.GPTQ(bits=3, group_size=16)
