@@ -2,7 +2,7 @@
 of whole models with their linear layers packed.
 
     python bench/gemv.py --json bench/results/gemv.json [--plot FILE] [--threads 2] [--shapes 4096x4096,...]
-                         [--no-decode] [--quick]
+                         [--no-int8] [--no-decode] [--quick]
 
 results: y = x · Wᵀ for W (out × in) of real layers' shapes (SmolLM2-135M's MLP, Llama-3-8B's attention and MLP),
 random codes at 2/3/4 bits with grids per group of 128 input columns (576-wide inputs end in a partial group),
@@ -24,6 +24,18 @@ below 1e-4 for float32 x, 1e-2 for bfloat16 x (bf16 grids and output rounding), 
     bytes: what the kernel must read: packed weight + scales + zeros + x (dense: W + x); gbps = bytes / seconds;
     bw_fraction = gbps / copy_gbps, copy_gbps being this machine's memory bandwidth measured as dst.copy_(src) on
     COPY_MIB float32 buffers, bytes read + written, best of REPEATS.
+
+int8 (JSON "int8"): low-bit activations, W8A8 and W4A8 through the C++ integer kernel called directly
+(load_cpu().int8_matmul: x quantized per token to 8 bits inside the call, clip 0.9, then vpdpbusd-style integer
+dot products per group of 128), on INT8_SHAPE at batch 1 (op "gemv", a decode step) and INT8_PREFILL (op "gemm", a
+prefill), x in bfloat16, weights cold, against torch.matmul in bfloat16 (speedup_bf16) and boa's W4 weight-only
+kernel on the same x (speedup_boa_w4 = its seconds / ours; kernels "torch-bf16" and "boa-w4" are the baseline rows).
+Each is checked first on its first CHECK_TOKENS tokens: against int8_matmul_torch (integer sums per group), or
+packed_matmul_torch for boa-w4, with the bfloat16 tolerance below.
+hadamard (JSON "hadamard"): the online rotation of down_proj's input (boa_kernels.hadamard_transform's C++ kernel on
+rows of HADAMARD_SHAPE's width 14336 = 28 · 512: Llama-3-8B's MLP, Rotation.build's core and signs, bfloat16) at
+both batches, against that down_proj itself (W4A8, int8 kernel, weights cold): hadamard_fraction = rotation seconds
+/ down_proj seconds. Checked first against hadamard_transform_torch (fp32 reference) with the bfloat16 tolerance.
 
 GPU (where torch sees one; not yet run on one): the same shapes, widths and batches through boa_kernels.packed_matmul
 (CUDA GEMV at batch ≤ 8, Triton GEMM above) with float16 x, against torch.matmul in float16 and float32
@@ -54,8 +66,11 @@ from boa.core.packed import PackedWeight, pack
 from boa.generate import generate
 from boa.core.io import write_json
 from boa.core.quantizer import QuantizedWeight
+from boa.transforms.hadamard import Rotation
 from boa_kernels.loader import load_cpu
 from boa_kernels.dispatch import backend_for
+from boa_kernels.hadamard import hadamard_transform_torch
+from boa_kernels.int8_matmul import int8_matmul_torch
 from boa_kernels.packed_matmul import GEMV_MAX_BATCH, packed_matmul, packed_matmul_torch
 
 from solver_kernels import cpu_model  # bench/ is sys.path[0] when run as a script
@@ -72,6 +87,14 @@ TARGET_S = 0.1
 COLD_BYTES = 128 << 20
 COPY_MIB = 256
 INT4_GROUP = 128
+
+INT8_SHAPE = (4096, 4096)  # [out, in]
+INT8_PREFILL = 512
+INT8_BITS = (8, 4)  # weight bits of W8A8, W4A8
+A_BITS = 8
+A_CLIP = 0.9  # boa.transforms.ActivationQuant's default
+CHECK_TOKENS = 4  # the int8 reference sums in int64, too slow for a whole prefill
+HADAMARD_SHAPE = (4096, 14336)  # Llama-3-8B's down_proj [out, in]: its input is rotated online
 
 PROMPT = "The capital of France is"
 DECODE_TOKENS = 64
@@ -167,10 +190,11 @@ def int4_grids(q: QuantizedWeight, dtype: torch.dtype) -> torch.Tensor:
     return torch.stack([q.scale.t(), (q.scale * (8 - q.zero)).t()], dim=-1).to(dtype).contiguous()
 
 
-def check(name: str, y: torch.Tensor, reference: torch.Tensor, x_dtype: torch.dtype) -> float:
+def check(name: str, y: torch.Tensor, reference: torch.Tensor, x_dtype: torch.dtype,
+          against: str = "packed_matmul_torch") -> float:
     err = float((y.float() - reference).norm() / reference.norm())
     if not err < TOLERANCE[x_dtype]:
-        raise SystemExit(f"{name}: relative error {err:.2e} against packed_matmul_torch exceeds "
+        raise SystemExit(f"{name}: relative error {err:.2e} against {against} exceeds "
                          f"{TOLERANCE[x_dtype]:.0e}; not timing a wrong kernel")
     return err
 
@@ -282,6 +306,78 @@ def packed_call(p: PackedWeight):
     return lambda x, qweight, scales, zeros: kernel(x, qweight, scales, zeros, p.perm, None, p.bits, p.group_size)
 
 
+# ----------------------------------------------------------------------------------------------------- int8
+
+
+def int8_call(p: PackedWeight):
+    """f(x, qweight, scales, zeros): the C++ integer kernel on p's layout, x quantized per token to A_BITS."""
+    kernel = load_cpu().int8_matmul
+    return lambda x, qweight, scales, zeros: kernel(x, qweight, scales, zeros, p.perm, None, p.bits, p.group_size,
+                                                    A_BITS, A_CLIP)
+
+
+def check_int8(name: str, call, x: torch.Tensor, p: PackedWeight) -> float:
+    """The kernel against int8_matmul_torch on x's first CHECK_TOKENS tokens (each token is quantized alone)."""
+    head = x[:CHECK_TOKENS]
+    return check(name, call(head, p.qweight, p.scales, p.zeros),
+                 int8_matmul_torch(head.float(), p, a_bits=A_BITS, clip_ratio=A_CLIP), x.dtype, "int8_matmul_torch")
+
+
+def bench_int8(settings: Settings, bandwidth: float) -> list[dict]:
+    """W8A8 and W4A8 rows on INT8_SHAPE at batch 1 and INT8_PREFILL, with their baselines torch-bf16 and boa-w4."""
+    out, n = INT8_SHAPE
+    generator = torch.Generator().manual_seed(SEED)
+    packed = {bits: pack(random_weight(out, n, bits, generator)) for bits in INT8_BITS}
+    dense = torch.randn(out, n, generator=generator).to(torch.bfloat16)
+    rows = []
+
+    def row(batch: int, x: torch.Tensor, seconds: float, read: int, **extra) -> dict:
+        return result_row("cpu", INT8_SHAPE, batch, x.dtype, seconds, read, bandwidth, **extra)
+
+    for batch in (1, INT8_PREFILL):
+        x = torch.randn(batch, n, generator=generator).to(torch.bfloat16)
+        bf16 = best_seconds(cold(dense_matmul, (x, dense), nbytes(dense)), settings)
+        rows.append(row(batch, x, bf16, nbytes(x, dense), kernel="torch-bf16"))
+        w4, w4_call = packed[4], packed_call(packed[4])
+        tensors = (w4.qweight, w4.scales, w4.zeros)
+        error = check(f"packed w4 {INT8_SHAPE} batch {batch}", w4_call(x[:CHECK_TOKENS], *tensors),
+                      packed_matmul_torch(x[:CHECK_TOKENS].float(), w4), x.dtype)
+        w4_seconds = best_seconds(cold(w4_call, (x, *tensors), w4.nbytes()), settings)
+        rows.append(row(batch, x, w4_seconds, w4.nbytes() + nbytes(x), kernel="boa-w4", bits=4, rel_err=error))
+        for bits, p in packed.items():
+            call = int8_call(p)
+            error = check_int8(f"int8 w{bits}a{A_BITS} {INT8_SHAPE} batch {batch}", call, x, p)
+            seconds = best_seconds(cold(call, (x, p.qweight, p.scales, p.zeros), p.nbytes()), settings)
+            rows.append(row(batch, x, seconds, p.nbytes() + nbytes(x), kernel=f"boa-w{bits}a{A_BITS}", bits=bits,
+                            a_bits=A_BITS, rel_err=error, speedup_bf16=bf16 / seconds,
+                            speedup_boa_w4=w4_seconds / seconds))
+    return rows
+
+
+def bench_hadamard(settings: Settings) -> list[dict]:
+    """The online rotation of down_proj's input against down_proj itself (W4A8), at batch 1 and INT8_PREFILL."""
+    out, n = HADAMARD_SHAPE
+    generator = torch.Generator().manual_seed(SEED)
+    rotation = Rotation.build(n, seed=SEED)
+    core, signs, scale = rotation.core.float(), rotation.signs.float(), 1 / n**0.5
+    p = pack(random_weight(out, n, 4, generator))
+    down_proj = int8_call(p)
+    kernel = load_cpu().hadamard_transform
+    rows = []
+    for batch in (1, INT8_PREFILL):
+        x = torch.randn(batch, n, generator=generator).to(torch.bfloat16)
+        error = check(f"hadamard {n} batch {batch}", kernel(x, signs, core, scale),
+                      hadamard_transform_torch(x.float(), core, signs, scale), x.dtype, "hadamard_transform_torch")
+        check_int8(f"int8 down_proj {HADAMARD_SHAPE} batch {batch}", down_proj, x, p)
+        seconds = best_seconds(lambda: kernel(x, signs, core, scale), settings)
+        down_seconds = best_seconds(cold(down_proj, (x, p.qweight, p.scales, p.zeros), p.nbytes()), settings)
+        rows.append({"device": "cpu", "op": "hadamard", "width": n, "core": core.shape[0], "batch": batch,
+                     "x_dtype": dtype_name(x.dtype), "seconds": seconds, "rel_err": error,
+                     "down_proj_shape": list(HADAMARD_SHAPE), "down_proj_kernel": f"boa-w4a{A_BITS}",
+                     "down_proj_seconds": down_seconds, "hadamard_fraction": seconds / down_seconds})
+    return rows
+
+
 # --------------------------------------------------------------------------------------------------- decode
 
 
@@ -353,6 +449,27 @@ def print_rows(rows: list[dict], baselines: list[dict]) -> None:
 
 HEADER = (f"  {'op':<4} {'shape':<11} {'kernel':<10} {'x':<8} {'seconds':>13} {'read':>12} {'of bw':>6} "
           f"{'vs fp32':>7} {'vs bf16':>7} {'vs int4':>7} rel_err")
+INT8_HEADER = (f"  {'op':<4} {'shape':<11} {'batch':>5} {'kernel':<10} {'seconds':>13} {'read':>12} {'of bw':>6} "
+               f"{'vs bf16':>7} {'vs w4':>7} rel_err")
+
+
+def print_int8_rows(rows: list[dict]) -> None:
+    for r in rows:
+        def ratio(key):
+            return f"{r[key]:6.2f}x" if key in r else " " * 7
+
+        error = f"{r['rel_err']:.1e}" if "rel_err" in r else ""
+        print(f"  {r['op']:<4} {'×'.join(map(str, r['shape'])):<11} {r['batch']:>5} {r['kernel']:<10} "
+              f"{r['seconds'] * 1e6:10.1f} us {r['gbps']:7.1f} GB/s {r['bw_fraction']:6.2f} "
+              f"{ratio('speedup_bf16')} {ratio('speedup_boa_w4')} {error}", flush=True)
+
+
+def print_hadamard_rows(rows: list[dict]) -> None:
+    for r in rows:
+        print(f"  hadamard {r['width']} ({r['core']}·{r['width'] // r['core']}) batch {r['batch']:>4}: "
+              f"{r['seconds'] * 1e6:10.1f} us, {r['hadamard_fraction']:.3f} of down_proj "
+              f"({r['down_proj_seconds'] * 1e6:.1f} us, {r['down_proj_kernel']}), rel_err {r['rel_err']:.1e}",
+              flush=True)
 
 
 def plot(path: Path, data: dict) -> None:
@@ -427,6 +544,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2, help="torch.set_num_threads (default 2)")
     parser.add_argument("--shapes", type=parse_shapes, help="OUTxIN,... (default: " +
                         ",".join(f"{o}x{n}" for o, n in SHAPES) + ")")
+    parser.add_argument("--no-int8", action="store_true", help="skip the int8 (W8A8, W4A8) and Hadamard rows")
     parser.add_argument("--no-decode", action="store_true", help="skip the decode rows")
     parser.add_argument("--quick", action="store_true", help="one small shape, short timings and decodes (smoke run)")
     args = parser.parse_args()
@@ -438,9 +556,10 @@ def main() -> None:
 
     start = time.perf_counter()
     machine = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "isa": load_cpu().packed_isa(),
-               "torch": torch.__version__, "loadavg_start": os.getloadavg(), "quick": args.quick, "seed": SEED}
+               "int8_isa": load_cpu().int8_isa(), "torch": torch.__version__, "loadavg_start": os.getloadavg(),
+               "quick": args.quick, "seed": SEED}
     machine["copy_gbps"] = copy_gbps(settings)
-    data = {"machine": machine, "results": [], "baselines": [], "decode": []}
+    data = {"machine": machine, "results": [], "baselines": [], "int8": [], "hadamard": [], "decode": []}
     print(f"{machine['cpu']}, {machine['threads']} threads, kernels {machine['isa']}, torch {machine['torch']}, "
           f"copy {machine['copy_gbps']:.1f} GB/s, load {machine['loadavg_start'][0]:.2f}")
     print(HEADER)
@@ -449,6 +568,14 @@ def main() -> None:
         print_rows(rows, baselines)
         data["results"] += rows
         data["baselines"] += baselines
+        write_json(json_path, data)
+    if not args.no_int8:
+        print(f"int8 kernels ({machine['int8_isa']}), W·A{A_BITS}; speedups over torch bf16 and boa's W4 (bf16 x):")
+        print(INT8_HEADER)
+        data["int8"] = bench_int8(settings, machine["copy_gbps"])
+        print_int8_rows(data["int8"])
+        data["hadamard"] = bench_hadamard(settings)
+        print_hadamard_rows(data["hadamard"])
         write_json(json_path, data)
     if torch.cuda.is_available():
         device = torch.device("cuda")

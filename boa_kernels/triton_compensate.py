@@ -18,7 +18,7 @@ import triton.language as tl
 
 
 @triton.jit
-def _round_half_even(x):
+def round_half_even(x):
     """torch.round: floor, then up above .5, and on a tie to the even neighbour (x − floor(x) is exact)."""
     f = tl.floor(x)
     frac = x - f
@@ -41,7 +41,7 @@ def _compensate_kernel(W, E, C, U, S, Z, GROUP, maxq, start, stop, n_rows, R, B,
         z = tl.load(Z + rows * G + g, mask=row_ok, other=0.0)
         w_j = tl.sum(tl.where(cols[None, :] == j, w, 0.0), axis=1)
         # IEEE divisions (Triton's default fp32 division may be approximate): codes as torch rounds them
-        c = tl.minimum(tl.maximum(_round_half_even(tl.fdiv(w_j, s, ieee_rounding=True)) + z, 0.0), maxq)
+        c = tl.minimum(tl.maximum(round_half_even(tl.fdiv(w_j, s, ieee_rounding=True)) + z, 0.0), maxq)
         u_jj = tl.load(u_rows + j * B + j, mask=row_ok, other=1.0)
         e = tl.fdiv(w_j - s * (c - z), u_jj, ieee_rounding=True)
         tl.store(C + rows * B + j, c, mask=row_ok)

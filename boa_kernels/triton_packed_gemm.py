@@ -30,6 +30,22 @@ _DOT_TYPES = {torch.float16: tl.float16, torch.bfloat16: tl.bfloat16, torch.floa
 
 
 @triton.jit
+def tile_codes(tile, col, n_ok, BITS: tl.constexpr):
+    """Codes int32 of the tile's columns `col` (values 0–63, shape (R, 1)) for the rows whose tiles start at `tile`
+    ((1, BLOCK_N) pointers): boa/packed_math.h's unpack_code, one column per element."""
+    if BITS == 8:
+        codes = tl.load(tile + col, mask=n_ok, other=0).to(tl.int32)
+    elif BITS == 4:
+        codes = (tl.load(tile + col % 32, mask=n_ok, other=0).to(tl.int32) >> (4 * (col // 32))) & 15
+    else:
+        codes = (tl.load(tile + col % 16, mask=n_ok, other=0).to(tl.int32) >> (2 * (col // 16))) & 3
+        if BITS == 3:  # bit col of the 1-bit plane: byte 16 + col // 8, bit col % 8
+            high = tl.load(tile + 16 + col // 8, mask=n_ok, other=0).to(tl.int32)
+            codes = codes | (((high >> (col % 8)) & 1) << 2)
+    return codes
+
+
+@triton.jit
 def _packed_gemm_kernel(X, QW, S, Z, PERM, BIAS, Y, M, N, K, G, group_size, row_bytes, stride_xm,
                         BITS: tl.constexpr, HAS_PERM: tl.constexpr, HAS_BIAS: tl.constexpr,
                         DOT_TYPE: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr):
@@ -53,19 +69,7 @@ def _packed_gemm_kernel(X, QW, S, Z, PERM, BIAS, Y, M, N, K, G, group_size, row_
                 src = cols
             xs = tl.load(x_rows + src[None, :], mask=m_ok[:, None] & col_ok[None, :], other=0.0)
 
-            # codes (16, BLOCK_N) of columns col0 … col0+15 (run r of the tile)
-            if BITS == 8:
-                codes = tl.load(tile + (16 * r + i)[:, None], mask=n_ok[None, :], other=0).to(tl.int32)
-            elif BITS == 4:
-                byte = tl.load(tile + (16 * (r % 2) + i)[:, None], mask=n_ok[None, :], other=0).to(tl.int32)
-                codes = (byte >> (4 * (r // 2))) & 15
-            else:
-                byte = tl.load(tile + i[:, None], mask=n_ok[None, :], other=0).to(tl.int32)
-                codes = (byte >> (2 * r)) & 3
-                if BITS == 3:  # bit 16r + i of the 1-bit plane: byte 16 + 2r + i // 8, bit i % 8
-                    high = tl.load(tile + (16 + 2 * r + i // 8)[:, None], mask=n_ok[None, :], other=0).to(tl.int32)
-                    codes = codes | (((high >> (i % 8)[:, None]) & 1) << 2)
-
+            codes = tile_codes(tile, (16 * r + i)[:, None], n_ok[None, :], BITS)  # (16, BLOCK_N): run r of the tile
             g = tl.minimum(col0 // group_size, G - 1)
             scale = tl.load(S + rn * G + g, mask=n_ok, other=0.0)
             zero = tl.load(Z + rn * G + g, mask=n_ok, other=0).to(tl.float32)
@@ -82,10 +86,9 @@ def _packed_gemm_kernel(X, QW, S, Z, PERM, BIAS, Y, M, N, K, G, group_size, row_
     tl.store(y, acc.to(Y.dtype.element_ty), mask=m_ok[:, None] & n_ok[None, :])
 
 
-def packed_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
-                       perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
-                       group_size: int) -> torch.Tensor:
-    """Launcher: the arguments and result of the CPU op `packed_matmul` (x (M, K) → y (M, N) in x's dtype)."""
+def check_packed_operands(x, qweight, scales, zeros, perm, bias, bits: int, group_size: int, group_multiple: int,
+                          kernel: str) -> tuple[int, int, int, int, int]:
+    """The checks every launcher over boa's packed layout makes; returns (M, K, N, k_pad, G)."""
     if bits not in (2, 3, 4, 8):
         raise ValueError(f"packed weights have 2, 3, 4 or 8 bits, not {bits}")
     if x.dim() != 2 or not x.is_floating_point():
@@ -102,14 +105,25 @@ def packed_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Ten
         raise ValueError("scales (float32) and zeros (uint8) must be (out, groups)")
     if G < 1:
         raise ValueError("scales and zeros need at least one group")
-    if G > 1 and (group_size <= 0 or group_size % 16):
-        raise ValueError("the packed kernels need groups of a multiple of 16 columns (or per-channel grids)")
+    if G > 1 and (group_size <= 0 or group_size % group_multiple):
+        raise ValueError(f"{kernel}: groups must span a multiple of {group_multiple} columns (or per-channel "
+                         "grids)")
     if G > 1 and not (G - 1) * group_size < K <= G * group_size:
         raise ValueError(f"{G} groups of {group_size} columns do not cover {K} input columns")
     if perm is not None and (perm.dtype != torch.int32 or perm.numel() != K):
         raise ValueError("perm must be an int32 tensor of in entries")
     if bias is not None and bias.numel() != N:
         raise ValueError("bias must hold out entries")
+
+    return M, K, N, k_pad, G
+
+
+def packed_gemm_triton(x: torch.Tensor, qweight: torch.Tensor, scales: torch.Tensor, zeros: torch.Tensor,
+                       perm: torch.Tensor | None, bias: torch.Tensor | None, bits: int,
+                       group_size: int) -> torch.Tensor:
+    """Launcher: the arguments and result of the CPU op `packed_matmul` (x (M, K) → y (M, N) in x's dtype)."""
+    M, K, N, k_pad, G = check_packed_operands(x, qweight, scales, zeros, perm, bias, bits, group_size, 16,
+                                              "the packed kernels")
 
     out_dtype = x.dtype
     if out_dtype not in _DOT_TYPES:  # float64 and others run as float32, like the CUDA binding

@@ -12,4 +12,12 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         "aespa: gradient of the relaxed loss and one Adam update of V, m, v in place (csrc/cpu/rounding.cpp)");
   m.def("packed_isa", &boa::packed_isa, "the instruction set the packed kernels were compiled for");
   m.def("unpack_codes", &boa::unpack_codes, "codes (out, in_pad) of a packed weight, element by element");
+  m.def("int8_matmul", &boa::int8_matmul,
+        "y = x · Wᵀ (+ bias) with x quantized per token and W packed, in integers (csrc/cpu/int8_matmul.cpp)",
+        py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("perm"), py::arg("bias"),
+        py::arg("bits"), py::arg("group_size"), py::arg("a_bits"), py::arg("clip_ratio"));
+  m.def("int8_isa", &boa::int8_isa, "the instruction set the int8 kernel was compiled for");
+  m.def("hadamard_transform", &boa::hadamard_transform,
+        "y = (x · diag(signs)) · (K ⊗ S) · scale along the last axis (csrc/cpu/hadamard.cpp)", py::arg("x"),
+        py::arg("signs"), py::arg("core"), py::arg("scale"));
 }

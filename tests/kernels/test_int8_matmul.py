@@ -253,10 +253,11 @@ def test_dispatch_keeps_leading_axes_and_falls_back_to_torch(monkeypatch):
     y = int8_matmul(x, w, a_bits=8, clip_ratio=CLIP)
     assert y.shape == (2, 3, 37)
     assert torch.equal(y.reshape(6, 37), call(load_cpu().int8_matmul, x.reshape(6, 200), w, None, 8))
-    odd_groups = pack(random_quantized(8, 100, 4, 50))  # not a multiple of 4 columns: the reference runs
-    x2 = tokens(3, 100, seed=1)
-    assert torch.equal(int8_matmul(x2, odd_groups, a_bits=4, clip_ratio=CLIP),
-                       int8_matmul_torch(x2, odd_groups, a_bits=4, clip_ratio=CLIP))
+    # groups of 50 columns (not a multiple of 4), and one of 65600 (int32 sums could overflow): the reference runs
+    for w2 in (pack(random_quantized(8, 100, 4, 50)), pack(random_quantized(1, 65600, 8, -1))):
+        x2 = tokens(3, w2.in_features, seed=1)
+        assert torch.equal(int8_matmul(x2, w2, a_bits=4, clip_ratio=CLIP),
+                           int8_matmul_torch(x2, w2, a_bits=4, clip_ratio=CLIP))
     monkeypatch.setenv("BOA_KERNELS", "torch")
     assert torch.equal(int8_matmul(x, w, a_bits=8, clip_ratio=CLIP),
                        int8_matmul_torch(x, w, a_bits=8, clip_ratio=CLIP))

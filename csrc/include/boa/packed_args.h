@@ -1,5 +1,7 @@
-// Argument checks of the packed matmul, shared by its CPU (csrc/cpu/packed_matmul.cpp) and CUDA
+// Argument checks of the packed matmuls, shared by their CPU (csrc/cpu/packed_matmul.cpp, int8_matmul.cpp) and CUDA
 // (csrc/cuda/bindings.cpp) bindings: the layout contract of boa/core/packed.py, with errors naming the fix.
+// group_multiple: the group sizes a kernel takes (16: a register of float codes never straddles two groups; 4: the int8
+// kernel sums whole quads of 4 columns per int32 lane).
 #pragma once
 
 #include <torch/extension.h>
@@ -12,7 +14,8 @@ struct PackedSizes {
 
 inline PackedSizes check_packed_args(const torch::Tensor& x, const torch::Tensor& qweight, const torch::Tensor& scales,
                                      const torch::Tensor& zeros, const c10::optional<torch::Tensor>& perm,
-                                     const c10::optional<torch::Tensor>& bias, int64_t bits, int64_t group_size) {
+                                     const c10::optional<torch::Tensor>& bias, int64_t bits, int64_t group_size,
+                                     int64_t group_multiple = 16) {
   TORCH_CHECK(bits == 2 || bits == 3 || bits == 4 || bits == 8, "packed weights have 2, 3, 4 or 8 bits, not ", bits);
   TORCH_CHECK(x.dim() == 2 && x.is_floating_point(), "x must be a 2-D float tensor (batch, in); flatten it first");
   TORCH_CHECK(qweight.dim() == 2 && qweight.scalar_type() == torch::kUInt8 && qweight.is_contiguous(),
@@ -26,8 +29,8 @@ inline PackedSizes check_packed_args(const torch::Tensor& x, const torch::Tensor
                   scales.sizes() == zeros.sizes() && scales.size(0) == out,
               "scales (float32) and zeros (uint8) must be contiguous (out, groups)");
   const int64_t groups = scales.size(1);
-  TORCH_CHECK((group_size > 0 && group_size % 16 == 0) || groups == 1,
-              "the packed kernels need groups of a multiple of 16 columns (or per-channel grids)");
+  TORCH_CHECK((group_size > 0 && group_size % group_multiple == 0) || groups == 1,
+              "this packed kernel needs groups of a multiple of ", group_multiple, " columns (or per-channel grids)");
   TORCH_CHECK(((groups - 1) * group_size < in && groups * group_size >= in) || groups == 1,
               groups, " groups of ", group_size, " columns do not cover ", in, " input columns");
   for (const auto& t : {qweight, scales, zeros})

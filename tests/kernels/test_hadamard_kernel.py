@@ -1,0 +1,109 @@
+"""The online Hadamard rotation (boa_kernels/hadamard.py): the torch reference is boa.transforms.hadamard's
+Rotation.apply to fp32 rounding (its transform is products with Sylvester factors, the reference's butterflies);
+the C++ kernel and the Triton kernel (interpreted here) give the reference's butterflies bit for bit (y itself where
+the core is 1 × 1) and y to fp32 rounding, for the orders of real models — 64, 576 = 36·16, 1536 = 12·128 with
+Paley cores, 688 = 43·16 with a random orthogonal core — with and without random signs, in float32, bfloat16 and
+float16."""
+import importlib.util
+import os
+
+import pytest
+import torch
+
+from boa.transforms.hadamard import Rotation
+from boa_kernels.hadamard import hadamard_transform, hadamard_transform_torch, walsh_hadamard_torch
+from boa_kernels.loader import load_cpu
+
+needs_cpp = pytest.mark.skipif(load_cpu() is None, reason="the C++ extension did not build on this machine")
+needs_triton = pytest.mark.skipif(
+    importlib.util.find_spec("triton") is None or os.environ.get("TRITON_INTERPRET") != "1",
+    reason="needs triton and TRITON_INTERPRET=1 (set by conftest.py on machines without a GPU)",
+)
+
+ORDERS = (64, 576, 1536, 688)
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def rows(count, n, seed=0):
+    return torch.randn(count, n, generator=torch.Generator().manual_seed(seed))
+
+
+def cpp(x, rotation):
+    signs = None if rotation.signs is None else rotation.signs.float()
+    return load_cpu().hadamard_transform(x, signs, rotation.core.float(), 1 / rotation.n**0.5)
+
+
+def triton(x, rotation):
+    from boa_kernels.triton_hadamard import hadamard_triton
+
+    signs = None if rotation.signs is None else rotation.signs.float()
+    return hadamard_triton(x, signs, rotation.core.float(), 1 / rotation.n**0.5)
+
+
+def assert_matches_reference(kernel, n, seed, dtype):
+    """float32: the m blocks' butterflies bit for bit (checked with K = I, where y is z · scale), y to fp32
+    rounding (the core's sum runs in another order than the reference's einsum; exact for a 1 × 1 core); 16-bit x:
+    y within one rounding of its dtype of the reference's."""
+    rotation = Rotation.build(n, seed)
+    x = rows(5, n, seed=n).to(dtype)
+    m = rotation.core.shape[0]
+    y, ref = kernel(x, rotation), hadamard_transform_torch(x, rotation.core, rotation.signs)
+    assert y.dtype == dtype and y.shape == x.shape
+    if dtype != torch.float32:
+        eps = 2**-7 if dtype == torch.bfloat16 else 2**-10
+        torch.testing.assert_close(y.float(), ref.float(), rtol=eps, atol=eps * ref.float().abs().max().item())
+        return
+    if m == 1:
+        assert torch.equal(y, ref)
+    else:
+        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+        plain = Rotation(n, torch.eye(m, dtype=torch.float64), rotation.power, rotation.signs, False)
+        assert torch.equal(kernel(x, plain), hadamard_transform_torch(x, plain.core, plain.signs))
+
+
+@pytest.mark.parametrize("n", ORDERS)
+@pytest.mark.parametrize("seed", [None, 7], ids=["plain", "signs"])
+def test_reference_is_rotation_apply(n, seed):
+    rotation = Rotation.build(n, seed)
+    assert rotation.exact_hadamard == (n != 688)
+    x = rows(6, n)
+    ref = rotation.apply(x)
+    torch.testing.assert_close(hadamard_transform_torch(x, rotation.core, rotation.signs), ref, rtol=1e-5,
+                               atol=1e-6 * ref.abs().max().item())
+    torch.testing.assert_close(hadamard_transform_torch(x, rotation.core, rotation.signs).double(),
+                               x.double() @ rotation.matrix(), rtol=1e-5, atol=1e-5)
+
+
+def test_reference_butterflies_are_sylvester():
+    from boa.transforms.hadamard import sylvester
+
+    x = rows(3, 256).double()
+    assert torch.equal(walsh_hadamard_torch(x), x @ sylvester(256))
+
+
+@needs_cpp
+@pytest.mark.parametrize("n", ORDERS)
+@pytest.mark.parametrize("seed", [None, 7], ids=["plain", "signs"])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_cpp_matches_reference(n, seed, dtype):
+    assert_matches_reference(cpp, n, seed, dtype)
+
+
+@needs_cpp
+def test_dispatch_keeps_shape_and_checks_orders():
+    rotation = Rotation.build(576, seed=1)
+    x = rows(6, 576).reshape(2, 3, 576)
+    y = hadamard_transform(x, rotation.core, rotation.signs)
+    assert y.shape == x.shape
+    assert torch.equal(y.reshape(6, 576), cpp(x.reshape(6, 576), rotation))
+    with pytest.raises(ValueError, match="power of two"):
+        hadamard_transform(rows(2, 60), rotation.core)
+    with pytest.raises(RuntimeError, match="power of two"):
+        load_cpu().hadamard_transform(rows(2, 60), None, torch.eye(5), 1.0)
+
+
+@needs_triton
+@pytest.mark.parametrize("n", [64, 576, 688])
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
+def test_triton_matches_reference(n, dtype):
+    assert_matches_reference(triton, n, 3, dtype)
