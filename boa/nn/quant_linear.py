@@ -11,6 +11,7 @@ from torch import nn
 from boa.core.errors import BoaError
 from boa.core.packed import PackedWeight, pack
 from boa.core.quantizer import QuantizedWeight
+from boa_kernels.int8_matmul import int8_matmul
 from boa_kernels.packed_matmul import packed_matmul
 
 
@@ -31,6 +32,7 @@ class QuantLinear(nn.Module):
         if weight.perm is None:
             self.perm = None
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
+        self.activations: tuple[int, float] | None = None  # (bits, clip ratio): inputs quantized per token
         self._refresh()
 
     def _refresh(self) -> None:
@@ -42,7 +44,15 @@ class QuantLinear(nn.Module):
         """Codes, grids and g_idx in input column order (unpacked: a copy, for export and inspection)."""
         return self.packed.to_quantized(self.grid_dtype)
 
+    def quantize_inputs(self, bits: int | None, clip_ratio: float = 1.0) -> None:
+        """From now on the input is quantized per token to `bits` and multiplied in integers (the int8 kernels:
+        boa_kernels.int8_matmul; 4-bit codes widened); None: float inputs again."""
+        self.activations = None if bits is None else (bits, clip_ratio)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.activations is not None:
+            bits, clip_ratio = self.activations
+            return int8_matmul(x, self.packed, self.bias, a_bits=bits, clip_ratio=clip_ratio)
         return packed_matmul(x, self.packed, self.bias)
 
     def _apply(self, fn, recurse=True):

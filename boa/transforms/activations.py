@@ -51,6 +51,16 @@ class _QuantizeInputs:
         return (xq, *args[1:])
 
 
+class _FloatInputsAgain:
+    """The handle of a packed layer's integer path: remove() gives it float inputs again."""
+
+    def __init__(self, layer):
+        self.layer = layer
+
+    def remove(self) -> None:
+        self.layer.quantize_inputs(None)
+
+
 @register_transform
 @dataclass
 class ActivationQuant(Transform):
@@ -67,11 +77,18 @@ class ActivationQuant(Transform):
             raise BoaError(f"activation calibrate={self.calibrate!r} must be true or false")
 
     def attach(self, model, adapter, enabled: bool = True) -> list:
+        """Packed layers (boa.load's QuantLinear) compute in integers on the int8 kernels; float ones (a model
+        being quantized) get a fake-quantizing pre-hook."""
         handles = []
         for block in adapter.blocks(model):
             hook = _QuantizeInputs(self.bits, self.clip_ratio, enabled)
             for name in adapter.linear_names():
-                handles.append(attrgetter(name)(block).register_forward_pre_hook(hook))
+                layer = attrgetter(name)(block)
+                if hasattr(layer, "quantize_inputs"):
+                    layer.quantize_inputs(self.bits, self.clip_ratio)
+                    handles.append(_FloatInputsAgain(layer))
+                else:
+                    handles.append(layer.register_forward_pre_hook(hook))
         return handles
 
     def attach_for_calibration(self, model, adapter) -> list:

@@ -53,16 +53,23 @@ SETTINGS = {"w4a8": (ActivationQuant(8),), "w4a4": (ActivationQuant(4),),
 @pytest.mark.parametrize("method", ["gptq", "boa"])
 @pytest.mark.parametrize("setting", SETTINGS)
 def test_a_rotated_weight_activation_model_round_trips(setting, method, calib, heldout, tmp_path, monkeypatch):
-    """W4A8 / W4A4 / W4A4-KV4: the loaded model re-attaches the Hadamards, the activation quantizers (in that order)
-    and the KV quantizers; BoA's attention capture runs through the KV-quantized attention."""
+    """W4A8 / W4A4 / W4A4-KV4: the loaded model re-attaches the Hadamards, the activation quantizers (its packed
+    layers then multiply integer codes on the int8 kernels) and the KV quantizers; BoA's attention capture runs
+    through the KV-quantized attention. The integer path equals the in-memory fake quantization to float rounding
+    at A8; at A4 a rounding difference upstream can move a token's code by one step (1/15 of its range), so there
+    the logits agree on average."""
     model = tied_llama()
     config = boa.QuantConfig(METHODS[method], transforms=(QuaRot(seed=1), *SETTINGS[setting]))
     result = boa.quantize(model, config, calib, progress=False)
     loaded, _, loaded_config = boa.load(boa.save(result, tmp_path / "out"))
     assert loaded_config == config
-    monkeypatch.setenv("BOA_KERNELS", "torch")
-    expected = logits(model, heldout)
-    assert torch.equal(logits(loaded, heldout), expected)
+    layer = loaded.model.layers[0].mlp.down_proj
+    assert layer.activations == (config.transforms[1].bits, 0.9) and len(layer._forward_pre_hooks) == 1  # Hadamard
+    expected, got = logits(model, heldout), logits(loaded, heldout)
+    if config.transforms[1].bits == 8:
+        torch.testing.assert_close(got, expected, rtol=1e-3, atol=1e-3 * expected.abs().max())
+    else:
+        assert (got - expected).abs().mean() < 1e-2 * expected.abs().mean()
     weight_only = tied_llama()
     boa.quantize(weight_only, boa.QuantConfig(METHODS[method], transforms=(QuaRot(seed=1),)), calib, progress=False)
     assert not torch.allclose(logits(weight_only, heldout), expected)  # the activations are quantized indeed
