@@ -41,10 +41,10 @@ from torch import nn
 from boa.core.errors import BoaError
 from boa.core.shards import DEFAULT_MAX_SHARD_BYTES
 from boa.export.common import (
-    check_no_transforms, group_width, has_plain_groups, is_symmetric, model_dtype, pack_int32, plain_tensors,
-    write_export,
+    group_width, has_plain_groups, is_symmetric, model_dtype, pack_int32, plain_tensors, write_export,
 )
 from boa.core.quantizer import QuantizedWeight
+from boa.transforms import ActivationQuant
 
 
 def _scheme(name: str, q: QuantizedWeight) -> tuple[int, bool, int | None]:
@@ -72,6 +72,21 @@ def _weights_args(bits: int, symmetric: bool, group_size: int | None) -> dict:
             "strategy": "channel" if group_size is None else "group", "group_size": group_size}
 
 
+def _input_activations(model: nn.Module) -> dict | None:
+    """The input_activations entry of a model quantized with boa.transforms: compressed-tensors holds 8-bit
+    symmetric per-token dynamic activations over each token's full range (ActivationQuant(8, clip_ratio=1.0)); the
+    rotations, the KV quantizer, 4-bit or clipped activations it cannot describe."""
+    transforms = getattr(model, "boa_transforms", ())
+    if not transforms:
+        return None
+    (only, *rest) = transforms
+    if not rest and isinstance(only, ActivationQuant) and only.bits == 8 and only.clip_ratio == 1.0:
+        return {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}
+    raise BoaError(f"compressed-tensors holds 8-bit per-token activations without clipping (--a-bits 8 --a-clip 1), "
+                   f"not this model's {[t.to_dict() for t in transforms]}; keep boa's own format (boa.load / boa "
+                   "eval / boa generate run it)")
+
+
 def export_compressed_tensors(model: nn.Module, layers: dict[str, QuantizedWeight], out_dir, tokenizer=None,
                               config=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Writes `model` (fake-quantized or loaded by boa.load) with its quantized `layers` {module name:
@@ -79,7 +94,7 @@ def export_compressed_tensors(model: nn.Module, layers: dict[str, QuantizedWeigh
     max_shard_size (e.g. "5GB"); `config` is the boa QuantConfig recorded in the export manifest."""
     if not layers:
         raise BoaError("the model has no quantized layers to export; quantize it first with `boa quantize`")
-    check_no_transforms(model, "compressed-tensors")
+    input_activations = _input_activations(model)
     dtype = model_dtype(model)
     tensors = plain_tensors(model, layers)
     by_scheme = defaultdict(list)
@@ -96,7 +111,8 @@ def export_compressed_tensors(model: nn.Module, layers: dict[str, QuantizedWeigh
     single = len(by_scheme) == 1
     groups = {
         f"group_{i}": {"targets": ["Linear"] if single else names, "weights": _weights_args(*scheme),
-                       "input_activations": None, "output_activations": None, "format": "pack-quantized"}
+                       "input_activations": input_activations, "output_activations": None,
+                       "format": "pack-quantized"}
         for i, (scheme, names) in enumerate(by_scheme.items())
     }
     quantization_config = {

@@ -112,13 +112,28 @@ def test_a_model_is_rotated_once(calib):
         boa.quantize(model, config, progress=False)
 
 
-def test_exports_refuse_a_rotated_model(calib, tmp_path):
-    model = tied_llama()
-    result = boa.quantize(model, boa.QuantConfig(boa.RTN(bits=4), transforms=(QuaRot(),)), progress=False)
-    for export in (export_gptq, export_compressed_tensors):
-        with pytest.raises(BoaError, match="run-time rotations"):
-            export(result.model, result.layers, tmp_path / export.__name__)
-        assert not (tmp_path / export.__name__).exists()
+def test_exports_refuse_what_their_formats_cannot_describe(tmp_path):
+    refusals = [(export_gptq, (QuaRot(),), "run-time rotations"),
+                (export_compressed_tensors, (QuaRot(),), "8-bit per-token activations without clipping"),
+                (export_compressed_tensors, (ActivationQuant(8),), "--a-clip 1"),
+                (export_compressed_tensors, (ActivationQuant(8, clip_ratio=1.0), KVQuant(8)), "boa's own format")]
+    for i, (export, transforms, message) in enumerate(refusals):
+        result = boa.quantize(tied_llama(), boa.QuantConfig(boa.RTN(bits=4), transforms=transforms), progress=False)
+        with pytest.raises(BoaError, match=message):
+            export(result.model, result.layers, tmp_path / str(i))
+        assert not (tmp_path / str(i)).exists()
+
+
+def test_compressed_tensors_records_8_bit_per_token_activations(tmp_path):
+    import json
+
+    result = boa.quantize(tied_llama(), boa.QuantConfig(boa.RTN(bits=4, group_size=16),
+                                                        transforms=(ActivationQuant(8, clip_ratio=1.0),)),
+                          progress=False)
+    export_compressed_tensors(result.model, result.layers, tmp_path / "ct")
+    groups = json.loads((tmp_path / "ct" / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert [g["input_activations"] for g in groups.values()] == [
+        {"num_bits": 8, "type": "int", "symmetric": True, "dynamic": True, "strategy": "token"}]
 
 
 def test_rotation_helps_gptq_where_a_channel_is_an_outlier(calib, heldout):
