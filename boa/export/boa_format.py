@@ -62,11 +62,38 @@ def _unquantized(result):
         yield from plain_tensors(result.model, result.layers).items()
         return
     quantized = set(result.layers)
+    if weights.on_load:  # transformed as they are read: module by module, through the transforms
+        yield from _transformed_unquantized(weights, quantized)
+        return
     for name, _ in weights.model.named_parameters():  # a tied head once, under the embedding's name
         owner, leaf = name.rsplit(".", 1)
         if owner in quantized and leaf != "bias":
             continue
         yield name, weights.tensor(name)
+
+
+def _transformed_unquantized(weights, quantized: set[str]):
+    """A streamed model whose transforms fuse into each module as it is read (a rotation): each module holding
+    unquantized tensors — those outside the blocks, every block, the head — is loaded (so transformed), its tensors
+    given, and released: one block in memory at a time."""
+    model = weights.model
+    adapter = adapter_for(model.config)
+    wanted = {name for name, _ in model.named_parameters()  # a tied head once, under the embedding's name
+              if not (name.rsplit(".", 1)[0] in quantized and not name.endswith(".bias"))}
+    names = {id(m): n for n, m in model.named_modules()}
+    head = model.get_output_embeddings()
+    for module in [*weights.outside_blocks(adapter.blocks_path), *adapter.blocks(model), *filter(None, [head])]:
+        prefix = names[id(module)]
+        mine = [f"{prefix}.{local}" if prefix else local for local, _ in module.named_parameters()]
+        if not wanted.intersection(mine):
+            continue
+        weights.load(module)
+        for local, param in module.named_parameters():
+            name = f"{prefix}.{local}" if prefix else local
+            if name in wanted:
+                wanted.discard(name)
+                yield name, param.detach()
+        weights.release(module)
 
 
 def save(result, folder, tokenizer=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:

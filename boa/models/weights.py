@@ -80,6 +80,7 @@ class StreamedModel:
             shared.setdefault(id(param), []).append(name)
         self._aliases = {name: names for names in shared.values() for name in names}
         self._module_names = {id(m): name for name, m in model.named_modules()}
+        self.on_load: list = []  # callables(module) run on each module just read (a transform fusing itself)
         for module in model.modules():  # the computed buffers (rotary inv_freq, position ids) stay on the device
             for name, buffer in module._buffers.items():
                 if buffer is not None:
@@ -142,6 +143,8 @@ class StreamedModel:
                 tensor = tensor.to(self.dtype)
             owner, leaf = _split(module, local)
             owner._parameters[leaf] = nn.Parameter(tensor.to(self.device), requires_grad=False)
+        for fuse in self.on_load:
+            fuse(module)
         return module
 
     def release(self, module: nn.Module) -> None:

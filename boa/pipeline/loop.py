@@ -9,6 +9,7 @@ so that an interrupted run resumes from the last finished block.
 """
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import logging
@@ -267,11 +268,12 @@ def _apply_transforms(config: QuantConfig, weights: ResidentModel | StreamedMode
                        f"{[t.name for t in model.boa_transforms]}); quantize a freshly loaded model instead")
     if not config.transforms:
         return
-    if isinstance(weights, StreamedModel):
-        raise BoaError("transforms (--rotate) on a streamed model are not supported yet; load the model into memory "
-                       "(--stream never)")
     for transform in config.transforms:
-        transform.apply(model, adapter)
+        if isinstance(weights, StreamedModel):  # fused into each module as it is read from the shards
+            weights.on_load.append(functools.partial(transform.fuse_loaded, model, adapter, raw=weights.tensor))
+            transform.attach_for_calibration(model, adapter)
+        else:
+            transform.apply(model, adapter)
     model.boa_transforms = config.transforms
 
 

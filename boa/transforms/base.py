@@ -4,7 +4,7 @@ by name like methods, so that manifests record them and `boa.load` rebuilds the 
 
 A transform works on a model in two parts, so that a streamed model can take it one block at a time as each block is
 loaded: `fuse_outside` (embeddings, final norm, head) and `fuse_block` (one decoder block, in place, weights on any
-device). `attach` adds what runs at inference time (online rotations, activation quantizers) to a model whose
+device); a streamed model calls `fuse_loaded` on each module it reads from the shards. `attach` adds what runs at inference time (online rotations, activation quantizers) to a model whose
 weights are already transformed — a freshly fused one, or one rebuilt by `boa.load` — and returns the hook handles;
 a transform may calibrate with its run-time parts in another state (`attach_for_calibration`, then `finish`).
 """
@@ -42,6 +42,13 @@ class Transform:
 
     def fuse_block(self, block: nn.Module, adapter) -> None:
         """Changes one decoder block's weights, in place."""
+
+    def fuse_loaded(self, model: nn.Module, adapter, module: nn.Module, raw) -> None:
+        """A streamed model's `module` just read from the shards (a block, or a module outside the blocks), changed
+        in place as `fuse_block` / `fuse_outside` would; `raw(name)` reads any other tensor as the checkpoint holds
+        it (e.g. a norm weight to fold into a head loaded alone)."""
+        if any(module is block for block in adapter.blocks(model)):
+            self.fuse_block(module, adapter)
 
     def attach(self, model: nn.Module, adapter) -> list[RemovableHandle]:
         """Adds the run-time parts (hooks) to a model whose weights this transform already changed."""

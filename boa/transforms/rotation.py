@@ -50,8 +50,8 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
 
 
 def _head_and_embeddings_tied(model: nn.Module) -> bool:
-    head, embeddings = model.get_output_embeddings(), model.get_input_embeddings()
-    return head is not None and head.weight is embeddings.weight
+    """From the config, not the parameters: a streamed model reads a tied head into a parameter of its own."""
+    return model.get_output_embeddings() is not None and bool(getattr(model.config, "tie_word_embeddings", False))
 
 
 @register_transform
@@ -90,6 +90,24 @@ class QuaRot(Transform):
             final_norm = attrgetter(adapter.final_norm)(model)
             _fold_norm(final_norm, [head])
             _set(head.weight, _rows(head.weight, Q))
+
+    def fuse_loaded(self, model, adapter, module, raw) -> None:
+        """Embeddings rotated; an untied head gets the final norm's γ (read raw: the norm may be loaded, and folded,
+        on its own) and the rotation; the final norm of an untied model keeps 1."""
+        super().fuse_loaded(model, adapter, module, raw)
+        self._check(adapter)
+        Q = self.residual(adapter)
+        tied = _head_and_embeddings_tied(model)
+        final_norm = attrgetter(adapter.final_norm)(model)
+        if module is model.get_input_embeddings() or (tied and module is model.get_output_embeddings()):
+            _set(module.weight, _rows(module.weight, Q))
+        elif not tied and module is model.get_output_embeddings():
+            names = {id(m): n for n, m in model.named_modules()}
+            gamma = raw(f"{names[id(final_norm)]}.weight").double().to(module.weight.device)
+            _set(module.weight, module.weight.double() * gamma)  # rounded to the weight's dtype, as _fold_norm does
+            _set(module.weight, _rows(module.weight, Q))
+        elif not tied and module is final_norm:
+            _set(module.weight, torch.ones_like(module.weight))
 
     def fuse_block(self, block, adapter) -> None:
         self._check(adapter)

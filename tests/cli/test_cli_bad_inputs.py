@@ -91,8 +91,9 @@ CASES = {
     "rotate-a-layernorm-model": (lambda i: ["quantize", i.folder("opt", build_opt()), "--method", "rtn",
                                             "--rotate", "--corpora", "", "--out", str(i.tmp / "OUT")],
                                  ["RMSNorm", "without --rotate"]),
-    "rotate-streamed": (lambda i: ["quantize", i.model, "--method", "rtn", "--rotate", "--stream", "always",
-                                   "--corpora", "", "--out", str(i.tmp / "OUT")], ["streamed model", "--stream never"]),
+    "rotate-a-streamed-layernorm-model": (lambda i: ["quantize", i.folder("opt", build_opt()), "--method", "rtn",
+                                                     "--rotate", "--stream", "always", "--corpora", "",
+                                                     "--out", str(i.tmp / "OUT")], ["RMSNorm"]),
     "quantize-bad-device": (lambda i: ["quantize", i.model, "--device", "tpu9", "--corpora", ""],
                             ["is not a device"]),
     # 3. evaluation and calibration lengths

@@ -112,3 +112,37 @@ def test_a_tied_head_stays_tied_after_its_embedding_was_loaded(tmp_path):
     streamed.release(embedding)
     assert [n for n, _ in streamed.model.named_parameters()] == names
     assert streamed.model.lm_head.weight is embedding.weight
+
+
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_a_streamed_rotated_run_gives_the_in_memory_codes_and_model(tmp_path, monkeypatch, tied):
+    """QuaRot fused into each module as it is read (embeddings, blocks, an untied head with the final norm's γ read
+    from the shards), never two blocks at once; the saved folder computes what the in-memory run's does."""
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    from boa.transforms import ActivationQuant, QuaRot
+
+    torch.manual_seed(3)
+    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
+                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
+                                         tie_word_embeddings=tied)).eval()
+    with torch.no_grad():  # norms far from 1, so that folding them matters
+        for name, p in model.named_parameters():
+            if "norm" in name:
+                p.uniform_(0.5, 1.5)
+    folder = sharded(tmp_path, model)
+    config = boa.QuantConfig(boa.GPTQ(bits=4, group_size=32), transforms=(QuaRot(seed=2), ActivationQuant(8)))
+    calib = random_windows(4, 16)
+    expected = boa.quantize(model, config, calib, progress=False, device="cpu")
+
+    streamed = open_streamed(folder)
+    probe = BlockProbe(streamed, monkeypatch)
+    result = boa.quantize(streamed, config, calib, out=tmp_path / "q", progress=False, device="cpu")
+    assert probe.most == 1 and not probe.resident
+    for name, q in expected.layers.items():
+        assert torch.equal(result.layers[name].codes, q.codes), name
+    boa.save(result, tmp_path / "q")
+    boa.save(expected, tmp_path / "q_memory")
+    windows = random_windows(2, 16, seed=1)
+    got = boa.load(tmp_path / "q")[0](input_ids=windows).logits
+    torch.testing.assert_close(got, boa.load(tmp_path / "q_memory")[0](input_ids=windows).logits, rtol=0, atol=0)
