@@ -19,7 +19,9 @@ class HessianAccumulator:
         self.D: torch.Tensor | None = None
         self.n = 0
 
-    def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None) -> None:
+    def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None, x_gap: torch.Tensor | None = None) -> None:
+        """x: the layer's inputs; x_ref: the FP path's; x_gap: what the gap x_ref − · is measured from, when not x
+        itself (the input before a run-time activation quantizer rounded it)."""
         x = x.reshape(-1, x.shape[-1]).to(self.H.dtype)
         if not torch.isfinite(x).all():
             raise BoaError(
@@ -31,7 +33,7 @@ class HessianAccumulator:
         if x_ref is not None:
             if self.D is None:
                 self.D = torch.zeros_like(self.H)
-            gap = x_ref.reshape(x.shape).to(x.dtype) - x
+            gap = x_ref.reshape(x.shape).to(x.dtype) - (x if x_gap is None else x_gap.reshape(x.shape).to(x.dtype))
             self.D.mul_(self.n / n_new).addmm_(gap.T, x, alpha=2 / n_new)
         self.n = n_new
 

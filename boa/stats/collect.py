@@ -159,7 +159,7 @@ def collect_statistics(
 
     def accumulate(name, x):  # a layer's accumulator lives across batches; it takes each new input once
         acc = hessians.get(name) or HessianAccumulator(x.shape[-1], dtype, x.device)
-        acc.add(x.detach(), fp_inputs.get(name))
+        acc.add(x.detach(), fp_inputs.get(name), getattr(x, "unquantized", None))
         return acc
 
     with contextlib.ExitStack() as stack:

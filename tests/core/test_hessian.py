@@ -41,3 +41,19 @@ def test_inverse_cholesky_damps_only_the_matrix_that_fails():
     assert torch.isfinite(U[1]).all()
     assert not torch.allclose(U[1].T @ U[1] @ bad, torch.eye(16, dtype=torch.float64))  # it was damped
 
+
+
+def test_the_dx_gap_can_be_measured_from_another_input():
+    """D = 2/n Σ (x_ref − x_gap) xᵀ over every batch: the gap from x_gap (an input before its run-time rounding),
+    the outer product with x (what the layer sees); without x_gap, from x itself."""
+    gen = torch.Generator().manual_seed(3)
+    batches = [(torch.randn(5, 4, generator=gen, dtype=torch.float64),
+                torch.randn(5, 4, generator=gen, dtype=torch.float64),
+                torch.randn(5, 4, generator=gen, dtype=torch.float64)) for _ in range(3)]
+    with_gap, plain = HessianAccumulator(4, torch.float64), HessianAccumulator(4, torch.float64)
+    for x, x_ref, x_gap in batches:
+        with_gap.add(x, x_ref, x_gap)
+        plain.add(x, x_ref)
+    x, x_ref, x_gap = (torch.cat(t) for t in zip(*batches))
+    assert torch.allclose(with_gap.D, 2 * (x_ref - x_gap).T @ x / 15)
+    assert torch.allclose(plain.D, 2 * (x_ref - x).T @ x / 15)

@@ -51,6 +51,8 @@ def test_every_quantized_linear_reads_quantized_inputs_and_shared_inputs_stay_sh
     for name, x in seen.items():
         assert all(row.unique().numel() <= 16 for row in x.reshape(-1, x.shape[-1])), name
     assert seen["self_attn.q_proj"] is seen["self_attn.k_proj"] is seen["self_attn.v_proj"]
+    x = seen["self_attn.q_proj"]  # it carries the input it was rounded from (TurboBoA's dX gap is measured from it)
+    assert torch.equal(quantize_per_token(x.unquantized, 4, 0.9), x) and not torch.equal(x.unquantized, x)
     assert seen["mlp.gate_proj"] is seen["mlp.up_proj"]
     assert model.lm_head._forward_pre_hooks == {}  # the head stays float
 
