@@ -432,7 +432,8 @@ def _generate(args, report) -> None:
                       stream=stream)
     print()
     print(f"prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s; {len(result.tokens)} new tokens, "
-          f"decode {result.tok_s:.1f} tok/s ({args.device}, {torch.get_num_threads()} threads)", file=sys.stderr)
+          f"decode {result.tok_s:.1f} tok/s ({args.device}, {torch.get_num_threads()} threads); KV cache "
+          f"{result.cache_bytes / 2**20:.2f} MiB", file=sys.stderr)
 
 
 def _prepare(args, report) -> None:

@@ -22,6 +22,7 @@ class GenerationResult:
     prompt_tokens: int
     prefill_seconds: float
     decode_seconds: float
+    cache_bytes: int  # what the KV cache held at the end
 
     @property
     def tok_s(self) -> float:
@@ -71,7 +72,9 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
     accepted = inspect.signature(model.forward).parameters
     keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
     # The cache object is filled in place; newer transformers call the argument `cache` (past_key_values is deprecated).
-    cache = {"cache" if "cache" in accepted else "past_key_values": DynamicCache()}
+    kv = next((t for t in getattr(model, "boa_transforms", ()) if hasattr(t, "new_cache")), None)
+    cache_object = kv.new_cache() if kv is not None else DynamicCache()  # a quantized KV cache is stored at its bits
+    cache = {"cache" if "cache" in accepted else "past_key_values": cache_object}
     eos = tokenizer.eos_token_id
     tokens: list[int] = []
     shown = ""
@@ -94,4 +97,11 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
         emit(_next_token(out.logits[0, -1], temperature, top_p, generator))
     end = _clock(device)
     return GenerationResult(tokens, tokenizer.decode(tokens, skip_special_tokens=True), ids.shape[1],
-                            prefill_end - start, end - prefill_end)
+                            prefill_end - start, end - prefill_end, cache_bytes(cache_object))
+
+
+def cache_bytes(cache) -> int:
+    """Bytes a transformers Cache holds (a boa QuantizedKVCache counts its codes and grids)."""
+    if hasattr(cache, "nbytes"):
+        return cache.nbytes
+    return sum(t.nbytes for layer in cache.layers for t in (layer.keys, layer.values) if t is not None)

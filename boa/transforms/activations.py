@@ -15,6 +15,7 @@ from operator import attrgetter
 from typing import ClassVar
 
 import torch
+from boa_kernels.int8_matmul import per_token_codes
 
 from boa.core.errors import BoaError
 from boa.transforms.base import Transform, check_quantizer, register_transform
@@ -24,10 +25,8 @@ A_BITS = (4, 8)
 
 def quantize_per_token(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
     """x fake-quantized with a symmetric grid per row (last axis), computed in float32, returned in x's dtype."""
-    maxq = 2 ** (bits - 1) - 1
-    x32 = x.float()
-    scale = (x32.abs().amax(-1, keepdim=True) * (clip_ratio / maxq)).clamp_min(torch.finfo(torch.float32).tiny)
-    return (torch.clamp(torch.round(x32 / scale), -maxq - 1, maxq) * scale).to(x.dtype)
+    codes, scale = per_token_codes(x, bits, clip_ratio)  # the int8 kernels' own codes, so both paths agree
+    return (codes.float() * scale).to(x.dtype)
 
 
 class _QuantizeInputs:

@@ -17,7 +17,7 @@ def test_cli_generate_streams_and_reports_speed(tiny_llama, calib, word_tokenize
 def test_cli_generate_runs_a_rotated_w4a8_kv8_model_greedily_as_in_memory(tiny_llama, calib, word_tokenizer,
                                                                            tmp_path, capsys):
     """The loaded folder re-attaches the Hadamards and the quantizers: greedy decoding (KV cache grown step by step,
-    each step's keys quantized again) gives the tokens the in-memory model gives."""
+    keys and values stored at 8 bits) gives the tokens the in-memory model gives."""
     from boa.transforms import ActivationQuant, KVQuant, QuaRot
 
     config = boa.QuantConfig(boa.RTN(bits=4, group_size=32), transforms=(QuaRot(), ActivationQuant(8), KVQuant(8)))
@@ -28,5 +28,6 @@ def test_cli_generate_runs_a_rotated_w4a8_kv8_model_greedily_as_in_memory(tiny_l
     loaded, _, _ = boa.load(folder)
     assert loaded.generate(ids, max_new_tokens=6, do_sample=False).tolist() == expected.tolist()
     assert main(["generate", str(folder), "--prompt", PROMPT, "--max-new-tokens", "6"]) == 0
-    out, _ = capsys.readouterr()
+    out, err = capsys.readouterr()
     assert out.startswith(PROMPT)
+    assert "KV cache" in err and "MiB" in err

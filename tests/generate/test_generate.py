@@ -1,6 +1,7 @@
 """boa.generate: the KV-cache loop gives exactly transformers' own greedy continuation, on the float model and on a
 saved, packed one; sampling is seeded and streams the text. `boa generate`: tests/cli/test_cli_generate.py."""
 import pytest
+import torch
 
 import boa
 from boa.generate import generate
@@ -51,3 +52,39 @@ def test_generate_refuses_settings_that_cannot_generate(tiny_llama, word_tokeniz
     args = {"prompt": PROMPT, **kwargs}
     with pytest.raises(boa.BoaError, match=message):
         generate(tiny_llama, word_tokenizer, **args)
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+def test_quantized_kv_cache_is_stored_at_its_bits_and_attends_like_the_fake_quantized_cache(tiny_llama, calib,
+                                                                                              word_tokenizer, bits):
+    """With a KV-cache transform, generate keeps codes (two per byte at 4 bits) and a float32 scale and zero point per
+    head and token; what attention sees is what the fake quantization of a float cache gives (rounding of the
+    rotation on 1 vs all positions aside), so the greedy tokens are the same."""
+    from boa.transforms import KVQuant, QuaRot, kv_cache
+
+    config = boa.QuantConfig(boa.RTN(bits=8), transforms=(QuaRot(), KVQuant(bits)))
+    model = boa.quantize(tiny_llama, config, calib, progress=False).model
+    stored = generate(model, word_tokenizer, PROMPT, max_new_tokens=12, stop_at_eos=False)
+    transforms, model.boa_transforms = model.boa_transforms, ()  # generate then keeps a float DynamicCache
+    fake = generate(model, word_tokenizer, PROMPT, max_new_tokens=12, stop_at_eos=False)
+    model.boa_transforms = transforms
+    assert stored.tokens == fake.tokens
+    # the logits of a step against the stored cache = one pass over every position with the fake-quantized cache
+    ids = torch.tensor([word_tokenizer(PROMPT).input_ids + stored.tokens])
+    cache = transforms[-1].new_cache()
+    with torch.no_grad():
+        model(ids[:, :-3], cache=cache, use_cache=True)
+        step = model(ids[:, -3:], cache=cache, use_cache=True).logits
+        whole = model(ids).logits[:, -3:]
+        attached = dict(kv_cache._settings)
+        kv_cache._settings.clear()  # kv_attention passes float keys and values through
+        float_kv = model(ids).logits[:, -3:]
+        kv_cache._settings.update(attached)
+    torch.testing.assert_close(step, whole, rtol=1e-4, atol=1e-4)
+    assert (step - float_kv).abs().max() > 100 * (step - whole).abs().max()  # the KV rounding is seen
+    c = model.config
+    tokens = stored.prompt_tokens + len(stored.tokens) - 1  # the last token is never fed back
+    d = c.hidden_size // c.num_attention_heads
+    vectors = 2 * c.num_hidden_layers * c.num_key_value_heads * tokens
+    assert stored.cache_bytes == vectors * (d * bits // 8 + 8)
+    assert fake.cache_bytes == vectors * d * 4  # float32

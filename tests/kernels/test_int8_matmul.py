@@ -85,12 +85,21 @@ def assert_integer_sums_exact(op, case, bits, a_bits, batch):
 @pytest.mark.parametrize("a_bits", [4, 8])
 @pytest.mark.parametrize("clip", [1.0, 0.9, 0.75])
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16], ids=["fp32", "bf16", "fp16"])
-def test_codes_are_quantize_per_token(a_bits, clip, dtype):
+def test_codes_are_per_token_round_to_nearest(a_bits, clip, dtype):
+    """Against one row at a time in float64 (the fake-quantized activations boa.transforms computes are these codes
+    times these scales: quantize_per_token is built on per_token_codes)."""
     x = tokens(64, 300, seed=a_bits).to(dtype)
     x[3] = 0  # an all-zero token: the scale's floor
     codes, scale = per_token_codes(x, a_bits, clip)
+    maxq = 2 ** (a_bits - 1) - 1
     assert codes.dtype == torch.int8 and scale.dtype == torch.float32
-    assert codes.min() >= -(2 ** (a_bits - 1)) and codes.max() <= 2 ** (a_bits - 1) - 1
+    for row, got_codes, got_scale in zip(x.double(), codes, scale):
+        step = max(float(torch.tensor(clip * row.abs().max().item() / maxq, dtype=torch.float32)),
+                   torch.finfo(torch.float32).tiny)
+        assert got_scale.item() == pytest.approx(step, rel=1e-6)
+        want = torch.clamp(torch.round(row / got_scale.double()), -maxq - 1, maxq)
+        # ties may round either way between the float32 division and the float64 one
+        assert (got_codes.double() - want).abs().max() <= 1 and (got_codes.double() == want).float().mean() > 0.99
     assert torch.equal((codes.float() * scale).to(dtype), quantize_per_token(x, a_bits, clip))
 
 

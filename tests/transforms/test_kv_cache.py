@@ -66,3 +66,23 @@ def test_bad_settings_are_refused():
     for bad in ({"bits": 2}, {"clip_ratio": 0}, {"bits": True}):
         with pytest.raises(BoaError):
             transform_from_dict({"name": "kv_cache", **bad})
+
+
+@pytest.mark.parametrize("stock", ["eager", "sdpa"])
+def test_attention_stays_causal_and_masked_under_kv_quantization(stock):
+    """transformers builds no mask for an attention implementation it has no mask builder for: kv_attention's
+    stands in for the stock one's, so early positions never see later tokens (eager attention would otherwise run
+    unmasked) and a chunk of several tokens against a cache is masked as in one pass."""
+    from transformers import DynamicCache
+
+    model = build_llama()
+    model.config._attn_implementation = stock
+    KVQuant(bits=8).attach(model, adapter_for(model.config))
+    ids = random_windows(1, 12, seed=5)
+    with torch.no_grad():
+        whole = model(ids).logits
+        torch.testing.assert_close(model(ids[:, :5]).logits, whole[:, :5], rtol=1e-5, atol=1e-5)
+        cache = DynamicCache()
+        model(ids[:, :8], cache=cache, use_cache=True)
+        torch.testing.assert_close(model(ids[:, 8:], cache=cache, use_cache=True).logits, whole[:, 8:],
+                                   rtol=1e-5, atol=1e-5)
