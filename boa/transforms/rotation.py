@@ -26,14 +26,20 @@ from boa.transforms.base import Transform, register_transform
 from boa.transforms.hadamard import Rotation
 
 
+def _exact(t: torch.Tensor) -> torch.Tensor:
+    """t in a dtype whose rounding the result's own rounding hides: float64 for float32/64 weights, float32 for
+    bf16/fp16 ones (an 8B model's fusion then streams half the bytes)."""
+    return t.double() if t.dtype in (torch.float32, torch.float64) else t.float()
+
+
 def _rows(weight: torch.Tensor, rotation: Rotation) -> torch.Tensor:
-    """W·Q: each row rotated (fp64, so that the float model's function is kept to its own precision)."""
-    return rotation.apply(weight.double())
+    """W·Q: each row rotated."""
+    return rotation.apply(_exact(weight))
 
 
 def _columns(weight: torch.Tensor, rotation: Rotation) -> torch.Tensor:
     """Qᵀ·W: each column rotated."""
-    return rotation.apply(weight.double().T).T
+    return rotation.apply(_exact(weight).T).T
 
 
 def _set(param: nn.Parameter, value: torch.Tensor) -> None:
@@ -45,7 +51,7 @@ def _fold_norm(norm: nn.Module, linears: list[nn.Linear]) -> None:
     """γ into the columns of the linears reading the norm; the norm keeps 1."""
     gamma = norm.weight.detach().double()
     for linear in linears:
-        _set(linear.weight, linear.weight.double() * gamma)
+        _set(linear.weight, _exact(linear.weight) * gamma.to(_exact(linear.weight).dtype))
     _set(norm.weight, torch.ones_like(gamma))
 
 
@@ -104,7 +110,7 @@ class QuaRot(Transform):
         elif not tied and module is model.get_output_embeddings():
             names = {id(m): n for n, m in model.named_modules()}
             gamma = raw(f"{names[id(final_norm)]}.weight").double().to(module.weight.device)
-            _set(module.weight, module.weight.double() * gamma)  # rounded to the weight's dtype, as _fold_norm does
+            _set(module.weight, _exact(module.weight) * gamma.to(_exact(module.weight).dtype))  # rounded to the weight's dtype, as _fold_norm does
             _set(module.weight, _rows(module.weight, Q))
         elif not tied and module is final_norm:
             _set(module.weight, torch.ones_like(module.weight))
@@ -121,7 +127,7 @@ class QuaRot(Transform):
             linear = layers[name]
             _set(linear.weight, _columns(linear.weight, Q))
             if linear.bias is not None:
-                _set(linear.bias, Q.apply(linear.bias.double()))
+                _set(linear.bias, Q.apply(_exact(linear.bias)))
         if self.value_heads:
             self._rotate_value_heads(layers[adapter.v_proj], layers[adapter.o_proj], adapter)
         if self.online_down:
@@ -132,11 +138,11 @@ class QuaRot(Transform):
     def _rotate_value_heads(v_proj: nn.Linear, o_proj: nn.Linear, adapter) -> None:
         d = adapter.head_dim
         M = Rotation.build(d)
-        W_v = v_proj.weight.double().reshape(-1, d, v_proj.in_features)            # (kv heads, d, in)
+        W_v = _exact(v_proj.weight).reshape(-1, d, v_proj.in_features)            # (kv heads, d, in)
         _set(v_proj.weight, M.apply(W_v.transpose(1, 2)).transpose(1, 2).reshape(v_proj.weight.shape))  # Mᵀ·W_v,h
         if v_proj.bias is not None:
-            _set(v_proj.bias, M.apply(v_proj.bias.double().reshape(-1, d)).reshape(-1))
-        W_o = o_proj.weight.double().reshape(o_proj.out_features, -1, d)           # (out, heads, d)
+            _set(v_proj.bias, M.apply(_exact(v_proj.bias).reshape(-1, d)).reshape(-1))
+        W_o = _exact(o_proj.weight).reshape(o_proj.out_features, -1, d)           # (out, heads, d)
         _set(o_proj.weight, M.apply(W_o).reshape(o_proj.weight.shape))                # W_o,h·M
 
     def attach(self, model, adapter) -> list:

@@ -63,6 +63,27 @@ def test_the_rotated_float_model_computes_the_same_logits(family, value_heads, o
         assert rotated.lm_head.weight is rotated.model.embed_tokens.weight
 
 
+def test_bf16_weights_are_fused_in_float32_as_exactly_as_in_float64(monkeypatch):
+    """A bf16 model is rotated in float32 (half the bytes of float64): its fused weights are those of the same
+    fusion computed in float64, but for the rare value within float32 rounding of a bf16 tie (then one ulp off)."""
+    from boa.transforms import rotation
+
+    model = build_llama().bfloat16()
+    randomise_norms(model)
+    adapter = adapter_for(model.config)
+    fused = copy.deepcopy(model)
+    QuaRot(seed=3).apply(fused, adapter)
+    monkeypatch.setattr(rotation, "_exact", lambda t: t.double())
+    QuaRot(seed=3).apply(model, adapter)
+    changed = 0
+    for name, p in fused.named_parameters():
+        want = model.get_parameter(name)
+        assert p.dtype == torch.bfloat16 and (p == want).float().mean() > 0.999, name
+        assert ((p.float() - want.float()).abs() <= want.float().abs() / 64 + 1e-30).all(), name  # ≤ 1 bf16 ulp
+        changed += not torch.equal(p, build_llama().bfloat16().get_parameter(name))
+    assert changed > 10  # the fusion did move the weights
+
+
 def test_without_the_online_hook_the_down_projection_is_wrong():
     """The online Hadamard is what makes down_proj's fused rotation right: removing its hooks changes the logits."""
     model = build_llama().double()
