@@ -210,3 +210,18 @@ def test_cli_nproc_2_writes_what_one_process_writes(tiny_llama_dir, calib_txt, t
             torch.testing.assert_close(a[key], b[key], rtol=1e-6, atol=0)
         else:
             assert torch.equal(a[key], b[key]), key
+
+
+def test_cli_4_bit_activations_turn_the_dx_correction_off_unless_asked():
+    """TurboBoA's dX term costs accuracy under 4-bit activations (README's rotated W4A4-KV4 rows): --a-bits 4 makes
+    its default 0, for aespa's TurboBoA init too; --dx-alpha still sets it, and 8-bit activations keep 0.25."""
+    from boa.cli import _method, _parser
+
+    def method(*flags):
+        return _method(_parser().parse_args(["quantize", "m", *flags]))
+
+    assert method("--method", "turboboa", "--a-bits", "4").dx_alpha == 0
+    assert method("--method", "aespa", "--a-bits", "4").init.dx_alpha == 0
+    assert method("--method", "turboboa", "--a-bits", "4", "--dx-alpha", "0.5").dx_alpha == 0.5
+    assert method("--method", "turboboa", "--a-bits", "8").dx_alpha == 0.25
+    assert method("--method", "turboboa").dx_alpha == 0.25
