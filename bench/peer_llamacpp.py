@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import argparse
 import copy
-import importlib.util
 import json
 import os
 import subprocess
@@ -99,8 +98,7 @@ def boa_rows(threads: int, tokens: int) -> list[dict]:
 
 def main() -> None:
     args = parse_args()
-    package, gguf_name = BUILTIN_MODELS["smollm2-135m"]
-    gguf = Path(importlib.util.find_spec(package).submodule_search_locations[0]) / gguf_name
+    gguf = BUILTIN_MODELS["smollm2-135m"].gguf_path()
     out = subprocess.run([str(llamacpp_python(args.venv)), "-c", WORKER, str(gguf), str(args.threads),
                           str(args.tokens), PROMPT], check=True, capture_output=True, text=True)
     rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]

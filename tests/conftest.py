@@ -21,7 +21,8 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 import pytest
 import torch
 
-from transformers import BertConfig, BertModel, LlamaConfig, LlamaForCausalLM, OPTConfig, OPTForCausalLM
+from transformers import (BertConfig, BertModel, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
+                          OPTConfig, OPTForCausalLM)
 
 VOCAB = 256
 
@@ -49,6 +50,24 @@ def build_llama(num_layers: int = 2, seed: int = 0) -> LlamaForCausalLM:
         num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128,
     )
     return LlamaForCausalLM(config).float().eval()
+
+
+def build_gemma3(num_layers: int = 3, seed: int = 0) -> Gemma3ForCausalLM:
+    """A random Gemma 3 text model: sliding-window layers (window 5, shorter than test windows) around a global one,
+    each type with its own RoPE; one kv head for 4 query heads of head_dim 16; q/k norms acting as 1 + w (set away
+    from 0 so they matter); tied embeddings."""
+    torch.manual_seed(seed)
+    config = Gemma3TextConfig(
+        hidden_size=64, intermediate_size=128, num_hidden_layers=num_layers, num_attention_heads=4,
+        num_key_value_heads=1, head_dim=16, vocab_size=VOCAB, max_position_embeddings=128, sliding_window=5,
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"][:num_layers],
+    )
+    model = Gemma3ForCausalLM(config).float().eval()
+    with torch.no_grad():
+        for layer in model.model.layers:
+            layer.self_attn.q_norm.weight.uniform_(-0.5, 0.5)
+            layer.self_attn.k_norm.weight.uniform_(-0.5, 0.5)
+    return model
 
 
 def build_opt(num_layers: int = 2, seed: int = 0) -> OPTForCausalLM:
@@ -88,10 +107,10 @@ def tiny_opt():
     return build_opt()
 
 
-@pytest.fixture(params=["llama", "opt"])
+@pytest.fixture(params=["llama", "opt", "gemma3"])
 def tiny_model(request):
     """Each tiny architecture in turn."""
-    return build_llama() if request.param == "llama" else build_opt()
+    return {"llama": build_llama, "opt": build_opt, "gemma3": build_gemma3}[request.param]()
 
 
 @pytest.fixture

@@ -53,7 +53,7 @@ def streamed_perplexity(
     final = [module for module in (attrgetter(path)(model) for path in adapter.after_blocks) if module is not None]
 
     with _loaded(streamed, streamed.outside_blocks(adapter.blocks_path)):
-        inputs = BlockInputs.capture(model, blocks[0], windows, streamed.dtype, with_fp=False, offload="auto")
+        inputs = BlockInputs.capture(model, blocks, windows, streamed.dtype, with_fp=False, offload="auto")
     try:
         for block in tqdm(blocks, desc="perplexity", unit="block", disable=not progress, leave=False):
             with _loaded(streamed, [block]):

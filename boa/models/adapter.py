@@ -131,16 +131,37 @@ class LlamaAdapter(Adapter):
         # in host memory is quantized block by block on a GPU
         device = next(rotary.buffers()).device
         positions = torch.arange(seqlen, device=device)[None]
-        cos, sin = rotary(torch.zeros(1, seqlen, d, device=device, dtype=torch.float32), positions)
+        cos, sin = self._cos_sin(rotary, attention, torch.zeros(1, seqlen, d, device=device, dtype=torch.float32),
+                                 positions)
         basis = torch.eye(d, device=device, dtype=torch.float32)[None, :, None, :].expand(1, d, seqlen, d)
         rotated, _ = apply(basis, basis, cos.float(), sin.float())   # [0, i, t] = R_t e_i
         R = rotated[0].permute(1, 2, 0).contiguous()                 # [t, :, i] = R_t e_i
         return R.to(next(attention.parameters()).device)
 
+    def _cos_sin(self, rotary, attention, x, positions):
+        return rotary(x, positions)
+
     def qk_norm_weights(self, attention):
         if getattr(attention, "q_norm", None) is None:
             return None
         return attention.q_norm.weight.detach(), attention.k_norm.weight.detach()
+
+
+@register
+class Gemma3Adapter(LlamaAdapter):
+    """Gemma 3 (text): Llama's projections, with q/k norms whose weights act as 1 + w, interleaved sliding-window
+    and global layers, each type with its own RoPE (the rotary module takes the layer type) and mask (recorded per
+    block by BlockInputs; BoA's capture records the mask each call gets). Its norms also follow the attention and
+    the MLP (post-norms), which a rotation of the residual stream does not commute with: no QuaRot."""
+
+    model_types = ("gemma3_text",)
+    rms_norm = False
+
+    def _cos_sin(self, rotary, attention, x, positions):
+        return rotary(x, positions, attention.layer_type)
+
+    def qk_norm_weights(self, attention):
+        return attention.q_norm.weight.detach().double() + 1, attention.k_norm.weight.detach().double() + 1
 
 
 @register

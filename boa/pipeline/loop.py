@@ -350,13 +350,13 @@ def quantize(
         for module in around:
             weights.load(module)
         try:
-            inputs = BlockInputs.capture(model, blocks[0], ranks.share(calib), getattr(torch, config.cache_dtype),
+            inputs = BlockInputs.capture(model, blocks, ranks.share(calib), getattr(torch, config.cache_dtype),
                                          needs.dx, offload=offload, offload_dir=offload_dir)
         finally:
             for module in around:
                 weights.release(module)
         if first > 0:
-            inputs.restore(checkpoint.load_carry())
+            inputs.restore(checkpoint.load_carry(), first)
         statistics = GroupStatistics(model, adapter, needs, hessian_dtype, ranks)
 
     groups = adapter.sequential_groups() if config.true_sequential else [adapter.linear_names()]

@@ -77,9 +77,10 @@ class QuaRot(Transform):
 
     def _check(self, adapter) -> None:
         if not adapter.rms_norm:
-            raise BoaError(f"QuaRot rotations need RMSNorm blocks; {adapter.config.model_type!r} models use "
-                           "LayerNorm, whose mean subtraction does not commute with a rotation. Quantize it without "
-                           "--rotate")
+            raise BoaError(f"QuaRot rotations need pre-norm RMSNorm blocks whose norms fold into the next linears; "
+                           f"{adapter.config.model_type!r} models have norms a rotation does not commute with "
+                           "(LayerNorm's mean subtraction, or Gemma's norms after attention and MLP). Quantize it "
+                           "without --rotate")
 
     def residual(self, adapter) -> Rotation:
         return Rotation.build(adapter.config.hidden_size, seed=self.seed)

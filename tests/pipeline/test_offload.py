@@ -73,7 +73,7 @@ def capture_counting_forwards(offload_dir, offload="disk"):
     model.register_forward_pre_hook(lambda module, args: forwards.append(1))
     block = adapter_for(model.config).blocks(model)[0]
     with pytest.raises(BoaError) as err:
-        BlockInputs.capture(model, block, random_windows(4, 16), torch.float32, with_fp=True, offload=offload,
+        BlockInputs.capture(model, [block], random_windows(4, 16), torch.float32, with_fp=True, offload=offload,
                             offload_dir=offload_dir)
     assert forwards == []  # refused before anything was computed
     return str(err.value)
@@ -156,7 +156,7 @@ def test_capture_sizes_auto_by_the_activations(monkeypatch, tmp_path):
     placed = {}
     for host_free in (200 * 1024, 100 * 1024):
         monkeypatch.setattr(offload_module, "host_free_memory", lambda: host_free)
-        inputs = BlockInputs.capture(model, block, random_windows(8, 16), torch.float32, True, offload="auto",
+        inputs = BlockInputs.capture(model, [block], random_windows(8, 16), torch.float32, True, offload="auto",
                                      offload_dir=tmp_path)
         placed[host_free] = (inputs.hidden.placement, inputs.fp.placement)
         inputs.close()
@@ -168,7 +168,7 @@ def test_advance_and_restore_keep_the_placement(tmp_path):
     a checkpoint's state restores into disk caches again."""
     model = build_llama()
     block = adapter_for(model.config).blocks(model)[0]
-    inputs = BlockInputs.capture(model, block, random_windows(11, 16), torch.float16, True, offload="disk",
+    inputs = BlockInputs.capture(model, [block], random_windows(11, 16), torch.float16, True, offload="disk",
                                  offload_dir=tmp_path)
     old = [inputs.hidden, inputs.fp]
     with torch.no_grad():
@@ -182,7 +182,7 @@ def test_advance_and_restore_keep_the_placement(tmp_path):
 
     state = inputs.state()
     assert all(x.device.type == "cpu" and x.dtype == torch.float16 for x in state.values())
-    inputs.restore({k: v * 2 for k, v in state.items()})
+    inputs.restore({k: v * 2 for k, v in state.items()}, 0)
     assert {inputs.hidden.placement, inputs.fp.placement} == {"disk"}
     assert len(list(tmp_path.iterdir())) == 2
     assert all(torch.equal(a, b * 2) for a, b in zip(inputs.hidden, expected, strict=True))

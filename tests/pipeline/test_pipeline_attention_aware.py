@@ -27,7 +27,8 @@ def test_attention_aware_methods_run_on_every_architecture(tiny_model, calib, he
     boa.quantize(rtn_model, boa.RTN(bits=3, group_size=16), progress=False)
     result = boa.quantize(tiny_model, method_from_dict({"method": method, "bits": 3, "group_size": 16}), calib,
                           progress=False)
-    assert len(result.layers) == 2 * len(boa.models.adapter_for(tiny_model.config).linear_names())
+    adapter = boa.models.adapter_for(tiny_model.config)
+    assert len(result.layers) == len(adapter.blocks(tiny_model)) * len(adapter.linear_names())
     with torch.no_grad():
         ours = tiny_model(input_ids=heldout).logits
         rtn = rtn_model(input_ids=heldout).logits
@@ -54,7 +55,7 @@ def smollm2_block0_stats():
     calib = boa.data.calibration_windows(tokenizer, "wikipedia", 8, 128)
     block = adapter.blocks(model)[0]
     with torch.no_grad():
-        inputs = BlockInputs.capture(model, block, calib, torch.float32, with_fp=False)
+        inputs = BlockInputs.capture(model, [block], calib, torch.float32, with_fp=False)
         needs = boa.BoA(bits=3, group_size=-1).needs()
         group = [adapter.q_proj, adapter.k_proj, adapter.v_proj]
         stats = GroupStatistics(model, adapter, needs, torch.float32)(block, group, inputs.hidden, inputs.kwargs)

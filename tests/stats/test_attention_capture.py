@@ -10,7 +10,7 @@ from boa.stats import AttentionRecorder, LayerStats, attention_layer_stats, back
 from boa.stats.collect import collect_statistics
 from boa.stats.attention import attention_probabilities
 
-from conftest import VOCAB, build_bert, build_llama, build_opt, random_windows
+from conftest import VOCAB, build_bert, build_gemma3, build_llama, build_opt, random_windows
 
 
 class KeepingRecorder(AttentionRecorder):
@@ -33,12 +33,12 @@ def build_qwen3():
     return model
 
 
-def capture_layer0(model, input_ids, attention_mask=None):
-    """Runs block 0 with its attention captured, on the inputs and kwargs (masks, position embeddings) the model
+def capture_layer0(model, input_ids, attention_mask=None, index=0):
+    """Runs block `index` (0) with its attention captured, on the inputs and kwargs (masks, position embeddings) the model
     gives it under its default attention (sdpa), as the pipeline does; returns the adapter, the block, the
     recorder, the v_proj input, and block 0's eager attention probabilities for comparison."""
     adapter = adapter_for(model.config)
-    block = adapter.blocks(model)[0]
+    block = adapter.blocks(model)[index]
     attention = block.get_submodule(adapter.attention)
     seen = {}
     hooks = [
@@ -58,20 +58,24 @@ def capture_layer0(model, input_ids, attention_mask=None):
     watch.remove()
     model.set_attn_implementation("eager")
     with torch.no_grad():
-        eager = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions[0]
+        eager = model(input_ids=input_ids, attention_mask=attention_mask, output_attentions=True).attentions[index]
     return adapter, block, recorder, seen["x"], eager
 
 
-@pytest.mark.parametrize("build", [build_llama, build_opt, build_qwen3, build_bert])
-def test_captured_probabilities_equal_the_models_own(build):
+@pytest.mark.parametrize("build,index", [(build_llama, 0), (build_opt, 0), (build_qwen3, 0), (build_bert, 0),
+                                         (build_gemma3, 0), (build_gemma3, 1)], ids=["llama", "opt", "qwen3", "bert",
+                                                                                   "gemma3_sliding", "gemma3_full"])
+def test_captured_probabilities_equal_the_models_own(build, index):
     model = build()
     ids = random_windows(3, 16)
-    adapter, block, recorder, x, eager = capture_layer0(model, ids)
+    adapter, block, recorder, x, eager = capture_layer0(model, ids, index=index)
     query, key, probs = recorder.seen
     assert query.shape[1] == adapter.n_heads and key.shape[1] == adapter.n_kv_heads
     torch.testing.assert_close(probs, eager.float(), atol=1e-5, rtol=1e-4)
     if build is not build_bert:  # causal: nothing above the diagonal
         assert float(probs.triu(1).abs().max()) == 0
+    if build is build_gemma3:  # the sliding window: nothing 5 or more positions back, but on the global layer
+        assert (float(probs.tril(-5).abs().max()) == 0) == (index == 0)
 
 
 def test_padding_mask_is_applied_for_encoders():
@@ -85,12 +89,13 @@ def test_padding_mask_is_applied_for_encoders():
     assert float(probs[1, :, :, 8:].abs().max()) < 1e-6
 
 
-@pytest.mark.parametrize("build", [build_llama, build_qwen3])
-def test_captured_query_and_key_are_the_rotated_projections(build):
-    """q_t = R_t · norm(W_q x_t), with R_t from adapter.rotary_matrices, equals what attention received."""
+@pytest.mark.parametrize("build,index", [(build_llama, 0), (build_qwen3, 0), (build_gemma3, 0), (build_gemma3, 1)])
+def test_captured_query_and_key_are_the_rotated_projections(build, index):
+    """q_t = R_t · norm(W_q x_t), with R_t from adapter.rotary_matrices, equals what attention received (Gemma 3:
+    local and global RoPE)."""
     model = build()
     ids = random_windows(2, 16)
-    adapter, block, recorder, x, _ = capture_layer0(model, ids)
+    adapter, block, recorder, x, _ = capture_layer0(model, ids, index=index)
     query, key, _ = recorder.seen
     attention = block.get_submodule(adapter.attention)
     R = adapter.rotary_matrices(model, attention, 16)
@@ -144,14 +149,17 @@ def test_recorded_means_equal_explicit_statistics():
     torch.testing.assert_close(got["value_H"], per_q_head.reshape(2, 2, 64, 64).mean(1), atol=1e-5, rtol=1e-4)
 
 
-def test_qk_norm_linearisation_scales_the_row_factors_by_gamma():
-    model = build_qwen3()
+@pytest.mark.parametrize("build", [build_qwen3, build_gemma3])
+def test_qk_norm_linearisation_scales_the_row_factors_by_gamma(build):
+    """Qwen3's q/k norms multiply by w, Gemma 3's by 1 + w (and Gemma has one kv head for 4 query heads)."""
+    model = build()
     adapter = adapter_for(model.config)
     block = adapter.blocks(model)[0]
     attention = block.get_submodule(adapter.attention)
     calib = [random_windows(2, 16)]
     embeds = [model.model.embed_tokens(calib[0]).detach()]
-    cos_sin = model.model.rotary_emb(embeds[0], torch.arange(16)[None])
+    rope = (attention.layer_type,) if build is build_gemma3 else ()
+    cos_sin = model.model.rotary_emb(embeds[0], torch.arange(16)[None], *rope)
     kwargs = [{"position_embeddings": cos_sin, "attention_mask": None}]
     group = [adapter.q_proj, adapter.k_proj, adapter.v_proj]
     recorder = AttentionRecorder(values=True, dtype=torch.float64, stop=True)
@@ -160,16 +168,18 @@ def test_qk_norm_linearisation_scales_the_row_factors_by_gamma():
     means = recorder.finish()
     R = adapter.rotary_matrices(model, attention, 16)
     stats = attention_layer_stats(adapter, block, hessians[adapter.q_proj], means, R, "exact")
-    gamma_q = attention.q_norm.weight.detach().double()
-    plain = back_rotate(means["key"], R).repeat_interleave(2, dim=0)
+    gamma_q = attention.q_norm.weight.detach().double() + (1 if build is build_gemma3 else 0)
+    shared = adapter.n_heads // adapter.n_kv_heads
+    plain = back_rotate(means["key"], R).repeat_interleave(shared, dim=0)
     torch.testing.assert_close(stats[adapter.q_proj].H_out, gamma_q[:, None] * plain * gamma_q[None, :])
     # v_proj's exact row factor: the out-projection columns of each head, averaged over the heads sharing a kv head
     W_o = attention.o_proj.weight.detach().double()
-    per_head = [W_o[:, h * 16 : (h + 1) * 16] for h in range(4)]
-    expected = torch.stack([(per_head[2 * g].T @ per_head[2 * g] + per_head[2 * g + 1].T @ per_head[2 * g + 1]) / 2
-                            for g in range(2)])
+    per_head = [W_o[:, h * 16 : (h + 1) * 16] for h in range(adapter.n_heads)]
+    expected = torch.stack([sum(per_head[shared * g + j].T @ per_head[shared * g + j] for j in range(shared)) / shared
+                            for g in range(adapter.n_kv_heads)])
     torch.testing.assert_close(stats[adapter.v_proj].H_out, expected)
-    assert isinstance(stats[adapter.v_proj], LayerStats) and stats[adapter.v_proj].H.shape == (2, 64, 64)
+    assert isinstance(stats[adapter.v_proj], LayerStats) and stats[adapter.v_proj].H.shape == (adapter.n_kv_heads,
+                                                                                               64, 64)
 
 
 def test_value_dx_term_equals_explicit_cross_covariance():

@@ -68,7 +68,7 @@ def test_statistics_match_keeping_every_layer_input(arch, dtype, true_sequential
     statistics = GroupStatistics(model, adapter, needs, torch.float64)
     g = torch.Generator().manual_seed(0)
     with torch.no_grad():
-        inputs = BlockInputs.capture(model, block, random_windows(11, 16, seed=3), dtype, with_fp=True)
+        inputs = BlockInputs.capture(model, [block], random_windows(11, 16, seed=3), dtype, with_fp=True)
         # the quantized path's inputs, as an earlier quantized block leaves them, differ from the FP path's
         inputs.hidden = [x + 0.05 * torch.randn(x.shape, generator=g).to(dtype) for x in inputs.hidden]
         kept = KeptInputs(block, adapter, inputs.fp, inputs.kwargs, dtype, needs.attention)
@@ -112,7 +112,7 @@ def test_one_run_of_the_copy_per_question():
     adapter = adapter_for(model.config)
     block = adapter.blocks(model)[0]
     with torch.no_grad():
-        inputs = BlockInputs.capture(model, block, random_windows(11, 16), torch.float32, with_fp=True)
+        inputs = BlockInputs.capture(model, [block], random_windows(11, 16), torch.float32, with_fp=True)
         fp = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, inputs.dtype, attention=True)
         runs = []
         fp.block.register_forward_pre_hook(lambda module, args: runs.append(1))
@@ -159,7 +159,7 @@ def test_the_fp_path_drops_run_time_quantizers_and_keeps_rotations():
     QuaRot().apply(model, adapter)
     block = adapter.blocks(model)[0]
     with torch.no_grad():
-        inputs = BlockInputs.capture(model, block, random_windows(4, 16), torch.float32, with_fp=True)
+        inputs = BlockInputs.capture(model, [block], random_windows(4, 16), torch.float32, with_fp=True)
         float_path = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, inputs.dtype, attention=False).outputs
         ActivationQuant(4).attach(model, adapter)
         fp = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, inputs.dtype, attention=False)

@@ -19,7 +19,7 @@ def setup(with_fp=False):
     block = adapter.blocks(model)[0]
     calib = random_windows(6, 16, seed=2)
     with torch.no_grad():
-        inputs = BlockInputs.capture(model, block, calib, torch.float32, with_fp=with_fp)
+        inputs = BlockInputs.capture(model, [block], calib, torch.float32, with_fp=with_fp)
     return model, adapter, block, calib, inputs
 
 
