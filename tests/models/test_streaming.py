@@ -11,7 +11,7 @@ from boa.core.shards import INDEX
 from boa.models import adapter_for
 from boa.models.weights import empty_model
 
-from conftest import BlockProbe, build_llama, build_opt, open_streamed, random_windows
+from conftest import BlockProbe, build_gemma3, build_llama, build_opt, open_streamed, random_windows
 
 METHODS = [boa.GPTQ(bits=4, group_size=32, act_order=True), boa.TurboBoA(bits=3, group_size=32, rows_per_step=4)]
 
@@ -23,7 +23,7 @@ def sharded(tmp_path, model, shard="40KB"):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
-@pytest.mark.parametrize("build", [build_llama, build_opt], ids=["llama", "opt"])
+@pytest.mark.parametrize("build", [build_llama, build_opt, build_gemma3], ids=["llama", "opt", "gemma3"])
 def test_a_streamed_run_gives_the_in_memory_codes_one_block_at_a_time(tmp_path, monkeypatch, method, build):
     model = build(num_layers=3)
     folder = sharded(tmp_path, model)
