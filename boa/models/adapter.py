@@ -107,6 +107,11 @@ class Adapter:
     def linear_names(self) -> list[str]:
         return [name for group in self.sequential_groups() for name in group]
 
+    def fused_projections(self) -> dict[str, tuple[tuple[str, int], ...]]:
+        """Fused linears inside a block, {path: ((part, rows), ...)} in row order: quantized part by part
+        (boa.models.fused), the parts named path.part above."""
+        return {}
+
 
 @register
 class LlamaAdapter(Adapter):
@@ -162,6 +167,22 @@ class Gemma3Adapter(LlamaAdapter):
 
     def qk_norm_weights(self, attention):
         return attention.q_norm.weight.detach().double() + 1, attention.k_norm.weight.detach().double() + 1
+
+
+@register
+class Phi3Adapter(LlamaAdapter):
+    """Phi-3: Llama's block with q/k/v fused in qkv_proj and gate/up in gate_up_proj, each quantized as its parts
+    (boa.models.fused) and stored fused."""
+
+    model_types = ("phi3",)
+    q_proj, k_proj, v_proj = "self_attn.qkv_proj.q", "self_attn.qkv_proj.k", "self_attn.qkv_proj.v"
+    mlp_in = ("mlp.gate_up_proj.gate", "mlp.gate_up_proj.up")
+
+    def fused_projections(self):
+        q, kv = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        inter = self.config.intermediate_size
+        return {"self_attn.qkv_proj": (("q", q), ("k", kv), ("v", kv)), "mlp.gate_up_proj": (("gate", inter),
+                                                                                               ("up", inter))}
 
 
 @register

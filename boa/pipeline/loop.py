@@ -34,6 +34,7 @@ from boa.core.quantizer import QuantizedWeight
 from boa.core.ranks import Ranks
 from boa.export.boa_format import MANIFEST
 from boa.models.adapter import Adapter, adapter_for
+from boa.models.fused import join_split, split_fused
 from boa.models.weights import ResidentModel, StreamedModel
 from boa.nn import check_not_quantized
 from boa.pipeline.inputs import BlockInputs
@@ -259,6 +260,20 @@ def _weights(model, device) -> ResidentModel | StreamedModel:
     return ResidentModel(model, device if device is not None else default_device())
 
 
+def _split_fused(config: QuantConfig, weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
+    """Fused projections (Phi-3's qkv_proj, gate_up_proj) split into their parts for the run (boa.models.fused)."""
+    if not adapter.fused_projections():
+        return
+    family = adapter.config.model_type
+    if isinstance(weights, StreamedModel):
+        raise BoaError(f"{family} models fuse projections, which boa splits in memory: streaming them block by block "
+                       "is not supported yet; quantize it in memory (--stream never)")
+    if any(t.name == "activations" for t in config.transforms):
+        raise BoaError(f"quantized activations (--a-bits) are not supported yet on {family}'s fused projections; "
+                       "quantize its weights only")
+    split_fused(weights.model, adapter)
+
+
 def _apply_transforms(config: QuantConfig, weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
     """The config's transforms on the model, once: the model keeps their run-time hooks (online rotations), and
     `boa_transforms` records them so that a second run on the same model is refused instead of rotating twice."""
@@ -330,6 +345,7 @@ def quantize(
     elif out is None and checkpoint_dir is None:
         raise BoaError("a streamed model keeps its codes in the run's checkpoint until it is saved: pass out= (the "
                        "folder boa.save will write) or checkpoint_dir=")
+    _split_fused(config, weights, adapter)
     _apply_transforms(config, weights, adapter)
     kernel_backend = backend_for(weights.device)  # a bad BOA_KERNELS fails now, not mid-run
     log.info("column pass kernels: %s", kernel_backend)
@@ -393,6 +409,8 @@ def quantize(
             inputs.close()
     for transform in config.transforms:  # run-time parts from their calibration state to inference's
         transform.finish(model, adapter)
+    if not streamed:  # fused projections stored as the model has them
+        join_split(model, adapter, result.layers)
     if streamed:
         result.layers = CheckpointLayers(checkpoint, [[f"{adapter.blocks_path}.{i}.{n}" for n in adapter.linear_names()]
                                                       for i in range(len(blocks))])

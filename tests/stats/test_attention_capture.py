@@ -33,6 +33,19 @@ def build_qwen3():
     return model
 
 
+def build_phi3():
+    """A random Phi-3 with its fused projections split, as boa.quantize runs it."""
+    from transformers import Phi3Config, Phi3ForCausalLM
+    from boa.models.fused import split_fused
+
+    torch.manual_seed(0)
+    model = Phi3ForCausalLM(Phi3Config(hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+                                       num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+                                       max_position_embeddings=64, pad_token_id=0)).eval()
+    split_fused(model, adapter_for(model.config))
+    return model
+
+
 def capture_layer0(model, input_ids, attention_mask=None, index=0):
     """Runs block `index` (0) with its attention captured, on the inputs and kwargs (masks, position embeddings) the model
     gives it under its default attention (sdpa), as the pipeline does; returns the adapter, the block, the
@@ -63,8 +76,8 @@ def capture_layer0(model, input_ids, attention_mask=None, index=0):
 
 
 @pytest.mark.parametrize("build,index", [(build_llama, 0), (build_opt, 0), (build_qwen3, 0), (build_bert, 0),
-                                         (build_gemma3, 0), (build_gemma3, 1)], ids=["llama", "opt", "qwen3", "bert",
-                                                                                   "gemma3_sliding", "gemma3_full"])
+                                         (build_gemma3, 0), (build_gemma3, 1), (build_phi3, 0)],
+                         ids=["llama", "opt", "qwen3", "bert", "gemma3_sliding", "gemma3_full", "phi3"])
 def test_captured_probabilities_equal_the_models_own(build, index):
     model = build()
     ids = random_windows(3, 16)
