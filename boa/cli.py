@@ -266,6 +266,7 @@ def _quantize(args, report) -> None:
     from boa.export import MANIFEST, load, save
     from boa.models import load_model, stream_model
     from boa.pipeline import quantize
+    from boa.stats.group import MIN_EXPERT_TOKENS
     from boa.transforms import ActivationQuant, KVQuant, QuaRot
 
     if args.resume and not args.out:
@@ -322,6 +323,12 @@ def _quantize(args, report) -> None:
         print(f"saved to {args.out}", file=sys.stderr)
     report.info["config"] = config.to_dict()
     report.info["calibration"] = result.calibration
+    if result.expert_tokens:  # MoE: the calibration tokens each expert's statistics came from
+        report.info["expert_tokens"] = result.expert_tokens
+        starved = sorted(n for n, count in result.expert_tokens.items() if count < MIN_EXPERT_TOKENS)
+        if starved:
+            print(f"{len(starved)} expert layers saw fewer than {MIN_EXPERT_TOKENS} calibration tokens and were "
+                  f"solved with their block's pooled Hessian (e.g. {starved[0]})", file=sys.stderr)
     if stream:
         if not _eval_corpora(args) and not args.tasks:
             return

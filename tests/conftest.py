@@ -20,6 +20,7 @@ os.environ.setdefault("HF_HUB_OFFLINE", "1")
 
 import pytest
 import torch
+import transformers
 
 from transformers import (BertConfig, BertModel, Gemma3ForCausalLM, Gemma3TextConfig, LlamaConfig, LlamaForCausalLM,
                           OPTConfig, OPTForCausalLM)
@@ -68,6 +69,25 @@ def build_gemma3(num_layers: int = 3, seed: int = 0) -> Gemma3ForCausalLM:
             layer.self_attn.q_norm.weight.uniform_(-0.5, 0.5)
             layer.self_attn.k_norm.weight.uniform_(-0.5, 0.5)
     return model
+
+
+MOE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2, vocab_size=VOCAB,
+             max_position_embeddings=128, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def build_mixtral():
+    """A random Mixtral: 2 blocks of 4 experts, top 2."""
+    torch.manual_seed(0)
+    config = transformers.MixtralConfig(intermediate_size=96, num_local_experts=4, **MOE_SHAPE)
+    return transformers.MixtralForCausalLM(config).eval()
+
+
+def build_qwen3_moe():
+    """A random Qwen3-MoE, every block MoE: 4 experts, top 2."""
+    torch.manual_seed(0)
+    config = transformers.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=48, num_experts=4, head_dim=16,
+                                         **MOE_SHAPE)
+    return transformers.Qwen3MoeForCausalLM(config).eval()
 
 
 def build_opt(num_layers: int = 2, seed: int = 0) -> OPTForCausalLM:

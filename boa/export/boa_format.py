@@ -145,6 +145,7 @@ def load(folder, device: str = "cpu"):
         raise BoaError(f"{folder}/{MANIFEST} names dtype {manifest.get('dtype')!r}; the file is damaged")
     dtype = getattr(torch, manifest["dtype"])
     model = adapter_for(config).model_class.from_config(config, dtype=dtype)
+    adapter_for(config).unfuse_experts(model)  # an MoE model's experts were saved one by one
     tensors = {}
     for path in weight_files(folder):
         tensors.update(load_file(str(path)))

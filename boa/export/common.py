@@ -28,6 +28,16 @@ def check_no_transforms(model: nn.Module, fmt: str) -> None:
                        "it)")
 
 
+def check_no_unfused_experts(model: nn.Module, fmt: str) -> None:
+    """An MoE model keeps its experts unfused after boa's run (boa.models.experts), a layout the transformers
+    classes that read `fmt` do not have: refused until the experts' codes are fused back into their 3-D layout."""
+    from boa.models.experts import UnfusedExperts
+
+    if any(isinstance(m, UnfusedExperts) for m in model.modules()):
+        raise BoaError(f"{model.config.model_type} models' experts are not exported to {fmt} yet; keep boa's own "
+                       "format (boa.load / boa eval / boa generate run it)")
+
+
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
     """Integers in [0, 2^bits) packed along `dim` into int32 words as one continuous little-endian bit stream."""
     x = values.movedim(dim, -1).to(torch.int64)

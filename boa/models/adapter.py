@@ -112,6 +112,36 @@ class Adapter:
         (boa.models.fused), the parts named path.part above."""
         return {}
 
+    experts_path: str | None = None  # a block's fused experts module (MoE), quantized expert by expert
+
+    def split(self, model: nn.Module) -> None:
+        """What the run quantizes part by part, split in place: fused projections, fused experts."""
+        from boa.models.fused import split_fused
+
+        split_fused(model, self)
+        self.unfuse_experts(model)
+
+    def unfuse_experts(self, model: nn.Module) -> None:
+        """Each block's fused experts as UnfusedExperts (boa.models.experts), in place. They stay so after the run:
+        saved and loaded expert by expert, each layer packed on its own."""
+        from boa.models.experts import UnfusedExperts
+
+        if self.experts_path:
+            for block in self.blocks(model):
+                experts = block.get_submodule(self.experts_path)
+                if not isinstance(experts, UnfusedExperts):
+                    block.set_submodule(self.experts_path, UnfusedExperts(experts))
+
+    def join(self, model: nn.Module, layers: dict | None = None) -> None:
+        """The fused projections joined back in place (`layers`, full names → codes, renamed to them)."""
+        from boa.models.fused import join_split
+
+        join_split(model, self, layers)
+
+    @property
+    def splits(self) -> bool:
+        return bool(self.fused_projections()) or self.experts_path is not None
+
 
 @register
 class LlamaAdapter(Adapter):
@@ -183,6 +213,35 @@ class Phi3Adapter(LlamaAdapter):
         inter = self.config.intermediate_size
         return {"self_attn.qkv_proj": (("q", q), ("k", kv), ("v", kv)), "mlp.gate_up_proj": (("gate", inter),
                                                                                                ("up", inter))}
+
+
+@register
+class MoEAdapter(LlamaAdapter):
+    """Mixtral and Qwen3-MoE: Llama's attention, an MoE block of `n_experts` experts (gate/up/down each) behind a
+    float router. Every expert's layers are quantized on the tokens routed to it (boa.models.experts)."""
+
+    model_types = ("mixtral", "qwen3_moe")
+    rms_norm = False  # no QuaRot yet: its online Hadamard would go before every expert's down_proj
+    experts_path = "mlp.experts"
+    mlp_out = "mlp.experts.*.down_proj"  # a pattern: one per expert (sequential_groups lists them)
+
+    def __init__(self, config):
+        super().__init__(config)
+        if config.model_type == "qwen3_moe" and (config.mlp_only_layers or config.decoder_sparse_step != 1):
+            raise BoaError("this Qwen3-MoE model mixes dense and MoE blocks (mlp_only_layers / decoder_sparse_step); "
+                           "boa quantizes models whose every block is MoE")
+
+    @property
+    def n_experts(self) -> int:
+        return getattr(self.config, "num_local_experts", None) or self.config.num_experts
+
+    @property
+    def mlp_in(self) -> tuple[str, ...]:
+        return tuple(f"{self.experts_path}.{e}.{p}" for e in range(self.n_experts) for p in ("gate_proj", "up_proj"))
+
+    def sequential_groups(self) -> list[list[str]]:
+        down = [f"{self.experts_path}.{e}.down_proj" for e in range(self.n_experts)]
+        return [list(self.qkv), [self.o_proj], list(self.mlp_in), down]
 
 
 @register

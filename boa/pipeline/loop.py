@@ -34,7 +34,6 @@ from boa.core.quantizer import QuantizedWeight
 from boa.core.ranks import Ranks
 from boa.export.boa_format import MANIFEST
 from boa.models.adapter import Adapter, adapter_for
-from boa.models.fused import join_split, split_fused
 from boa.models.weights import ResidentModel, StreamedModel
 from boa.nn import check_not_quantized
 from boa.pipeline.inputs import BlockInputs
@@ -56,6 +55,7 @@ class QuantResult:
     fingerprint: str = ""
     calibration: dict | None = None  # the windows used: nsamples, seqlen, sha256 (callers may add corpus, seed)
     weights: ResidentModel | StreamedModel | None = None  # where the unquantized tensors are read from to save
+    expert_tokens: dict[str, int] = field(default_factory=dict)  # MoE: each expert layer's routed calibration tokens
 
 
 def run_fingerprint(model: nn.Module | ResidentModel | StreamedModel, config: QuantConfig,
@@ -260,18 +260,21 @@ def _weights(model, device) -> ResidentModel | StreamedModel:
     return ResidentModel(model, device if device is not None else default_device())
 
 
-def _split_fused(config: QuantConfig, weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
-    """Fused projections (Phi-3's qkv_proj, gate_up_proj) split into their parts for the run (boa.models.fused)."""
-    if not adapter.fused_projections():
+def _split_fused(config: QuantConfig, weights: ResidentModel | StreamedModel, adapter: Adapter, ranks: Ranks) -> None:
+    """Fused projections (Phi-3's qkv_proj, gate_up_proj) and experts (MoE) split into their parts for the run
+    (boa.models.fused, boa.models.experts)."""
+    if not adapter.splits:
         return
     family = adapter.config.model_type
     if isinstance(weights, StreamedModel):
-        raise BoaError(f"{family} models fuse projections, which boa splits in memory: streaming them block by block "
-                       "is not supported yet; quantize it in memory (--stream never)")
+        raise BoaError(f"{family} models fuse projections or experts, which boa splits in memory: streaming them "
+                       "block by block is not supported yet; quantize it in memory (--stream never)")
+    if adapter.experts_path and ranks.distributed:  # an expert may see tokens on one process and none on another
+        raise BoaError(f"{family}'s experts are quantized in one process only for now; run without torchrun / --nproc")
     if any(t.name == "activations" for t in config.transforms):
-        raise BoaError(f"quantized activations (--a-bits) are not supported yet on {family}'s fused projections; "
+        raise BoaError(f"quantized activations (--a-bits) are not supported yet on {family}'s fused layers; "
                        "quantize its weights only")
-    split_fused(weights.model, adapter)
+    adapter.split(weights.model)
 
 
 def _apply_transforms(config: QuantConfig, weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
@@ -345,7 +348,7 @@ def quantize(
     elif out is None and checkpoint_dir is None:
         raise BoaError("a streamed model keeps its codes in the run's checkpoint until it is saved: pass out= (the "
                        "folder boa.save will write) or checkpoint_dir=")
-    _split_fused(config, weights, adapter)
+    _split_fused(config, weights, adapter, ranks)
     _apply_transforms(config, weights, adapter)
     kernel_backend = backend_for(weights.device)  # a bad BOA_KERNELS fails now, not mid-run
     log.info("column pass kernels: %s", kernel_backend)
@@ -395,6 +398,9 @@ def quantize(
                                                                 hessian_dtype, progress, bar, ranks)
                     if inputs is not None:
                         inputs.advance(block, fp_outputs)
+                if statistics is not None:
+                    result.expert_tokens.update({prefix + n: c for n, c in statistics.tokens.items()})
+                    statistics.tokens.clear()
                 weights.release(block)
                 return_freed_memory()
                 if checkpoint:
@@ -410,7 +416,7 @@ def quantize(
     for transform in config.transforms:  # run-time parts from their calibration state to inference's
         transform.finish(model, adapter)
     if not streamed:  # fused projections stored as the model has them
-        join_split(model, adapter, result.layers)
+        adapter.join(model, result.layers)
     if streamed:
         result.layers = CheckpointLayers(checkpoint, [[f"{adapter.blocks_path}.{i}.{n}" for n in adapter.linear_names()]
                                                       for i in range(len(blocks))])

@@ -157,9 +157,14 @@ def collect_statistics(
     modules = dict(block.named_modules())
     fp_inputs: dict[str, torch.Tensor] = {}
 
+    # an MoE expert's tokens on the FP path are those the FP router picked, not row for row its tokens here: experts
+    # get no dX term
+    experts = adapter.experts_path + "." if adapter is not None and adapter.experts_path else None
+
     def accumulate(name, x):  # a layer's accumulator lives across batches; it takes each new input once
         acc = hessians.get(name) or HessianAccumulator(x.shape[-1], dtype, x.device)
-        acc.add(x.detach(), fp_inputs.get(name), getattr(x, "unquantized", None))
+        x_ref = None if experts and name.startswith(experts) else fp_inputs.get(name)
+        acc.add(x.detach(), x_ref, getattr(x, "unquantized", None))
         return acc
 
     with contextlib.ExitStack() as stack:

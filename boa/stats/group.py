@@ -12,6 +12,36 @@ from boa.stats.reduce import reduce_accumulators, reduce_recorder
 from boa.stats.collect import FPPass, LayerStats, attention_layer_stats, collect_statistics
 
 
+# An expert whose layers saw fewer routed tokens than this gets the Hessian pooled over all the experts of its MoE
+# block (the token-weighted mean: the statistics of every token routed to any expert) instead of its own, which
+# from so few tokens is rank-deficient and noisy (none at all for an expert the calibration never reached).
+MIN_EXPERT_TOKENS = 128
+
+
+def pool_starved_experts(stats: dict, hessians: dict, group: list[str], experts_path: str) -> dict[str, int]:
+    """For the expert layers in `group` (experts_path.E.role): each one's routed token count, and in `stats` a
+    pooled LayerStats for those under MIN_EXPERT_TOKENS (their own dX term is dropped with their Hessian)."""
+    prefix = experts_path + "."
+    roles: dict[str, list[str]] = {}
+    for name in group:
+        if name.startswith(prefix):
+            roles.setdefault(name[len(prefix):].split(".", 1)[1], []).append(name)
+    tokens = {}
+    for names in roles.values():
+        seen = {id(hessians[n]): hessians[n] for n in names if n in hessians}.values()
+        total = sum(acc.n for acc in seen)
+        if total == 0:
+            raise BoaError(f"no calibration token reached any of the experts {names[0]} …; give more calibration text")
+        pooled = None
+        for name in names:
+            tokens[name] = hessians[name].n if name in hessians else 0
+            if tokens[name] < MIN_EXPERT_TOKENS:
+                if pooled is None:
+                    pooled = LayerStats(sum(acc.H * (acc.n / total) for acc in seen))
+                stats[name] = pooled
+    return tokens
+
+
 class GroupStatistics:
     """Gathers a group's LayerStats: input Hessians for every layer (plus dX terms when the FP pass is given) and,
     when the method needs the attention, BoA's row factors for the q/k/v group. Statistics in `dtype` (fp32 or
@@ -21,6 +51,7 @@ class GroupStatistics:
                  ranks: Ranks = Ranks.single()):
         self.model, self.adapter, self.needs, self.dtype, self.ranks = model, adapter, needs, dtype, ranks
         self._rotary = {}  # seqlen -> rotary matrices (or None without RoPE), the same for every block
+        self.tokens: dict[str, int] = {}  # expert layers (names inside the block) -> routed tokens; the loop empties it
 
     def _rotary_matrices(self, block, seqlen):
         if seqlen not in self._rotary:
@@ -37,6 +68,8 @@ class GroupStatistics:
                                       adapter=adapter)
         reduce_accumulators(hessians.values(), self.ranks)
         stats = {name: LayerStats(acc.H, D=acc.D) for name, acc in hessians.items()}
+        if adapter.experts_path:
+            self.tokens.update(pool_starved_experts(stats, hessians, group, adapter.experts_path))
         if recorder is not None:
             shared = hessians[adapter.q_proj]
             if not (hessians[adapter.k_proj] is shared and hessians[adapter.v_proj] is shared):

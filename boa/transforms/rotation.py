@@ -77,10 +77,10 @@ class QuaRot(Transform):
 
     def _check(self, adapter) -> None:
         if not adapter.rms_norm:
-            raise BoaError(f"QuaRot rotations need pre-norm RMSNorm blocks whose norms fold into the next linears; "
-                           f"{adapter.config.model_type!r} models have norms a rotation does not commute with "
-                           "(LayerNorm's mean subtraction, or Gemma's norms after attention and MLP). Quantize it "
-                           "without --rotate")
+            raise BoaError(f"QuaRot rotations are not supported for {adapter.config.model_type!r} models: they need "
+                           "pre-norm RMSNorm blocks whose norms fold into the next linears (a LayerNorm's mean "
+                           "subtraction and Gemma's norms after attention and MLP do not commute with a rotation; "
+                           "MoE experts are not rotated yet). Quantize it without --rotate")
 
     def residual(self, adapter) -> Rotation:
         return Rotation.build(adapter.config.hidden_size, seed=self.seed)

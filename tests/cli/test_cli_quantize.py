@@ -225,3 +225,19 @@ def test_cli_4_bit_activations_turn_the_dx_correction_off_unless_asked():
     assert method("--method", "turboboa", "--a-bits", "4", "--dx-alpha", "0.5").dx_alpha == 0.5
     assert method("--method", "turboboa", "--a-bits", "8").dx_alpha == 0.25
     assert method("--method", "turboboa").dx_alpha == 0.25
+
+
+def test_cli_moe_report_lists_each_experts_calibration_tokens(calib_txt, tmp_path, word_tokenizer, capsys):
+    """A Mixtral folder: every expert's layers quantized; --json holds each expert layer's routed token count (64
+    tokens here: under MIN_EXPERT_TOKENS, so every expert takes its block's pooled Hessian, which stderr says)."""
+    from conftest import build_mixtral
+
+    folder = tmp_path / "mixtral"
+    build_mixtral().save_pretrained(folder)
+    word_tokenizer.save_pretrained(folder)
+    report = tmp_path / "report.json"
+    assert main(cli_args(folder, calib_txt, tmp_path / "OUT", "--json", str(report))) == 0
+    tokens = json.loads(report.read_text())["expert_tokens"]
+    assert len(tokens) == 2 * 4 * 3 and all(0 <= n <= 4 * 16 for n in tokens.values())
+    assert sum(tokens[f"model.layers.0.mlp.experts.{e}.gate_proj"] for e in range(4)) == 4 * 16 * 2  # top-2
+    assert "24 expert layers saw fewer than 128 calibration tokens" in capsys.readouterr().err
