@@ -9,7 +9,8 @@ boa.transforms.quantize_per_token, re-derived here because boa_kernels imports n
 (perm set) packed column j multiplies a[t, perm[j]]; the grid is per token, so the order does not change it.
 The inner sums are exact integers per weight group (int32 in the kernels, int64 here); the groups combine in
 float32. Sizes: x (..., in) any float dtype; W (out, in) a PackedWeight; y (..., out) in x's dtype.
-Backends: C++ on a CPU (csrc/cpu/int8_matmul.cpp: vpdpbusd panels, groups of a multiple of 4 columns), Triton on a
+Backends: C++ on a CPU (csrc/cpu/int8_matmul.cpp: vpdpbusd panels, AMX tiles for prefills where the CPU has them;
+groups of a multiple of 4 columns), Triton on a
 GPU (boa_kernels/triton_int8_gemm.py: groups of a multiple of 32), both for groups of up to MAX_EXACT_GROUP columns;
 `int8_matmul_torch` is the reference both are tested against and the fallback everywhere else.
 """

@@ -28,7 +28,7 @@ torch::Tensor unpack_codes(torch::Tensor qweight, int64_t bits);  // codes (out,
 torch::Tensor int8_matmul(torch::Tensor x, torch::Tensor qweight, torch::Tensor scales, torch::Tensor zeros,
                           c10::optional<torch::Tensor> perm, c10::optional<torch::Tensor> bias, int64_t bits,
                           int64_t group_size, int64_t a_bits, double clip_ratio);
-std::string int8_isa();  // the instruction set int8_matmul was compiled for: avx512-vnni, avx-vnni, avx2 or portable
+std::string int8_isa();  // int8_matmul's instruction set: avx512-vnni[+amx], avx-vnni, avx2 or portable
 
 // csrc/cpu/hadamard.cpp: y = (x · diag(signs)) · (K ⊗ S) · scale along the last axis (boa/hadamard_math.h)
 torch::Tensor hadamard_transform(torch::Tensor x, c10::optional<torch::Tensor> signs, torch::Tensor core,

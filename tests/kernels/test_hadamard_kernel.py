@@ -107,3 +107,37 @@ def test_dispatch_keeps_shape_and_checks_orders():
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 def test_triton_matches_reference(n, dtype):
     assert_matches_reference(triton, n, 3, dtype)
+
+
+def orthogonal_core(m, seed):
+    q, _ = torch.linalg.qr(torch.randn(m, m, generator=torch.Generator().manual_seed(seed), dtype=torch.float64))
+    return (q * m**0.5).float()
+
+
+@needs_cpp
+@pytest.mark.parametrize("m, p", [(3, 8), (5, 32), (28, 512), (7, 16), (1, 1024)],
+                         ids=["p8", "p32", "28x512", "p16", "m1"])
+@pytest.mark.parametrize("batch", [1, 9, 33])
+@pytest.mark.parametrize("dtype", DTYPES.values(), ids=DTYPES.keys())
+def test_cpp_blocks_and_batches(m, p, batch, dtype):
+    """Block lengths below, at and above a register of 16 floats (in-register passes, whole-register passes, the
+    portable loops for p < 16), cores of every size modulo the 8 outputs mixed at a time, any row count: the
+    butterflies bit for bit (K = I), y to fp32 rounding in float32 and to one rounding of x's dtype otherwise."""
+    n = m * p
+    core = orthogonal_core(m, seed=m) if m > 1 else torch.ones(1, 1)
+    signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(1)).float() * 2 - 1
+    x = rows(batch, n, seed=batch).to(dtype)
+    y = load_cpu().hadamard_transform(x, signs, core, 1 / n**0.5)
+    ref = hadamard_transform_torch(x, core, signs)
+    assert y.dtype == dtype and y.shape == x.shape
+    if dtype != torch.float32:
+        eps = 2**-7 if dtype == torch.bfloat16 else 2**-10
+        torch.testing.assert_close(y.float(), ref.float(), rtol=eps, atol=eps * ref.float().abs().max().item())
+        return
+    if m == 1:
+        assert torch.equal(y, ref)
+        return
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    eye = torch.eye(m)
+    assert torch.equal(load_cpu().hadamard_transform(x, signs, eye, 1 / n**0.5),
+                       hadamard_transform_torch(x, eye, signs))

@@ -151,8 +151,34 @@ def test_cpp_kernel_matches_reference(bits, a_bits):
 @pytest.mark.parametrize("case", [CASES[0], CASES[2], CASES[4]], ids=["groups-40", "per-channel", "groups-128"])
 @pytest.mark.parametrize("bits, a_bits", [(8, 8), (4, 8), (4, 4), (3, 8)])
 def test_cpp_integer_sums_are_exact(case, bits, a_bits):
-    for batch in (1, 8, 70):
+    for batch in (1, 8, 16, 70):
         assert_integer_sums_exact(load_cpu().int8_matmul, case, bits, a_bits, batch)
+
+
+AMX_CASES = [  # prefill shapes around the AMX tiles (32 tokens × 2 panels of 16 rows, steps of 64 or 32 columns)
+    (50, 256, 64, False),     # 3 panels and a partial one: a task ending in a single panel
+    (37, 200, 32, True),      # steps of 32 columns, act-order, a partial last group
+    (33, 576, 128, False),    # a partial last group and padding columns
+    (20, 300, -1, False),     # per-channel: one group of in_pad columns
+]
+
+
+@needs_cpp
+@pytest.mark.parametrize("bits", tuple(PLANES))
+@pytest.mark.parametrize("a_bits", [4, 8])
+def test_cpp_prefill_shapes(bits, a_bits):
+    """Batches around the token blocks (16, 17, 31, 32, 33) and a whole prefill (512): on a CPU with AMX these take
+    the tiles (signed q − z codes below 8 bits, the zero term in the epilogue at 8), elsewhere vpdpbusd."""
+    op = load_cpu().int8_matmul
+    for case in AMX_CASES:
+        w = weight(case, bits, seed=bits)
+        bias = torch.randn(case[0])
+        for batch in (16, 17, 31, 32, 33, 512):
+            x = tokens(batch, case[1], seed=batch)
+            with_bias = bias if batch % 2 else None
+            assert_close(call(op, x, w, with_bias, a_bits),
+                         int8_matmul_torch(x, w, with_bias, a_bits=a_bits, clip_ratio=CLIP))
+    assert_integer_sums_exact(op, AMX_CASES[0], bits, a_bits, 48)
 
 
 @needs_cpp
@@ -176,12 +202,16 @@ def has_cpu_flag(flag: str) -> bool:
 
 
 @needs_cpp
-@pytest.mark.parametrize("march, isa", [("x86-64-v3", "avx2"), ("x86-64", "portable"), ("alderlake", "avx-vnni")],
-                         ids=["avx2", "portable", "avx-vnni"])
+@pytest.mark.parametrize("march, isa", [("x86-64-v3", "avx2"), ("x86-64", "portable"), ("alderlake", "avx-vnni"),
+                                        ("icelake-server", "avx512-vnni")],
+                         ids=["avx2", "portable", "avx-vnni", "avx512-vnni"])
 def test_kernel_paths_for_other_instruction_sets(march, isa):
-    """The same source compiled for AVX2 (16-bit multiplies), plain x86-64 (portable C++) and AVX-VNNI."""
+    """The same source compiled for AVX2 (16-bit multiplies), plain x86-64 (portable C++), AVX-VNNI and AVX-512 VNNI
+    without AMX (where this CPU has AMX, the native build runs prefills on it: this keeps vpdpbusd's prefill tested)."""
     if isa == "avx-vnni" and not has_cpu_flag("avx_vnni"):
         pytest.skip("this CPU has no AVX-VNNI")
+    if isa == "avx512-vnni" and not has_cpu_flag("avx512_vnni"):
+        pytest.skip("this CPU has no AVX-512 VNNI")
     module = load_cpu_for(march)
     if module is None:
         pytest.skip(f"cannot build for -march={march} here")
@@ -196,6 +226,7 @@ def test_kernel_paths_for_other_instruction_sets(march, isa):
                                  int8_matmul_torch(x, w, a_bits=a_bits, clip_ratio=CLIP))
     for bits, a_bits in ((8, 8), (4, 4)):
         assert_integer_sums_exact(module.int8_matmul, CASES[0], bits, a_bits, 9)
+        assert_integer_sums_exact(module.int8_matmul, AMX_CASES[0], bits, a_bits, 40)
 
 
 @needs_cpp
