@@ -33,6 +33,7 @@ class UnfusedExperts(nn.ModuleList):
         super().__init__(Expert(gate_up[:inter], gate_up[inter:], down)
                          for gate_up, down in zip(fused.gate_up_proj.detach(), fused.down_proj.detach()))
         self.tokens = torch.zeros(len(self), dtype=torch.long)
+        self.forced = False  # every expert runs on every token, only the routed outputs used (a reference's statistics)
         self._fused = [fused]  # kept outside the module tree (its act_fn too): its parameters are not this module's
         for name in ("gate_up_proj", "down_proj"):  # its memory is the experts' now
             setattr(fused, name, nn.Parameter(torch.empty(0, device=fused.gate_up_proj.device), requires_grad=False))
@@ -40,10 +41,12 @@ class UnfusedExperts(nn.ModuleList):
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor, top_k_weights: torch.Tensor):
         out = torch.zeros_like(hidden_states)
         routed = torch.nn.functional.one_hot(top_k_index, num_classes=len(self)).permute(2, 1, 0)  # (E, k, tokens)
-        for e in routed.sum(dim=(1, 2)).nonzero()[:, 0].tolist():  # in expert order, as transformers' loop
+        hit = range(len(self)) if self.forced else routed.sum(dim=(1, 2)).nonzero()[:, 0].tolist()
+        for e in hit:  # in expert order, as transformers' loop
             slot, token = torch.where(routed[e])
             self.tokens[e] += token.numel()
-            expert, x = self[e], hidden_states[token]
+            expert, x = self[e], hidden_states if self.forced else hidden_states[token]
             y = expert.down_proj(self._fused[0].act_fn(expert.gate_proj(x)) * expert.up_proj(x))
+            y = y[token] if self.forced else y
             out.index_add_(0, token, (y * top_k_weights[token, slot, None]).to(out.dtype))
         return out

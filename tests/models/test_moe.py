@@ -129,3 +129,20 @@ def test_moe_exports_other_than_boas_format_are_refused(tmp_path):
         with pytest.raises(boa.BoaError, match="experts are not exported to .* yet; keep boa's own format"):
             export(model, result.layers, tmp_path / export.__name__)
         assert not (tmp_path / export.__name__).exists()
+
+
+def test_forced_routing_feeds_every_expert_every_token_and_computes_the_same():
+    """The reference mode for starved experts (GPTQ with calibration forced through every expert): each expert's
+    layers see all tokens, the block's output is still the routed one."""
+    model = build_mixtral()
+    boa.models.adapter_for(model.config).split(model)
+    ids = random_windows(2, 16)
+    with torch.no_grad():
+        expected = model(ids).logits
+        seen = []
+        for experts in (layer.mlp.experts for layer in model.model.layers):
+            experts.forced = True
+            for expert in experts:
+                expert.gate_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
+        torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
+    assert seen == [2 * 16] * (2 * 4)
