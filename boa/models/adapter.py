@@ -186,8 +186,9 @@ class LlamaAdapter(Adapter):
 class Gemma3Adapter(LlamaAdapter):
     """Gemma 3 (text): Llama's projections, with q/k norms whose weights act as 1 + w, interleaved sliding-window
     and global layers, each type with its own RoPE (the rotary module takes the layer type) and mask (recorded per
-    block by BlockInputs; BoA's capture records the mask each call gets). Its norms also follow the attention and
-    the MLP (post-norms), which a rotation of the residual stream does not commute with: no QuaRot."""
+    block by BlockInputs; BoA's capture records the mask each call gets). No logit soft-capping (Gemma 2's
+    attn_logit_softcapping is in the config but Gemma 3's attention does not apply it). Its norms also follow the
+    attention and the MLP (post-norms), which a rotation of the residual stream does not commute with: no QuaRot."""
 
     model_types = ("gemma3_text",)
     rms_norm = False
