@@ -176,7 +176,11 @@ def refine_scales(
             if j % chunk == 0:
                 G = _gram_by_group(W_int[:, j : j + chunk], H, member)
             r = (W_int[:, j] * V[:, j]) @ member                                # (batch, groups)
-            step = -torch.linalg.solve(G[:, j % chunk], r.unsqueeze(-1)).squeeze(-1) / H_out[:, j, j, None]
+            # a row with H_out[j, j] = 0 (an output dimension a q/k norm zeroes: Gemma 3) does not reach the
+            # objective: any scale is optimal, so it keeps its own
+            weight = H_out[:, j, j, None]
+            step = -torch.linalg.solve(G[:, j % chunk], r.unsqueeze(-1)).squeeze(-1) / weight.where(weight > 0, 1)
+            step = step.where(weight > 0, 0)
             scale[:, j] += step
             dQH = (((step @ member.T) * W_int[:, j]).unsqueeze(1) @ H).squeeze(1)  # (batch, cols)
             V += H_out[:, :, j, None] * dQH[:, None, :]

@@ -191,6 +191,22 @@ def test_scale_refinement_never_increases_the_objective(group_size, with_h_out):
         assert losses[2] == pytest.approx(losses[1], rel=1e-9)
 
 
+def test_a_row_the_row_factor_ignores_keeps_its_scale_and_the_solve_stays_finite():
+    """Gemma 3's q/k norms can zero an output dimension: H_out then has a zero row and column. TurboBoA's solve and
+    scale refinement stay finite, that row keeps its scale, the others still improve."""
+    heads, d, cols = 1, 6, 12
+    W, H = correlated_problem(d, cols, seed=13)
+    H_out = spd(d, 32)[None].clone()
+    H_out[:, 2, :] = 0
+    H_out[:, :, 2] = 0
+    q = obs_solve(W, H, QuantSpec(bits=2, group_size=4), H_out=H_out, rows_per_step=3, refine_iters=1)
+    assert torch.isfinite(q.scale).all() and torch.isfinite(q.dequantize()).all()
+    W_int = (q.codes.double() - q.zero[:, q.g_idx.long()]).reshape(heads, d, cols)
+    scale = q.scale.reshape(heads, d, -1) * 1.5  # off the optimum
+    refined = refine_scales(W_int, scale, q.g_idx.long(), W.reshape(heads, d, cols), H[None], H_out, iters=1)
+    assert torch.equal(refined[:, 2], scale[:, 2]) and not torch.equal(refined[:, 0], scale[:, 0])
+
+
 @pytest.mark.parametrize("h_out", [None, 2.5])
 def test_scale_refinement_reaches_the_brute_force_optimum_for_one_row(h_out):
     cols = 10
