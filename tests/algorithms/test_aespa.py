@@ -36,7 +36,7 @@ def attention_stats(model, calib, v_row_factor="exact"):
     block = adapter.blocks(model)[0]
     method = boa.Aespa(init=boa.TurboBoA(bits=2, group_size=-1, v_row_factor=v_row_factor))
     with torch.no_grad():
-        inputs = BlockInputs.capture(model, block, calib, torch.float64, with_fp=False)
+        inputs = BlockInputs.capture(model, [block], calib, torch.float64, with_fp=False)
         stats = GroupStatistics(model, adapter, method.needs(), torch.float64)(
             block, [adapter.q_proj, adapter.k_proj, adapter.v_proj], inputs.hidden, inputs.kwargs)
     return adapter, block, stats
@@ -206,7 +206,7 @@ def test_learned_rounding_on_a_real_block(tmp_path):
     method = boa.Aespa(init=boa.TurboBoA(bits=2, group_size=64), rounding_iters=200)
     block = adapter.blocks(model)[0]
     with torch.no_grad():
-        inputs = BlockInputs.capture(model, block, calib, torch.float32, with_fp=False)
+        inputs = BlockInputs.capture(model, [block], calib, torch.float32, with_fp=False)
         group = [adapter.q_proj, adapter.k_proj, adapter.v_proj]
         stats = GroupStatistics(model, adapter, method.needs(), torch.float32)(block, group, inputs.hidden,
                                                                                inputs.kwargs)
