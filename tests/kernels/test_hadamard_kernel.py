@@ -40,6 +40,21 @@ def triton(x, rotation):
     return hadamard_triton(x, signs, rotation.core.float(), 1 / rotation.n**0.5)
 
 
+def assert_close_to_reference(y, ref, x, m: int) -> bool:
+    """y to the reference: to one rounding of x's dtype for 16-bit x, bit for bit for a 1 × 1 core, else to fp32
+    rounding. True where the butterflies are left to check bit for bit with K = I (float32, m > 1)."""
+    assert y.dtype == x.dtype and y.shape == x.shape
+    if x.dtype != torch.float32:
+        eps = 2**-7 if x.dtype == torch.bfloat16 else 2**-10
+        torch.testing.assert_close(y.float(), ref.float(), rtol=eps, atol=eps * ref.float().abs().max().item())
+        return False
+    if m == 1:
+        assert torch.equal(y, ref)
+        return False
+    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    return True
+
+
 def assert_matches_reference(kernel, n, seed, dtype):
     """float32: the m blocks' butterflies bit for bit (checked with K = I, where y is z · scale), y to fp32
     rounding (the core's sum runs in another order than the reference's einsum; exact for a 1 × 1 core); 16-bit x:
@@ -48,15 +63,7 @@ def assert_matches_reference(kernel, n, seed, dtype):
     x = rows(5, n, seed=n).to(dtype)
     m = rotation.core.shape[0]
     y, ref = kernel(x, rotation), hadamard_transform_torch(x, rotation.core, rotation.signs)
-    assert y.dtype == dtype and y.shape == x.shape
-    if dtype != torch.float32:
-        eps = 2**-7 if dtype == torch.bfloat16 else 2**-10
-        torch.testing.assert_close(y.float(), ref.float(), rtol=eps, atol=eps * ref.float().abs().max().item())
-        return
-    if m == 1:
-        assert torch.equal(y, ref)
-    else:
-        torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
+    if assert_close_to_reference(y, ref, x, m):
         plain = Rotation(n, torch.eye(m, dtype=torch.float64), rotation.power, rotation.signs, False)
         assert torch.equal(kernel(x, plain), hadamard_transform_torch(x, plain.core, plain.signs))
 
@@ -128,16 +135,8 @@ def test_cpp_blocks_and_batches(m, p, batch, dtype):
     signs = torch.randint(0, 2, (n,), generator=torch.Generator().manual_seed(1)).float() * 2 - 1
     x = rows(batch, n, seed=batch).to(dtype)
     y = load_cpu().hadamard_transform(x, signs, core, 1 / n**0.5)
-    ref = hadamard_transform_torch(x, core, signs)
-    assert y.dtype == dtype and y.shape == x.shape
-    if dtype != torch.float32:
-        eps = 2**-7 if dtype == torch.bfloat16 else 2**-10
-        torch.testing.assert_close(y.float(), ref.float(), rtol=eps, atol=eps * ref.float().abs().max().item())
+    if not assert_close_to_reference(y, hadamard_transform_torch(x, core, signs), x, m):
         return
-    if m == 1:
-        assert torch.equal(y, ref)
-        return
-    torch.testing.assert_close(y, ref, rtol=1e-5, atol=1e-6 * ref.abs().max().item())
     eye = torch.eye(m)
     assert torch.equal(load_cpu().hadamard_transform(x, signs, eye, 1 / n**0.5),
                        hadamard_transform_torch(x, eye, signs))
