@@ -42,10 +42,14 @@ def per_head_codes(x: torch.Tensor, bits: int, clip_ratio: float) -> tuple[torch
     return torch.clamp(torch.round(x32 / scale) + zero, 0, maxq).to(torch.uint8), scale, zero
 
 
+def dequantize_per_head(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, dtype: torch.dtype):
+    """(codes − zero) · scale in float32, returned in `dtype`."""
+    return ((codes.float() - zero) * scale).to(dtype)
+
+
 def quantize_per_head(x: torch.Tensor, bits: int, clip_ratio: float) -> torch.Tensor:
     """x (..., d) fake-quantized with per_head_codes' grid, returned in x's dtype."""
-    codes, scale, zero = per_head_codes(x, bits, clip_ratio)
-    return ((codes.float() - zero) * scale).to(x.dtype)
+    return dequantize_per_head(*per_head_codes(x, bits, clip_ratio), x.dtype)
 
 
 def kv_attention(module, query, key, value, attention_mask, **kwargs):
@@ -160,7 +164,7 @@ class _StoredCodes:
         codes = self.codes
         if self.bits == 4:
             codes = torch.stack([codes & 15, codes >> 4], -1).flatten(-2)[..., : self.dim]
-        return ((codes.float() - self.zero) * self.scale).to(dtype)
+        return dequantize_per_head(codes, self.scale, self.zero, dtype)
 
     @property
     def tokens(self) -> int:
