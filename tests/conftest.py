@@ -90,6 +90,17 @@ def build_qwen3_moe():
     return transformers.Qwen3MoeForCausalLM(config).eval()
 
 
+PHI3_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
+                  num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, rms_norm_eps=1e-5,
+                  tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+
+
+def build_phi3():
+    """A random Phi-3: q/k/v fused in qkv_proj (64 + 32 + 32 rows), gate/up in gate_up_proj."""
+    torch.manual_seed(0)
+    return transformers.Phi3ForCausalLM(transformers.Phi3Config(**PHI3_SHAPE)).eval()
+
+
 def build_opt(num_layers: int = 2, seed: int = 0) -> OPTForCausalLM:
     torch.manual_seed(seed)
     config = OPTConfig(

@@ -13,6 +13,7 @@ from boa.core.errors import BoaError
 from boa.core.output import writing_output
 from boa.core.quantizer import QuantizedWeight
 from boa.core.shards import DEFAULT_MAX_SHARD_BYTES, ShardWriter, parse_size
+from boa.models.adapter import adapter_for
 
 EXPORT_MANIFEST = "boa_export.json"
 _MASK32 = (1 << 32) - 1
@@ -26,16 +27,6 @@ def check_no_transforms(model: nn.Module, fmt: str) -> None:
         raise BoaError(f"this model was quantized with {[t.name for t in transforms]}, whose run-time rotations the "
                        f"{fmt} format cannot describe; keep boa's own format (boa.load / boa eval / boa generate run "
                        "it)")
-
-
-def check_no_unfused_experts(model: nn.Module, fmt: str) -> None:
-    """An MoE model keeps its experts unfused after boa's run (boa.models.experts), a layout the transformers
-    classes that read `fmt` do not have: refused until the experts' codes are fused back into their 3-D layout."""
-    from boa.models.experts import UnfusedExperts
-
-    if any(isinstance(m, UnfusedExperts) for m in model.modules()):
-        raise BoaError(f"{model.config.model_type} models' experts are not exported to {fmt} yet; keep boa's own "
-                       "format (boa.load / boa eval / boa generate run it)")
 
 
 def pack_int32(values: torch.Tensor, bits: int, dim: int) -> torch.Tensor:
@@ -84,8 +75,8 @@ def plain_tensors(model: nn.Module, layers: dict) -> dict[str, torch.Tensor]:
 
 def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantization_config: dict,
                  tokenizer=None, config=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:
-    """Writes config.json (the model's, with `quantization_config`), the tokenizer, the weights and the export
-    manifest to `out_dir`, atomically: model.safetensors, or past max_shard_size (e.g. "5GB") shards
+    """Writes config.json (the model's, with `quantization_config`), the tokenizer, the weights (under the names
+    the family's own checkpoints use: Adapter.checkpoint_name) and the export manifest to `out_dir`, atomically: model.safetensors, or past max_shard_size (e.g. "5GB") shards
     model-0000K-of-0000N.safetensors with model.safetensors.index.json."""
     from boa import __version__
 
@@ -102,8 +93,9 @@ def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantizatio
         if tokenizer is not None:
             tokenizer.save_pretrained(tmp)
         writer = ShardWriter(tmp, max_shard_bytes, metadata={"format": "pt"})  # transformers wants "pt" there
+        checkpoint_name = adapter_for(model.config).checkpoint_name
         for name, tensor in tensors.items():
-            writer.add(name, tensor)
+            writer.add(checkpoint_name(name), tensor)
         writer.finish()
     return out_dir
 

@@ -41,10 +41,11 @@ from torch import nn
 from boa.core.errors import BoaError
 from boa.core.shards import DEFAULT_MAX_SHARD_BYTES
 from boa.export.common import (
-    check_no_unfused_experts, group_width, has_plain_groups, is_symmetric, model_dtype, pack_int32, plain_tensors,
+    group_width, has_plain_groups, is_symmetric, model_dtype, pack_int32, plain_tensors,
     write_export,
 )
 from boa.core.quantizer import QuantizedWeight
+from boa.models.adapter import adapter_for
 from boa.transforms import ActivationQuant
 
 
@@ -95,7 +96,6 @@ def export_compressed_tensors(model: nn.Module, layers: dict[str, QuantizedWeigh
     max_shard_size (e.g. "5GB"); `config` is the boa QuantConfig recorded in the export manifest."""
     if not layers:
         raise BoaError("the model has no quantized layers to export; quantize it first with `boa quantize`")
-    check_no_unfused_experts(model, "compressed-tensors")
     input_activations = _input_activations(model)
     dtype = model_dtype(model)
     tensors = plain_tensors(model, layers)
@@ -109,7 +109,18 @@ def export_compressed_tensors(model: nn.Module, layers: dict[str, QuantizedWeigh
         tensors[f"{name}.weight_shape"] = torch.tensor(q.codes.shape, dtype=torch.int64)
         if not symmetric:
             tensors[f"{name}.weight_zero_point"] = pack_int32(q.zero.round().to(torch.int64), bits, dim=0)
-    ignore = sorted(n for n, m in model.named_modules() if type(m) is nn.Linear and n not in layers)
+    adapter = adapter_for(model.config)
+    asymmetric_experts = [n for n in layers if adapter.experts_path and f".{adapter.experts_path}." in n
+                          and not is_symmetric(layers[n])]
+    if asymmetric_experts:
+        raise BoaError(f"{asymmetric_experts[0]} and {len(asymmetric_experts) - 1} more expert layers have zero points "
+                       "(asymmetric grids), which transformers' loader for compressed-tensors MoE experts drops; "
+                       "re-quantize with --sym, or export with --format gptq, or keep boa's own format")
+    # the float Linears, and MoE routers (not Linears in transformers, Linears in vLLM, which matches "Linear")
+    floats = [n for n, m in model.named_modules() if type(m) is nn.Linear and n not in layers]
+    if adapter.router:
+        floats += [f"{adapter.blocks_path}.{i}.{adapter.router}" for i in range(len(adapter.blocks(model)))]
+    ignore = sorted(adapter.checkpoint_name(n) for n in floats)
     single = len(by_scheme) == 1
     groups = {
         f"group_{i}": {"targets": ["Linear"] if single else names, "weights": _weights_args(*scheme),

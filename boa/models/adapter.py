@@ -5,6 +5,7 @@ at model names.
 """
 from __future__ import annotations
 
+import re
 import sys
 from operator import attrgetter
 
@@ -113,6 +114,7 @@ class Adapter:
         return {}
 
     experts_path: str | None = None  # a block's fused experts module (MoE), quantized expert by expert
+    router: str | None = None        # an MoE block's router (kept float)
 
     def split(self, model: nn.Module) -> None:
         """What the run quantizes part by part, split in place: fused projections, fused experts."""
@@ -141,6 +143,12 @@ class Adapter:
     @property
     def splits(self) -> bool:
         return bool(self.fused_projections()) or self.experts_path is not None
+
+    def checkpoint_name(self, name: str) -> str:
+        """The name the family's own checkpoints give the tensor `name` of the model as boa holds it (what
+        transformers' save_pretrained writes and vLLM reads): the same name but where a family names its unfused
+        experts otherwise. The exports write these."""
+        return name
 
 
 @register
@@ -224,6 +232,7 @@ class MoEAdapter(LlamaAdapter):
     model_types = ("mixtral", "qwen3_moe")
     rms_norm = False  # no QuaRot yet: its online Hadamard would go before every expert's down_proj
     experts_path = "mlp.experts"
+    router = "mlp.gate"
     mlp_out = "mlp.experts.*.down_proj"  # a pattern: one per expert (sequential_groups lists them)
 
     def __init__(self, config):
@@ -243,6 +252,17 @@ class MoEAdapter(LlamaAdapter):
     def sequential_groups(self) -> list[list[str]]:
         down = [f"{self.experts_path}.{e}.down_proj" for e in range(self.n_experts)]
         return [list(self.qkv), [self.o_proj], list(self.mlp_in), down]
+
+    _MIXTRAL_EXPERT = re.compile(r"\.mlp\.experts\.(\d+)\.(gate|up|down)_proj(?=\.|$)")
+    _MIXTRAL_W = {"gate": "w1", "up": "w3", "down": "w2"}
+
+    def checkpoint_name(self, name: str) -> str:
+        """Mixtral's checkpoints call the MoE block block_sparse_moe and an expert's gate/up/down w1/w3/w2 (Qwen3-MoE
+        names them as boa does)."""
+        if self.config.model_type != "mixtral":
+            return name
+        name = self._MIXTRAL_EXPERT.sub(lambda m: f".mlp.experts.{m[1]}.{self._MIXTRAL_W[m[2]]}", name)
+        return name.replace(".mlp.", ".block_sparse_moe.")
 
 
 @register

@@ -15,7 +15,9 @@ from boa.export import export_compressed_tensors, export_gptq
 from boa.export.common import EXPORT_MANIFEST, pack_int32
 from boa.export.gptq_format import gptq_tensors
 
-from conftest import build_gemma3, build_llama, logits, random_windows, read_safetensors
+from conftest import (
+    build_gemma3, build_llama, build_mixtral, build_phi3, build_qwen3_moe, logits, random_windows, read_safetensors,
+)
 
 compressed_tensors = pytest.importorskip("compressed_tensors")
 
@@ -108,6 +110,63 @@ def test_compressed_tensors_export_of_gemma3_loads_with_the_fake_quant_logits(he
     loaded = AutoModelForCausalLM.from_pretrained(out)
     assert type(loaded) is type(model) and loaded.config.layer_types == model.config.layer_types
     assert torch.equal(logits(loaded, heldout), logits(model, heldout))
+
+
+MOE = {"mixtral": build_mixtral, "qwen3_moe": build_qwen3_moe}
+
+
+@pytest.mark.parametrize("build", MOE.values(), ids=MOE.keys())
+def test_compressed_tensors_export_of_an_moe_model_loads_with_every_experts_weights(build, heldout, tmp_path):
+    """The experts are written one by one under the family's own checkpoint names (Mixtral: block_sparse_moe,
+    w1/w3/w2), which transformers merges into its fused 3-D experts: each expert's slice is exactly boa's
+    dequantized weight, the routers are listed as ignored (vLLM's routers are Linears) and the logits agree.
+    Asymmetric experts are refused: transformers' expert loader would drop their zero points."""
+    model = build()
+    asymmetric = boa.quantize(build(), boa.RTN(bits=4, group_size=16), random_windows(2, 16), progress=False)
+    with pytest.raises(boa.BoaError, match="--sym"):  # transformers' expert loader drops zero points
+        export_compressed_tensors(model, asymmetric.layers, tmp_path / "asymmetric")
+    result = boa.quantize(model, boa.GPTQ(bits=4, group_size=16, sym=True), random_windows(8, 32, seed=0),
+                          progress=False)
+    out = export_compressed_tensors(model, result.layers, tmp_path / "ct", config=result.config)
+    adapter = boa.models.adapter_for(model.config)
+    names = set(read_safetensors(out))
+    assert {f"{adapter.checkpoint_name(n)}.weight_packed" for n in result.layers} <= names
+    if model.config.model_type == "mixtral":
+        assert "model.layers.1.block_sparse_moe.experts.3.w3.weight_packed" in names
+        assert "model.layers.1.block_sparse_moe.gate.weight" in names
+    ignore = json.loads((out / "config.json").read_text())["quantization_config"]["ignore"]
+    assert ignore == sorted(["lm_head", *(adapter.checkpoint_name(f"model.layers.{i}.mlp.gate") for i in range(2))])
+
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    for i, block in enumerate(loaded.model.layers):
+        gate_up, down = block.mlp.experts.gate_up_proj, block.mlp.experts.down_proj
+        inter = gate_up.shape[1] // 2
+        for e in range(adapter.n_experts):
+            prefix = f"model.layers.{i}.mlp.experts.{e}"
+            assert torch.equal(gate_up[e, :inter], result.layers[f"{prefix}.gate_proj"].dequantize())
+            assert torch.equal(gate_up[e, inter:], result.layers[f"{prefix}.up_proj"].dequantize())
+            assert torch.equal(down[e], result.layers[f"{prefix}.down_proj"].dequantize())
+    torch.testing.assert_close(logits(loaded, heldout), logits(model, heldout), rtol=1e-5, atol=1e-5)
+
+
+def test_compressed_tensors_export_of_phi3_keeps_the_fused_projections(heldout, tmp_path):
+    """Phi-3's qkv_proj and gate_up_proj, quantized part by part, are written as the one packed matrix transformers
+    builds, and load with the fake-quantized logits."""
+    model = build_phi3()
+    result = boa.quantize(model, boa.TurboBoA(bits=4, group_size=16), random_windows(8, 32, seed=0), progress=False)
+    assert {n.rsplit(".", 1)[1] for n in result.layers} >= {"qkv_proj", "gate_up_proj"}
+    out = export_compressed_tensors(model, result.layers, tmp_path / "ct", config=result.config)
+    loaded = AutoModelForCausalLM.from_pretrained(out)
+    torch.testing.assert_close(logits(loaded, heldout), logits(model, heldout), rtol=1e-5, atol=1e-5)
+
+
+def test_gptq_export_of_mixtral_uses_its_checkpoint_names(tmp_path):
+    model = build_mixtral()
+    result = boa.quantize(model, boa.RTN(bits=4, group_size=16), random_windows(4, 16, seed=0), progress=False)
+    names = set(read_safetensors(export_gptq(model, result.layers, tmp_path / "gptq")))
+    assert {"model.layers.0.block_sparse_moe.experts.2.w1.qweight", "model.layers.0.block_sparse_moe.experts.2.w2.g_idx",
+            "model.layers.0.block_sparse_moe.gate.weight"} <= names
+    assert not any(".mlp." in n for n in names)
 
 
 def test_compressed_tensors_export_with_two_schemes(heldout, tmp_path):

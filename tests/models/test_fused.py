@@ -4,22 +4,17 @@ unfused: the same codes, the same logits."""
 import pytest
 import torch
 from torch import nn
-from transformers import LlamaConfig, LlamaForCausalLM, Phi3Config, Phi3ForCausalLM
+from transformers import LlamaConfig, LlamaForCausalLM
 
 import boa
 from boa.models.fused import SplitLinear, join_split, split_fused
-from conftest import VOCAB, open_streamed, random_windows
-
-SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-             num_key_value_heads=2, vocab_size=VOCAB, max_position_embeddings=128, rms_norm_eps=1e-5,
-             tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
+from conftest import PHI3_SHAPE, build_phi3, open_streamed, random_windows
 
 
 def phi3_and_its_llama_twin():
     """A random Phi-3 and the Llama computing the same function with q/k/v and gate/up as separate matrices."""
-    torch.manual_seed(0)
-    phi3 = Phi3ForCausalLM(Phi3Config(**SHAPE)).eval()
-    llama = LlamaForCausalLM(LlamaConfig(**SHAPE)).eval()
+    phi3 = build_phi3()
+    llama = LlamaForCausalLM(LlamaConfig(**PHI3_SHAPE)).eval()
     state = {}
     for name, tensor in phi3.state_dict().items():
         if "qkv_proj" in name:

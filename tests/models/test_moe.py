@@ -120,17 +120,6 @@ def test_every_expert_is_quantized_even_one_no_token_reaches(build, tmp_path, mo
         torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
 
 
-def test_moe_exports_other_than_boas_format_are_refused(tmp_path):
-    from boa.export import export_compressed_tensors, export_gptq
-
-    model = build_mixtral()
-    result = boa.quantize(model, boa.RTN(bits=4, group_size=16), progress=False)
-    for export in (export_compressed_tensors, export_gptq):
-        with pytest.raises(boa.BoaError, match="experts are not exported to .* yet; keep boa's own format"):
-            export(model, result.layers, tmp_path / export.__name__)
-        assert not (tmp_path / export.__name__).exists()
-
-
 def test_forced_routing_feeds_every_expert_every_token_and_computes_the_same():
     """The reference mode for starved experts (GPTQ with calibration forced through every expert): each expert's
     layers see all tokens, the block's output is still the routed one."""
