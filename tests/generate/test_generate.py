@@ -5,6 +5,8 @@ import torch
 
 import boa
 from boa.generate import generate
+from boa.nn.quant_linear import QuantLinear
+from conftest import build_gemma3, build_llama, build_mixtral, build_phi3, build_qwen3_moe
 
 PROMPT = "w5 w17 w3 w99"
 
@@ -22,12 +24,19 @@ def test_greedy_matches_transformers_generate(tiny_llama, word_tokenizer):
     assert result.text == word_tokenizer.decode(result.tokens, skip_special_tokens=True)
 
 
-def test_packed_model_generates_like_its_fake_quantized_twin(tiny_llama, calib, word_tokenizer, tmp_path):
-    """Saved and loaded (packed QuantLinear on the C++ kernels), the model continues the prompt as the in-memory
-    fake-quantized model does under transformers' generate."""
-    result = boa.quantize(tiny_llama, boa.GPTQ(bits=4, group_size=32), calib, progress=False)
+FAMILIES = {"llama": build_llama, "gemma3": build_gemma3, "phi3": build_phi3, "mixtral": build_mixtral,
+            "qwen3_moe": build_qwen3_moe}
+
+
+@pytest.mark.parametrize("build", FAMILIES.values(), ids=FAMILIES.keys())
+def test_packed_model_generates_like_its_fake_quantized_twin(build, calib, word_tokenizer, tmp_path):
+    """Saved and loaded (packed QuantLinear on the C++ kernels; Phi-3's fused projections one packed matrix each,
+    MoE experts one packed layer each), the model continues the prompt as the in-memory fake-quantized model does
+    under transformers' generate."""
+    result = boa.quantize(build(), boa.GPTQ(bits=4, group_size=32), calib, progress=False)
     expected = hf_greedy(result.model, word_tokenizer, 10)
     packed, tokenizer, _ = boa.load(boa.save(result, tmp_path / "q", word_tokenizer))
+    assert sum(isinstance(m, QuantLinear) for m in packed.modules()) == len(result.layers)
     assert generate(packed, tokenizer, PROMPT, max_new_tokens=10, stop_at_eos=False).tokens == expected
 
 
