@@ -5,6 +5,7 @@ import torch
 
 from boa.algorithms import Needs
 from boa.core.errors import BoaError
+from boa.core.hessian import HessianAccumulator
 from boa.core.ranks import Ranks
 from boa.models.adapter import Adapter
 from boa.stats.attention import AttentionRecorder
@@ -42,6 +43,21 @@ def pool_starved_experts(stats: dict, hessians: dict, group: list[str], experts_
     return tokens
 
 
+def _add_unreached_experts(hessians: dict, block, group: list[str], adapter: Adapter, dtype: torch.dtype) -> None:
+    """Empty accumulators (n = 0) for the expert layers in `group` that no token reached on this rank, shared as
+    those of a reached expert are (its gate and up read one input), so every rank reduces the same accumulators."""
+    prefix, down = adapter.experts_path + ".", adapter.mlp_out.rsplit(".", 1)[1]
+    empty: dict[tuple[str, bool], HessianAccumulator] = {}
+    for name in group:
+        if name.startswith(prefix) and name not in hessians:
+            expert, role = name[len(prefix):].split(".", 1)
+            layer = block.get_submodule(name)
+            key = (expert, role == down)
+            if key not in empty:
+                empty[key] = HessianAccumulator(layer.in_features, dtype, layer.weight.device)
+            hessians[name] = empty[key]
+
+
 class GroupStatistics:
     """Gathers a group's LayerStats: input Hessians for every layer (plus dX terms when the FP pass is given) and,
     when the method needs the attention, BoA's row factors for the q/k/v group. Statistics in `dtype` (fp32 or
@@ -66,7 +82,9 @@ class GroupStatistics:
             recorder = AttentionRecorder(values=True, dtype=self.dtype, stop=group[-1] in adapter.qkv)
         hessians = collect_statistics(block, group, inputs, kwargs, self.dtype, fp=fp, recorder=recorder,
                                       adapter=adapter)
-        reduce_accumulators(hessians.values(), self.ranks)
+        if adapter.experts_path and self.ranks.distributed:
+            _add_unreached_experts(hessians, block, group, adapter, self.dtype)
+        reduce_accumulators([hessians[name] for name in group if name in hessians], self.ranks)  # one order on all
         stats = {name: LayerStats(acc.H, D=acc.D) for name, acc in hessians.items()}
         if adapter.experts_path:
             self.tokens.update(pool_starved_experts(stats, hessians, group, adapter.experts_path))

@@ -24,6 +24,8 @@ def _count(value: int, device, ranks: Ranks) -> int:
 
 def _reduce_mean(acc: HessianAccumulator, ranks: Ranks) -> None:
     total = _count(acc.n, acc.H.device, ranks)
+    if total == 0:  # an expert no rank's tokens reached: stays empty (the pooled fallback takes over)
+        return
     for name in ("H", "D"):  # means over this rank's tokens: n_r·mean_r summed is the sum over all tokens
         mean = getattr(acc, name)
         if mean is not None:

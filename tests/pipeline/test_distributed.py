@@ -19,7 +19,7 @@ from boa.core.errors import BoaError
 from boa.core.quantizer import QuantizedWeight
 from boa.core.ranks import Ranks
 
-from conftest import Interrupted, build_llama, random_windows, stop_after
+from conftest import Interrupted, build_llama, build_mixtral, random_windows, stop_after
 
 TIMEOUT = 60  # seconds a collective waits for a dead or stuck rank
 METHODS = {
@@ -29,17 +29,21 @@ METHODS = {
 }
 
 
+MOE_WINDOWS = random_windows(2, 8, seed=5)
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
 
 
-def run(config: dict, out, hessian_dtype="float64", order=None, **kwargs):
-    """Quantizes the tiny Llama (4 blocks) on 6 windows (in this order); returns the result."""
-    model = build_llama(num_layers=4)
+def run(config: dict, out, hessian_dtype="float64", order=None, family="llama", **kwargs):
+    """Quantizes the tiny Llama (4 blocks; or the tiny Mixtral, on 2 windows of 8 tokens) on 6 windows of 64 tokens
+    (in this order); returns the result."""
+    model = build_llama(num_layers=4) if family == "llama" else build_mixtral()
     method = method_from_dict(config)
-    windows = random_windows(6, 64)
+    windows = random_windows(6, 64) if family == "llama" else MOE_WINDOWS
     windows = windows if order is None else windows[order]
     return boa.quantize(model, boa.QuantConfig(method, hessian_dtype=hessian_dtype), windows,
                         checkpoint_dir=out, progress=False, device="cpu", **kwargs)
@@ -68,7 +72,7 @@ def worker(rank: int, world: int, port: int, folder: str, job: dict) -> None:
                     os._exit(3)  # a killed rank: no goodbye to the others
             kwargs["on_block_done"] = die
         result = run(job["config"], f"{folder}/checkpoint", job["hessian_dtype"], resume=job.get("resume", False),
-                     **kwargs)
+                     family=job.get("family", "llama"), **kwargs)
         save_file(codes(result), f"{folder}/rank-{rank}.safetensors")
     except Interrupted:
         (open(f"{folder}/rank-{rank}.interrupted", "w")).close()
@@ -105,6 +109,32 @@ def test_two_processes_give_the_codes_of_one_with_float64_statistics(tmp_path, m
                 assert torch.equal(got[key], expected[key]), (rank, key)
             else:  # the grids: the same up to the summation order of the statistics
                 torch.testing.assert_close(got[key], expected[key], rtol=1e-9, atol=0)
+
+
+def routed_tokens(windows: torch.Tensor) -> torch.Tensor:
+    """(experts,) routed-token counts in the tiny Mixtral's first MoE block on these windows."""
+    model = build_mixtral()
+    boa.models.adapter_for(model.config).split(model)
+    with torch.no_grad():
+        model(windows)
+    return model.model.layers[0].mlp.experts.tokens
+
+
+def test_two_processes_give_the_codes_of_one_for_experts_one_of_them_never_reaches(tmp_path):
+    """MoE: each rank sums only its own routed tokens, and an expert no token of one rank reached (here expert 3
+    of block 0 on rank 1, seen by rank 0) still reduces with the others': the codes of one process."""
+    per_rank = [routed_tokens(share) for share in MOE_WINDOWS.tensor_split(2)]
+    assert per_rank[0][3] > 0 and per_rank[1][3] == 0, per_rank  # the case under test
+    config = dict(method="gptq", bits=4, group_size=16)
+    expected = run(config, None, family="mixtral")
+    spawn(tmp_path, {"config": config, "hessian_dtype": "float64", "family": "mixtral"})
+    assert errors(tmp_path) == {}
+    for rank in range(2):
+        got = load_file(str(tmp_path / f"rank-{rank}.safetensors"))
+        assert got.keys() == codes(expected).keys()
+        for key, value in codes(expected).items():  # codes exact, float32 grids to an ulp (summation order)
+            rtol = 0 if key.endswith((".codes", ".g_idx")) else 2.4e-7
+            torch.testing.assert_close(got[key], value, rtol=rtol, atol=0, msg=key)
 
 
 def quantized_logits(tensors: dict) -> torch.Tensor:
