@@ -108,6 +108,12 @@ class Adapter:
     def linear_names(self) -> list[str]:
         return [name for group in self.sequential_groups() for name in group]
 
+    def stored_linear_names(self) -> list[str]:
+        """linear_names() as the model stores them: a fused projection's parts are its one fused layer."""
+        fused = self.fused_projections()
+        return list(dict.fromkeys(name.rsplit(".", 1)[0] if name.rsplit(".", 1)[0] in fused else name
+                                  for name in self.linear_names()))
+
     def fused_projections(self) -> dict[str, tuple[tuple[str, int], ...]]:
         """Fused linears inside a block, {path: ((part, rows), ...)} in row order: quantized part by part
         (boa.models.fused), the parts named path.part above."""

@@ -80,7 +80,10 @@ def join_split(model: nn.Module, adapter, layers: dict[str, QuantizedWeight] | N
         for path, parts in adapter.fused_projections().items():
             layer = block.get_submodule(path)
             if isinstance(layer, SplitLinear):
-                block.set_submodule(path, layer.joined())
+                joined = layer.joined()
+                for hook in layer._forward_pre_hooks.values():  # run-time transforms (quantized inputs) stay
+                    joined.register_forward_pre_hook(hook)
+                block.set_submodule(path, joined)
             names = [f"{prefix}{path}.{part}" for part, _ in parts]
             if layers is not None and any(n in layers for n in names):
                 layers[prefix + path] = stack_rows([layers.pop(n) for n in names], prefix + path)

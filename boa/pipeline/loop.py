@@ -260,7 +260,7 @@ def _weights(model, device) -> ResidentModel | StreamedModel:
     return ResidentModel(model, device if device is not None else default_device())
 
 
-def _split_fused(config: QuantConfig, weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
+def _split_fused(weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
     """Fused projections (Phi-3's qkv_proj, gate_up_proj) and experts (MoE) split into their parts for the run
     (boa.models.fused, boa.models.experts)."""
     if not adapter.splits:
@@ -269,9 +269,6 @@ def _split_fused(config: QuantConfig, weights: ResidentModel | StreamedModel, ad
     if isinstance(weights, StreamedModel):
         raise BoaError(f"{family} models fuse projections or experts, which boa splits in memory: streaming them "
                        "block by block is not supported yet; quantize it in memory (--stream never)")
-    if any(t.name == "activations" for t in config.transforms):
-        raise BoaError(f"quantized activations (--a-bits) are not supported yet on {family}'s fused layers; "
-                       "quantize its weights only")
     adapter.split(weights.model)
 
 
@@ -346,7 +343,7 @@ def quantize(
     elif out is None and checkpoint_dir is None:
         raise BoaError("a streamed model keeps its codes in the run's checkpoint until it is saved: pass out= (the "
                        "folder boa.save will write) or checkpoint_dir=")
-    _split_fused(config, weights, adapter)
+    _split_fused(weights, adapter)
     _apply_transforms(config, weights, adapter)
     kernel_backend = backend_for(weights.device)  # a bad BOA_KERNELS fails now, not mid-run
     log.info("column pass kernels: %s", kernel_backend)

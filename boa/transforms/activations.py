@@ -80,11 +80,12 @@ class ActivationQuant(Transform):
 
     def attach(self, model, adapter, enabled: bool = True) -> list:
         """Packed layers (boa.load's QuantLinear) compute in integers on the int8 kernels; float ones (a model
-        being quantized) get a fake-quantizing pre-hook."""
+        being quantized) get a fake-quantizing pre-hook. A fused projection is one layer here: split for a run, its
+        SplitLinear takes the hook (its parts read the rounded input) and hands it to the joined layer."""
         handles = []
         for block in adapter.blocks(model):
             hook = _QuantizeInputs(self.bits, self.clip_ratio, enabled)
-            for name in adapter.linear_names():
+            for name in adapter.stored_linear_names():
                 layer = attrgetter(name)(block)
                 if hasattr(layer, "quantize_inputs"):
                     layer.quantize_inputs(self.bits, self.clip_ratio)

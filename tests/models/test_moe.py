@@ -135,3 +135,21 @@ def test_forced_routing_feeds_every_expert_every_token_and_computes_the_same():
                 expert.gate_proj.register_forward_pre_hook(lambda m, args: seen.append(args[0].shape[0]))
         torch.testing.assert_close(model(ids).logits, expected, rtol=1e-5, atol=1e-5)
     assert seen == [2 * 16] * (2 * 4)
+
+
+def test_moe_with_8_bit_activations_rounds_every_experts_inputs_in_memory_and_packed(tmp_path):
+    """--a-bits 8 on Mixtral: every quantized layer, each expert's included, reads its input rounded per token (one
+    pre-hook each after the run), and the packed model (int8 kernels) computes the same logits."""
+    from boa.transforms import ActivationQuant
+    from boa.transforms.activations import _QuantizeInputs
+
+    model = build_mixtral()
+    config = boa.QuantConfig(boa.GPTQ(bits=4, group_size=16), transforms=(ActivationQuant(8),))
+    result = boa.quantize(model, config, random_windows(8, 32), progress=False)
+    hooked = {name for name, m in model.named_modules()
+              if any(isinstance(h, _QuantizeInputs) for h in m._forward_pre_hooks.values())}
+    assert hooked == set(result.layers)
+    ids = random_windows(2, 16, seed=1)
+    loaded, _, _ = boa.load(boa.save(result, tmp_path / "q"))
+    with torch.no_grad():
+        torch.testing.assert_close(loaded(ids).logits, model(ids).logits, rtol=1e-5, atol=1e-5)
