@@ -75,18 +75,19 @@ MOE_SHAPE = dict(hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num
              max_position_embeddings=128, num_experts_per_tok=2, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def build_mixtral():
+def build_mixtral(num_layers: int = 2):
     """A random Mixtral: 2 blocks of 4 experts, top 2."""
     torch.manual_seed(0)
-    config = transformers.MixtralConfig(intermediate_size=96, num_local_experts=4, **MOE_SHAPE)
+    config = transformers.MixtralConfig(intermediate_size=96, num_local_experts=4,
+                                        **{**MOE_SHAPE, "num_hidden_layers": num_layers})
     return transformers.MixtralForCausalLM(config).eval()
 
 
-def build_qwen3_moe():
+def build_qwen3_moe(num_layers: int = 2):
     """A random Qwen3-MoE, every block MoE: 4 experts, top 2."""
     torch.manual_seed(0)
     config = transformers.Qwen3MoeConfig(intermediate_size=96, moe_intermediate_size=48, num_experts=4, head_dim=16,
-                                         **MOE_SHAPE)
+                                         **{**MOE_SHAPE, "num_hidden_layers": num_layers})
     return transformers.Qwen3MoeForCausalLM(config).eval()
 
 
@@ -95,10 +96,11 @@ PHI3_SHAPE = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, nu
                   tie_word_embeddings=False, pad_token_id=0, bos_token_id=1, eos_token_id=2)
 
 
-def build_phi3():
+def build_phi3(num_layers: int = 2):
     """A random Phi-3: q/k/v fused in qkv_proj (64 + 32 + 32 rows), gate/up in gate_up_proj."""
     torch.manual_seed(0)
-    return transformers.Phi3ForCausalLM(transformers.Phi3Config(**PHI3_SHAPE)).eval()
+    config = transformers.Phi3Config(**{**PHI3_SHAPE, "num_hidden_layers": num_layers})
+    return transformers.Phi3ForCausalLM(config).eval()
 
 
 def build_opt(num_layers: int = 2, seed: int = 0) -> OPTForCausalLM:

@@ -97,14 +97,14 @@ class ShardReader:
     def files(self) -> list[Path]:
         return [self.folder / f for f in self._files]
 
-    def get(self, name: str) -> torch.Tensor:
-        """The tensor in memory of its own: a tensor read through a file kept open stays a view of the file's
-        mapping, whose pages then count as this process's memory (all of a 16 GB checkpoint once each tensor was
-        read)."""
+    def get(self, name: str, index: tuple = ()) -> torch.Tensor:
+        """The tensor (or only tensor[index], read alone) in memory of its own: a tensor read through a file kept
+        open stays a view of the file's mapping, whose pages then count as this process's memory (all of a 16 GB
+        checkpoint once each tensor was read)."""
         if name not in self.weight_map:
             raise BoaError(f"{self.folder} holds no tensor {name!r}; the checkpoint does not match config.json")
         with safe_open(str(self.folder / self.weight_map[name]), "pt") as f:
-            return f.get_tensor(name).clone()
+            return (f.get_slice(name)[index] if index else f.get_tensor(name)).clone()
 
     def shape(self, name: str) -> tuple[int, ...]:
         """A tensor's shape, from the header (nothing is read)."""

@@ -150,6 +150,32 @@ class Adapter:
     def splits(self) -> bool:
         return bool(self.fused_projections()) or self.experts_path is not None
 
+    def stored_slice(self, name: str) -> tuple[str, tuple] | None:
+        """Where a checkpoint may keep a parameter of the split model inside a larger tensor: (that tensor's name,
+        the index into it) for a part of a fused projection, or an expert's layer in the fused experts tensors
+        (gate_up_proj (experts, 2·inter, hidden): gate rows first; down_proj (experts, hidden, inter)); else None."""
+        head = self.blocks_path + "."
+        if not name.startswith(head):
+            return None
+        index, _, rest = name[len(head):].partition(".")
+        block = f"{head}{index}."
+        owner, _, leaf = rest.rpartition(".")
+        path, _, part = owner.rpartition(".")
+        parts = self.fused_projections().get(path)
+        if parts is not None:
+            start = 0
+            for other, rows in parts:
+                if other == part:
+                    return f"{block}{path}.{leaf}", (slice(start, start + rows),)
+                start += rows
+        if self.experts_path and path.startswith(self.experts_path + ".") and leaf == "weight":
+            expert, inter = int(path.rsplit(".", 1)[1]), self.expert_rows
+            rows = {"gate_proj": (slice(0, inter),), "up_proj": (slice(inter, 2 * inter),), "down_proj": ()}
+            if part in rows:
+                fused = "down_proj" if part == "down_proj" else "gate_up_proj"
+                return f"{block}{self.experts_path}.{fused}", (expert, *rows[part])
+        return None
+
     def checkpoint_name(self, name: str) -> str:
         """The name the family's own checkpoints give the tensor `name` of the model as boa holds it (what
         transformers' save_pretrained writes and vLLM reads): the same name but where a family names its unfused
@@ -250,6 +276,11 @@ class MoEAdapter(LlamaAdapter):
     @property
     def n_experts(self) -> int:
         return getattr(self.config, "num_local_experts", None) or self.config.num_experts
+
+    @property
+    def expert_rows(self) -> int:
+        """An expert's intermediate size (rows of its gate_proj)."""
+        return getattr(self.config, "moe_intermediate_size", None) or self.config.intermediate_size
 
     @property
     def mlp_in(self) -> tuple[str, ...]:

@@ -10,6 +10,8 @@ Hessian) and the stacked codes are one quantized matrix, saved, exported and loa
 """
 from __future__ import annotations
 
+import contextlib
+
 import torch
 from torch import nn
 
@@ -55,10 +57,39 @@ class SplitLinear(nn.Module):
 def split_fused(model: nn.Module, adapter) -> None:
     """Every block's fused projections (adapter.fused_projections()) replaced by SplitLinears, in place."""
     for block in adapter.blocks(model):
-        for path, parts in adapter.fused_projections().items():
-            layer = block.get_submodule(path)
-            if not isinstance(layer, SplitLinear):
-                block.set_submodule(path, SplitLinear(layer, parts))
+        _split_block(block, adapter)
+
+
+def _split_block(block: nn.Module, adapter) -> list[str]:
+    """The block's fused projections that were not split yet, split in place; returns their paths."""
+    split = []
+    for path, parts in adapter.fused_projections().items():
+        layer = block.get_submodule(path)
+        if not isinstance(layer, SplitLinear):
+            block.set_submodule(path, SplitLinear(layer, parts))
+            split.append(path)
+    return split
+
+
+def _join_block(block: nn.Module, paths) -> None:
+    for path in paths:
+        layer = block.get_submodule(path)
+        if isinstance(layer, SplitLinear):
+            joined = layer.joined()
+            for hook in layer._forward_pre_hooks.values():  # run-time transforms (quantized inputs) stay
+                joined.register_forward_pre_hook(hook)
+            block.set_submodule(path, joined)
+
+
+@contextlib.contextmanager
+def split_for_now(block: nn.Module, adapter):
+    """The block with its fused projections split while inside (left as they were where already split): for work
+    that acts on the parts, on a block that may hold them joined (a streamed block read for saving)."""
+    split = _split_block(block, adapter)
+    try:
+        yield block
+    finally:
+        _join_block(block, split)
 
 
 def stack_rows(parts: list[QuantizedWeight], name: str) -> QuantizedWeight:
@@ -76,14 +107,15 @@ def join_split(model: nn.Module, adapter, layers: dict[str, QuantizedWeight] | N
     """split_fused undone in place: each SplitLinear replaced by the fused nn.Linear it stands for; in `layers`
     (full names → codes, as boa.quantize returns them) the parts' entries become the fused layer's."""
     for index, block in enumerate(adapter.blocks(model)):
-        prefix = f"{adapter.blocks_path}.{index}."
-        for path, parts in adapter.fused_projections().items():
-            layer = block.get_submodule(path)
-            if isinstance(layer, SplitLinear):
-                joined = layer.joined()
-                for hook in layer._forward_pre_hooks.values():  # run-time transforms (quantized inputs) stay
-                    joined.register_forward_pre_hook(hook)
-                block.set_submodule(path, joined)
-            names = [f"{prefix}{path}.{part}" for part, _ in parts]
-            if layers is not None and any(n in layers for n in names):
-                layers[prefix + path] = stack_rows([layers.pop(n) for n in names], prefix + path)
+        _join_block(block, adapter.fused_projections())
+        if layers is not None:
+            join_codes(layers, adapter, f"{adapter.blocks_path}.{index}.")
+
+
+def join_codes(layers: dict[str, QuantizedWeight], adapter, prefix: str) -> None:
+    """In `layers` (names → codes), the parts of each fused projection under `prefix` (a block's, or "" for names
+    inside a block) become the fused layer's one entry."""
+    for path, parts in adapter.fused_projections().items():
+        names = [f"{prefix}{path}.{part}" for part, _ in parts]
+        if any(n in layers for n in names):
+            layers[prefix + path] = stack_rows([layers.pop(n) for n in names], prefix + path)

@@ -70,57 +70,91 @@ def checkpoint_dtype(config, reader: ShardReader) -> torch.dtype:
 class StreamedModel:
     """A model skeleton plus the shards its weights are read from (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, reader: ShardReader, device: torch.device, dtype: torch.dtype):
+    def __init__(self, model: nn.Module, reader: ShardReader, device: torch.device, dtype: torch.dtype,
+                 adapter: Adapter | None = None):
         self.model, self.reader, self.device, self.dtype = model, reader, torch.device(device), dtype
+        self.adapter = adapter  # its names for tensors stored under other names or inside others (split models)
         self._prefix = getattr(model, "base_model_prefix", "")
-        # every name a parameter is known by (a tied head shares the embedding's parameter)
-        self._skeleton = dict(model.named_parameters(remove_duplicate=False))
-        shared: dict[int, list[str]] = {}
-        for name, param in self._skeleton.items():
-            shared.setdefault(id(param), []).append(name)
-        self._aliases = {name: names for names in shared.values() for name in names}
-        self._module_names = {id(m): name for name, m in model.named_modules()}
         self.on_load: list = []  # callables(module) run on each module just read (a transform fusing itself)
         for module in model.modules():  # the computed buffers (rotary inv_freq, position ids) stay on the device
             for name, buffer in module._buffers.items():
                 if buffer is not None:
                     module._buffers[name] = buffer.to(self.device)
+        self._index_skeleton()
+
+    def _index_skeleton(self) -> None:
+        # every name a parameter is known by (a tied head shares the embedding's parameter)
+        self._skeleton = dict(self.model.named_parameters(remove_duplicate=False))
+        shared: dict[int, list[str]] = {}
+        for name, param in self._skeleton.items():
+            shared.setdefault(id(param), []).append(name)
+        self._aliases = {name: names for names in shared.values() for name in names}
+        self._module_names = {id(m): name for name, m in self.model.named_modules()}
 
     @classmethod
     def open(cls, folder: str | Path, config, adapter: Adapter, dtype: torch.dtype | None = None,
              device: str | torch.device = "cpu") -> "StreamedModel":
+        """The model in `folder`, split as boa runs it (fused projections in parts, MoE experts one module each:
+        Adapter.split), each part read from wherever the checkpoint keeps it."""
         reader = ShardReader(folder)
         dtype = dtype or checkpoint_dtype(config, reader)
-        streamed = cls(empty_model(config, adapter, dtype), reader, device, dtype)
+        streamed = cls(empty_model(config, adapter, dtype), reader, device, dtype, adapter)
+        if adapter.splits:
+            adapter.split(streamed.model)  # on the meta device: nothing is read or allocated
+            streamed._index_skeleton()
         streamed._check_complete()
         return streamed
 
+    def join(self) -> None:
+        """The skeleton's fused projections joined back (Adapter.join), as the model stores them."""
+        self.adapter.join(self.model)
+        self._index_skeleton()
+
     def _key(self, name: str) -> str | None:
-        """The checkpoint's key for a state-dict name (with or without the base model's prefix), or None."""
+        """The checkpoint's key for a state-dict name (with or without the base model's prefix, or under the
+        family's own checkpoint name), or None."""
         keys = self.reader.weight_map
-        candidates = [name]
-        if self._prefix:
-            candidates += [name.removeprefix(self._prefix + "."), f"{self._prefix}.{name}"]
+        names = [name] if self.adapter is None else list(dict.fromkeys([name, self.adapter.checkpoint_name(name)]))
+        candidates = []
+        for candidate in names:
+            candidates.append(candidate)
+            if self._prefix:
+                candidates += [candidate.removeprefix(self._prefix + "."), f"{self._prefix}.{candidate}"]
         return next((k for k in candidates if k in keys), None)
 
-    def _source(self, name: str) -> str | None:
+    def _source(self, name: str) -> tuple[str, tuple] | None:
+        """(key, index): the checkpoint tensor holding parameter `name` and where in it (() for all of it)."""
         for alias in [name, *self._aliases.get(name, [])]:
             key = self._key(alias)
             if key is not None:
-                return key
+                return key, ()
+        inside = self.adapter.stored_slice(name) if self.adapter is not None else None
+        if inside is not None:
+            key = self._key(inside[0])
+            if key is not None:
+                return key, inside[1]
         return None
+
+    def _read(self, name: str) -> torch.Tensor:
+        source = self._source(name)
+        if source is None:
+            raise BoaError(f"{self.reader.folder} has no tensor for {name} (nor a tied one)")
+        return self.reader.get(*source)
 
     def _check_complete(self) -> None:
         """Every parameter has a tensor in the shards with its shape: a wrong or partial checkpoint fails now."""
         for name, param in self.model.named_parameters():
-            key = self._source(name)
-            if key is None:
+            source = self._source(name)
+            if source is None:
                 if self._is_output_head(name):
                     continue  # a head that transformers would re-tie; only needed to evaluate, checked then
                 raise BoaError(f"{self.reader.folder} has no tensor for {name}; the shards do not hold this model "
                                "(config.json and the weights disagree, or a shard was cut short)")
-            if self.reader.shape(key) != tuple(param.shape):
-                raise BoaError(f"{self.reader.folder}: {key} has shape {self.reader.shape(key)}, the model expects "
+            key, index = source
+            shape = tuple(torch.empty(self.reader.shape(key), device="meta")[index].shape)
+            if shape != tuple(param.shape):
+                where = f"{key}{list(index) if index else ''}"
+                raise BoaError(f"{self.reader.folder}: {where} has shape {shape}, the model expects "
                                f"{tuple(param.shape)}; config.json does not describe these weights")
 
     def _is_output_head(self, name: str) -> bool:
@@ -132,10 +166,7 @@ class StreamedModel:
         prefix = self._module_names[id(module)]
         for local, _ in list(module.named_parameters()):
             name = f"{prefix}.{local}" if prefix else local
-            key = self._source(name)
-            if key is None:
-                raise BoaError(f"{self.reader.folder} has no tensor for {name} (nor a tied one)")
-            tensor = self.reader.get(key)
+            tensor = self._read(name)
             if tensor.is_floating_point():
                 if not torch.isfinite(tensor).all():
                     raise BoaError(f"weight {name} holds NaN/Inf; quantizing it would spread the damage. Repair or "
@@ -161,18 +192,13 @@ class StreamedModel:
         """(name, tensor) in state-dict order, each read when asked for, in the run's dtype: what a fingerprint
         of the model hashes, with one tensor in memory at a time."""
         for name, param in self.model.named_parameters():
-            key = self._source(name)
-            if key is None:
+            if self._source(name) is None:
                 continue
-            tensor = self.reader.get(key)
-            yield name, tensor.to(self.dtype) if tensor.is_floating_point() else tensor
+            yield name, self.tensor(name)
 
     def tensor(self, name: str) -> torch.Tensor:
         """One state-dict tensor from the shards, in the run's dtype."""
-        key = self._source(name)
-        if key is None:
-            raise BoaError(f"{self.reader.folder} has no tensor for {name}")
-        tensor = self.reader.get(key)
+        tensor = self._read(name)
         return tensor.to(self.dtype) if tensor.is_floating_point() else tensor
 
 

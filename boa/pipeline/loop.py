@@ -34,6 +34,7 @@ from boa.core.quantizer import QuantizedWeight
 from boa.core.ranks import Ranks
 from boa.export.boa_format import MANIFEST
 from boa.models.adapter import Adapter, adapter_for
+from boa.models.fused import join_codes
 from boa.models.weights import ResidentModel, StreamedModel
 from boa.nn import check_not_quantized
 from boa.pipeline.inputs import BlockInputs
@@ -219,11 +220,14 @@ def quantize_block(block: nn.Module, method: Method, adapter: Adapter, groups: l
 
 class CheckpointLayers(Mapping):
     """The codes of a streamed run, read from its checkpoint block by block when asked for (keeping every block's
-    codes in memory would take a byte a weight: 8 GB for an 8B model)."""
+    codes in memory would take a byte a weight: 8 GB for an 8B model), under the names the model stores them by
+    (a fused projection's parts joined: Adapter.stored_linear_names)."""
 
-    def __init__(self, checkpoint: Checkpoint, names: list[list[str]]):
-        self.checkpoint, self._blocks = checkpoint, names   # names[i]: block i's layers, full names
-        self._block_of = {name: i for i, block in enumerate(names) for name in block}
+    def __init__(self, checkpoint: Checkpoint, adapter: Adapter, n_blocks: int):
+        self.checkpoint, self.adapter = checkpoint, adapter
+        self._blocks = [[f"{adapter.blocks_path}.{i}.{n}" for n in adapter.stored_linear_names()]
+                        for i in range(n_blocks)]
+        self._block_of = {name: i for i, block in enumerate(self._blocks) for name in block}
         self._cached: tuple[int, dict] | None = None
 
     def __getitem__(self, name: str) -> QuantizedWeight:
@@ -233,7 +237,8 @@ class CheckpointLayers(Mapping):
                 raise BoaError(f"the codes of this streamed run were in {self.checkpoint.folder}, which is gone (the "
                                "result was saved, and saving removes it): load the saved folder with boa.load")
             layers, _ = _load_block(self.checkpoint, index)
-            prefix = name[: len(name) - len(next(iter(layers)))] if layers else ""
+            join_codes(layers, self.adapter, "")
+            prefix = f"{self.adapter.blocks_path}.{index}."
             self._cached = (index, {prefix + n: q for n, q in layers.items()})
         return self._cached[1][name]
 
@@ -263,13 +268,8 @@ def _weights(model, device) -> ResidentModel | StreamedModel:
 def _split_fused(weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
     """Fused projections (Phi-3's qkv_proj, gate_up_proj) and experts (MoE) split into their parts for the run
     (boa.models.fused, boa.models.experts)."""
-    if not adapter.splits:
-        return
-    family = adapter.config.model_type
-    if isinstance(weights, StreamedModel):
-        raise BoaError(f"{family} models fuse projections or experts, which boa splits in memory: streaming them "
-                       "block by block is not supported yet; quantize it in memory (--stream never)")
-    adapter.split(weights.model)
+    if adapter.splits and not isinstance(weights, StreamedModel):  # a streamed one is split when opened
+        adapter.split(weights.model)
 
 
 def _apply_transforms(config: QuantConfig, weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
@@ -410,10 +410,10 @@ def quantize(
             inputs.close()
     for transform in config.transforms:  # run-time parts from their calibration state to inference's
         transform.finish(model, adapter)
-    if not streamed:  # fused projections stored as the model has them
+    if streamed:  # fused projections stored as the model has them
+        weights.join()
+        result.layers = CheckpointLayers(checkpoint, adapter, len(blocks))
+    else:
         adapter.join(model, result.layers)
-    if streamed:
-        result.layers = CheckpointLayers(checkpoint, [[f"{adapter.blocks_path}.{i}.{n}" for n in adapter.linear_names()]
-                                                      for i in range(len(blocks))])
     result.seconds = time.perf_counter() - start
     return result

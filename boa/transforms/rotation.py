@@ -22,6 +22,7 @@ import torch
 from torch import nn
 
 from boa.core.errors import BoaError
+from boa.models.fused import split_for_now
 from boa.transforms.base import Transform, register_transform
 from boa.transforms.hadamard import Rotation
 
@@ -117,6 +118,10 @@ class QuaRot(Transform):
             _set(module.weight, torch.ones_like(module.weight))
 
     def fuse_block(self, block, adapter) -> None:
+        with split_for_now(block, adapter):  # a fused projection's parts (v's heads) are rotated as parts
+            self._fuse_split_block(block, adapter)
+
+    def _fuse_split_block(self, block, adapter) -> None:
         self._check(adapter)
         Q = self.residual(adapter)
         layers = dict(block.named_modules())

@@ -9,7 +9,10 @@ import boa
 from boa.eval import evaluate_perplexity, perplexity
 from boa.eval.streamed import streamed_perplexity
 
-from conftest import VOCAB, BlockProbe, build_bert, build_gemma3, build_llama, build_opt, open_streamed, random_windows
+from conftest import (
+    VOCAB, BlockProbe, build_bert, build_gemma3, build_llama, build_mixtral, build_opt, build_phi3, open_streamed,
+    random_windows,
+)
 
 
 def tied_llama():
@@ -32,7 +35,8 @@ def opt_350m_like():
 
 
 MODELS = {"llama": lambda: build_llama(num_layers=3), "llama-tied": tied_llama,
-          "opt": lambda: build_opt(num_layers=3), "opt-350m-like": opt_350m_like, "gemma3": build_gemma3}
+          "opt": lambda: build_opt(num_layers=3), "opt-350m-like": opt_350m_like, "gemma3": build_gemma3,
+          "phi3": build_phi3, "mixtral": build_mixtral}
 
 
 def sharpened(model):

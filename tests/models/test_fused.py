@@ -9,7 +9,7 @@ from transformers import LlamaConfig, LlamaForCausalLM
 import boa
 from boa.models.fused import SplitLinear, join_split, split_fused
 from boa.transforms import ActivationQuant
-from conftest import PHI3_SHAPE, build_phi3, open_streamed, random_windows
+from conftest import PHI3_SHAPE, build_phi3, random_windows
 
 
 def phi3_and_its_llama_twin():
@@ -84,14 +84,6 @@ def test_split_and_join_carry_the_codes_to_the_fused_names():
     join_split(phi3, adapter, layers)
     assert list(layers) == ["model.layers.0.mlp.gate_up_proj"]
     assert layers["model.layers.0.mlp.gate_up_proj"].codes[:, 0].tolist() == [0] * 128 + [1] * 128
-
-
-def test_what_fused_projections_do_not_support_yet_is_refused(tmp_path):
-    phi3, _ = phi3_and_its_llama_twin()
-    phi3.save_pretrained(tmp_path / "fp")
-    streamed = open_streamed(tmp_path / "fp")
-    with pytest.raises(boa.BoaError, match="streaming them block by block is not supported yet"):
-        boa.quantize(streamed, boa.RTN(bits=4), out=tmp_path / "q", progress=False)
 
 
 def test_the_fused_phi3_exports_to_compressed_tensors_that_transformers_loads(tmp_path):

@@ -11,8 +11,13 @@ from boa.core.shards import INDEX
 from boa.models import adapter_for
 from boa.models.weights import empty_model
 
-from conftest import BlockProbe, build_gemma3, build_llama, build_opt, open_streamed, random_windows
+from conftest import (
+    BlockProbe, build_gemma3, build_llama, build_mixtral, build_opt, build_phi3, build_qwen3_moe, open_streamed,
+    random_windows, read_safetensors,
+)
 
+FAMILIES = {"llama": build_llama, "opt": build_opt, "gemma3": build_gemma3, "phi3": build_phi3,
+            "mixtral": build_mixtral, "qwen3_moe": build_qwen3_moe}
 METHODS = [boa.GPTQ(bits=4, group_size=32, act_order=True), boa.TurboBoA(bits=3, group_size=32, rows_per_step=4)]
 
 
@@ -23,8 +28,10 @@ def sharded(tmp_path, model, shard="40KB"):
 
 
 @pytest.mark.parametrize("method", METHODS, ids=lambda m: m.name)
-@pytest.mark.parametrize("build", [build_llama, build_opt, build_gemma3], ids=["llama", "opt", "gemma3"])
+@pytest.mark.parametrize("build", FAMILIES.values(), ids=FAMILIES.keys())
 def test_a_streamed_run_gives_the_in_memory_codes_one_block_at_a_time(tmp_path, monkeypatch, method, build):
+    """Phi-3's fused projections are read part by part from their one tensor and saved joined; Mixtral's experts
+    come from its own checkpoint names (block_sparse_moe.experts.E.w1)."""
     model = build(num_layers=3)
     folder = sharded(tmp_path, model)
     assert (folder / INDEX).is_file() and len(json.loads((folder / INDEX).read_text())["weight_map"]) > 0
@@ -49,6 +56,30 @@ def test_a_streamed_run_gives_the_in_memory_codes_one_block_at_a_time(tmp_path, 
     windows = random_windows(2, 16, seed=1)
     torch.testing.assert_close(loaded(input_ids=windows).logits, loaded_memory(input_ids=windows).logits,
                                rtol=0, atol=0)
+
+
+def test_experts_stored_fused_are_read_one_expert_slice_at_a_time(tmp_path, monkeypatch):
+    """A checkpoint holding the experts as transformers' fused 3-D tensors (gate_up_proj, down_proj): each expert's
+    gate, up and down are read as slices of them (Adapter.stored_slice), and the run gives the in-memory codes."""
+    from safetensors.torch import save_file
+
+    model = build_qwen3_moe()
+    folder = tmp_path / "fused"
+    model.config.save_pretrained(folder)
+    save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(folder / "model.safetensors"))
+    assert "model.layers.0.mlp.experts.gate_up_proj" in set(read_safetensors(folder))
+    reads = []
+    get = boa.core.shards.ShardReader.get
+    monkeypatch.setattr(boa.core.shards.ShardReader, "get", lambda self, name, index=(): reads.append(index) or
+                        get(self, name, index))
+    calib = random_windows(4, 16)
+    streamed = boa.quantize(open_streamed(folder), boa.GPTQ(bits=4, group_size=16), calib, out=tmp_path / "q",
+                            progress=False, device="cpu")
+    assert (3, slice(48, 96)) in reads  # expert 3's up_proj: the second half of its gate_up rows
+    expected = boa.quantize(model, boa.GPTQ(bits=4, group_size=16), calib, progress=False, device="cpu")
+    assert streamed.layers.keys() == expected.layers.keys()
+    for name, q in expected.layers.items():
+        assert torch.equal(streamed.layers[name].codes, q.codes) and torch.equal(streamed.layers[name].scale, q.scale)
 
 
 def test_a_streamed_run_needs_a_checkpoint(tmp_path):
@@ -114,18 +145,20 @@ def test_a_tied_head_stays_tied_after_its_embedding_was_loaded(tmp_path):
     assert streamed.model.lm_head.weight is embedding.weight
 
 
-@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
-def test_a_streamed_rotated_run_gives_the_in_memory_codes_and_model(tmp_path, monkeypatch, tied):
+@pytest.mark.parametrize("family, tied", [("llama", False), ("llama", True), ("phi3", False)],
+                         ids=["untied", "tied", "phi3"])
+def test_a_streamed_rotated_run_gives_the_in_memory_codes_and_model(tmp_path, monkeypatch, family, tied):
     """QuaRot fused into each module as it is read (embeddings, blocks, an untied head with the final norm's γ read
-    from the shards), never two blocks at once; the saved folder computes what the in-memory run's does."""
+    from the shards), never two blocks at once; the saved folder computes what the in-memory run's does. Phi-3:
+    its fused projections rotated part by part, also when a block is read joined again for saving."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     from boa.transforms import ActivationQuant, QuaRot
 
     torch.manual_seed(3)
-    model = LlamaForCausalLM(LlamaConfig(hidden_size=64, intermediate_size=96, num_hidden_layers=3,
-                                         num_attention_heads=4, num_key_value_heads=2, vocab_size=256,
-                                         tie_word_embeddings=tied)).eval()
+    model = build_phi3(num_layers=3) if family == "phi3" else LlamaForCausalLM(LlamaConfig(
+        hidden_size=64, intermediate_size=96, num_hidden_layers=3, num_attention_heads=4, num_key_value_heads=2,
+        vocab_size=256, tie_word_embeddings=tied)).eval()
     with torch.no_grad():  # norms far from 1, so that folding them matters
         for name, p in model.named_parameters():
             if "norm" in name:
@@ -139,6 +172,7 @@ def test_a_streamed_rotated_run_gives_the_in_memory_codes_and_model(tmp_path, mo
     probe = BlockProbe(streamed, monkeypatch)
     result = boa.quantize(streamed, config, calib, out=tmp_path / "q", progress=False, device="cpu")
     assert probe.most == 1 and not probe.resident
+    assert result.layers.keys() == expected.layers.keys()
     for name, q in expected.layers.items():
         assert torch.equal(result.layers[name].codes, q.codes), name
     boa.save(result, tmp_path / "q")
