@@ -34,6 +34,7 @@ from boa.algorithms.obs import TurboBoA
 from boa.algorithms.solver import SolveState, refine_scales
 from boa.core.adaround import beta_at, rectified_sigmoid_inverse
 from boa.core.errors import BoaError
+from boa.core.gguf_grids import representable_scales
 from boa.core.quantizer import QuantizedWeight, QuantSpec
 from boa_kernels.rounding import relaxed_error, rounding_adam_step_
 
@@ -172,7 +173,10 @@ class Aespa(Method):
 
         scale = init.scale.to(state.H.dtype).reshape(state.heads, -1, init.scale.shape[-1])
         if self.init.refine_iters:
-            scale = refine_scales(codes - problem.zero, scale, init.g_idx.long(), state.target, state.H,
-                                  problem.H_out, self.init.refine_iters)
+            refined = refine_scales(codes - problem.zero, scale, init.g_idx.long(), state.target, state.H,
+                                    problem.H_out, self.init.refine_iters)
+            kind = self.spec.gguf_type  # GGUF grids: the refined scales put back on representable ones
+            scale = refined if kind is None else representable_scales(
+                kind, refined, init.zero.to(refined.dtype).reshape(refined.shape), scale)
         return QuantizedWeight(codes.reshape(W.shape).to(torch.uint8), scale.reshape(init.scale.shape), init.zero,
                                init.g_idx, init.bits)

@@ -11,6 +11,7 @@ from typing import ClassVar
 import torch
 
 from boa.core.errors import BoaError
+from boa.core.gguf_grids import gguf_type
 from boa.core.quantizer import QuantizedWeight, QuantSpec
 
 BITS = (2, 3, 4, 8)
@@ -119,12 +120,21 @@ class GridMethod(Method):
     group_size: int = 128
     sym: bool = False
     grid: str = "minmax"
+    gguf: str | None = None  # a GGUF type (Q4_0, ...): its bits, block and symmetry replace bits/group_size/sym, and
+                             # every grid is one the type can hold (boa.core.gguf_grids)
 
     @property
     def spec(self) -> QuantSpec:
-        return QuantSpec(bits=self.bits, sym=self.sym, group_size=self.group_size, grid=self.grid)
+        return QuantSpec(bits=self.bits, sym=self.sym, group_size=self.group_size, grid=self.grid, gguf=self.gguf)
+
+    @property
+    def label(self) -> str:
+        return super().label if self.gguf is None else f"{self.name} gguf:{self.gguf}"
 
     def validate(self) -> None:
+        if self.gguf is not None:
+            kind = gguf_type(str(self.gguf))
+            self.gguf, self.bits, self.group_size, self.sym = kind.name, kind.bits, kind.block, not kind.asymmetric
         if not _is_int(self.bits) or self.bits not in BITS:
             raise BoaError(f"bits={self.bits!r} is not supported; choose one of {', '.join(map(str, BITS))}")
         if not _is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):

@@ -33,6 +33,8 @@ from dataclasses import dataclass
 import torch
 
 from boa_kernels import compensate_block_
+from boa.core.errors import BoaError
+from boa.core.gguf_grids import SUPER_BLOCK, representable_scales, super_units
 from boa.core.hessian import inverse_cholesky_upper, remove_dead_inputs
 from boa.core.quantizer import QuantizedWeight, QuantSpec, find_grid, grids_by_group
 
@@ -83,9 +85,10 @@ class _ColumnPass:
         self._U_blocks = [self.U[:, i1:i2, i1:i2].contiguous() for i1, i2 in self._blocks]
 
     def run(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-            compensated: torch.Tensor | None = None) -> torch.Tensor:
+            compensated: torch.Tensor | None = None, units: torch.Tensor | None = None) -> torch.Tensor:
         """Quantizes W in place (left holding the quantized values); returns the codes. `compensated`, if given,
-        receives each column as it was just before rounding (all earlier errors compensated): q_j + e_j U_jj."""
+        receives each column as it was just before rounding (all earlier errors compensated): q_j + e_j U_jj.
+        `units` (batch, rows, cols / 256): GGUF K types' super-block scales, which dynamic grids are multiples of."""
         width = self.spec.group_width(W.shape[-1])
         codes = torch.empty_like(W)
         for (i1, i2), U1 in zip(self._blocks, self._U_blocks):
@@ -98,8 +101,9 @@ class _ColumnPass:
                 if not self.static:  # the group's grid, from its columns as compensated so far
                     g = a // width
                     H_g = self.H[:, a : a + width, a : a + width]
+                    unit = None if units is None else units[..., a // SUPER_BLOCK, None]
                     scale[..., g : g + 1], zero[..., g : g + 1] = find_grid(W1[..., a - i1 : a - i1 + width],
-                                                                            self.spec, H_g)
+                                                                            self.spec, H_g, unit)
                 compensate_block_(W1, E1, C1, U1, scale, zero, groups, self.spec.maxq, a - i1, b - i1)
             if compensated is not None:
                 compensated[..., i1:i2] = W1 + E1 * torch.diagonal(U1, dim1=-2, dim2=-1).unsqueeze(-2)
@@ -237,7 +241,7 @@ class _Order:
 
 
 def _solve_rows(W, scale, zero, column_pass: _ColumnPass, step: int, H, U_out, per_channel_adaptive: bool,
-                keep_state: bool) -> tuple[torch.Tensor, torch.Tensor | None]:
+                keep_state: bool, units: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The row pass, in processing order: `step` rows of every head at a time run the column pass (W left holding
     their quantized values), then the later rows take the closed-form row update (U_out; None without a row
     factor, when step covers every row). Returns the codes and, with keep_state, each weight as it was rounded."""
@@ -250,19 +254,21 @@ def _solve_rows(W, scale, zero, column_pass: _ColumnPass, step: int, H, U_out, p
         r2 = min(r1 + step, d)
         W_B = W[:, r1:r2]
         s_B, z_B = scale[:, r1:r2].contiguous(), zero[:, r1:r2].contiguous()
+        u_B = None if units is None else units[:, r1:r2].contiguous()
         if per_channel_adaptive:
             s_B, z_B = find_grid(W_B, spec, H)
         Q_B = W_B.clone()
         if shared:  # one U for every head: run all heads' rows as one matrix
             flat = (1, heads * (r2 - r1))
             C_B = None if compensated is None else torch.empty_like(Q_B).reshape(*flat, cols)
-            c = column_pass.run(Q_B.reshape(*flat, cols), s_B.reshape(*flat, -1), z_B.reshape(*flat, -1), C_B)
+            c = column_pass.run(Q_B.reshape(*flat, cols), s_B.reshape(*flat, -1), z_B.reshape(*flat, -1), C_B,
+                                None if u_B is None else u_B.reshape(*flat, -1))
             codes[:, r1:r2] = c.reshape(heads, r2 - r1, cols)
             if compensated is not None:
                 compensated[:, r1:r2] = C_B.reshape(heads, r2 - r1, cols)
         else:
             C_B = None if compensated is None else compensated[:, r1:r2]
-            codes[:, r1:r2] = column_pass.run(Q_B, s_B, z_B, C_B)
+            codes[:, r1:r2] = column_pass.run(Q_B, s_B, z_B, C_B, u_B)
         scale[:, r1:r2], zero[:, r1:r2] = s_B, z_B
         if r2 < d:
             W[:, r2:] += row_update(U_out, r1, r2, Q_B - W_B)
@@ -323,22 +329,30 @@ def obs_solve(
 
     width = spec.group_width(cols)
     n_groups = spec.n_groups(cols)
+    kind = spec.gguf_type
+    if kind is not None and act_order and not static_groups:
+        raise BoaError(f"GGUF's {kind.name} blocks are runs of consecutive columns, which act-order's groups are "
+                       "not; add --static-groups or drop --act-order")
     # group of the column processed j-th: fixed by its original index for static grids, by processing order else.
     group_of = (order.columns if static_groups else torch.arange(cols, device=W.device)) // width
+    inverse = torch.argsort(order.columns)
+    # GGUF K types: the super-blocks' d, from the target (original column order) before any update
+    units = super_units(W[..., inverse], kind) if kind is not None and kind.super_blocks else None
     if static_groups:  # from the target in original column order
-        inverse = torch.argsort(order.columns)
-        scale, zero = grids_by_group(W[..., inverse], spec, H[:, inverse][:, :, inverse])
+        scale, zero = grids_by_group(W[..., inverse], spec, H[:, inverse][:, :, inverse], units)
     else:
         scale = torch.empty(heads, d, n_groups, dtype=W.dtype, device=W.device)
         zero = torch.empty_like(scale)
     per_channel_adaptive = not static_groups and spec.group_size == -1
     column_pass = _ColumnPass(spec, H, U, group_of, static_groups or per_channel_adaptive, block_size)
 
-    codes, compensated = _solve_rows(W, scale, zero, column_pass, step, H, U_out, per_channel_adaptive, keep_state)
+    codes, compensated = _solve_rows(W, scale, zero, column_pass, step, H, U_out, per_channel_adaptive, keep_state,
+                                     units)
 
     if refine_iters:
         W_int = codes - zero[..., group_of]
-        scale = refine_scales(W_int, scale, group_of, T, H, H_out, refine_iters)
+        refined = refine_scales(W_int, scale, group_of, T, H, H_out, refine_iters)
+        scale = refined if kind is None else representable_scales(kind, refined, zero, scale)
 
     g_idx = torch.empty_like(group_of)
     g_idx[order.columns] = group_of

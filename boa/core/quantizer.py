@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import torch
 
 from boa.core.errors import BoaError
+from boa.core.gguf_grids import SUPER_BLOCK, GGUFType, gguf_type, snap_grid, super_units
 
 # Clip-ratio search: candidates p = 1 − i/100 for i = 0..CLIP_STEPS−1 (ALGORITHMS.md §3).
 CLIP_STEPS = 100
@@ -26,11 +27,16 @@ class QuantSpec:
     bits: int
     sym: bool = False
     group_size: int = -1      # -1: per-channel
-    grid: str = "minmax"      # "minmax" | "mse" | "hessian"
+    grid: str = "minmax"      # "minmax" | "mse" | "hessian": how a grid is searched
+    gguf: str | None = None   # a GGUF type whose grids the search keeps to (boa.core.gguf_grids)
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def gguf_type(self) -> GGUFType | None:
+        return None if self.gguf is None else gguf_type(self.gguf)
 
     def n_groups(self, cols: int) -> int:
         return 1 if self.group_size == -1 else -(-cols // self.group_size)
@@ -56,7 +62,9 @@ def _minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tup
     """(scale, zero) covering [xmin, xmax] (which always contains 0)."""
     if spec.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
-        xmin = torch.where(xmin < 0, -xmax, xmin)
+        # GPTQ's reference keeps xmin = 0 for a group without negative weights, whose grid then covers only half its
+        # range; the GGUF grids (blocks of 16-32 weights, often one-signed) cover it all
+        xmin = -xmax if spec.gguf else torch.where(xmin < 0, -xmax, xmin)
     flat = (xmin == 0) & (xmax == 0)  # an all-zero row: any grid works, keep the scale finite
     xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
     xmax = torch.where(flat, torch.ones_like(xmax), xmax)
@@ -73,7 +81,7 @@ SEARCH_CHUNK = 1 << 20
 
 
 def find_grid(
-    w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None
+    w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None, unit: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One (scale, zero) per row of w (..., rows, n), each shaped (..., rows, 1).
 
@@ -82,12 +90,18 @@ def find_grid(
     (n × n) input-Hessian block of these columns. The H-weighted search, whose scores cost a matrix product each,
     is coarse-to-fine: every COARSE-th ratio, then the ratios between each row's best and its coarse neighbours.
     Candidates are scored many at a time (one batched product per chunk); ties go to the earlier candidate, the
-    min-max grid first.
+    min-max grid first. With spec.gguf every candidate is first put on the nearest grid the GGUF type can hold
+    (K types: a multiple of `unit` (..., rows, 1), the super-block's d).
     """
     xmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
     xmax = w.amax(dim=-1, keepdim=True).clamp(min=0)
+    kind = spec.gguf_type
+
+    def representable(scale, zero):
+        return (scale, zero) if kind is None else snap_grid(kind, scale, zero, unit)
+
     if spec.grid == "minmax":
-        return _minmax_grid(xmin, xmax, spec)
+        return representable(*_minmax_grid(xmin, xmax, spec))
     if spec.grid == "hessian" and hessian is None:
         raise BoaError("grid='hessian' needs the layer's input Hessian; use grid='mse' or 'minmax' for RTN")
 
@@ -96,12 +110,12 @@ def find_grid(
         p = (1 - steps.double() / 100).to(w.dtype)  # as 1 − i/100 in Python floats, then w's dtype
         scale, zero = _minmax_grid(p * xmin, p * xmax, spec)
         if spec.sym:
-            return scale, zero, steps
+            return (*representable(scale, zero), steps)
         # (K, 2, ...); clamped: for a row with no positive weight, -p·xmin/scale is maxq up to rounding, and its
         # ceiling maxq + 1 is no b-bit zero point (nothing packs or exports it)
         zeros = torch.stack([torch.floor(-p * xmin / scale), torch.ceil(-p * xmin / scale)], 1).clamp(0, spec.maxq)
-        return (scale.unsqueeze(1).expand_as(zeros).flatten(0, 1), zeros.flatten(0, 1),
-                steps.unsqueeze(1).expand_as(zeros).flatten(0, 1))
+        scale, zero = representable(scale.unsqueeze(1).expand_as(zeros).flatten(0, 1), zeros.flatten(0, 1))
+        return scale, zero, steps.unsqueeze(1).expand_as(zeros).flatten(0, 1)
 
     def score(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
         """Scores of K candidate grids (K, ..., rows, 1)."""
@@ -114,7 +128,7 @@ def find_grid(
         HE = (stacked.reshape(*stacked.shape[:-3], -1, w.shape[-1]) @ hessian).reshape(stacked.shape)
         return (HE.movedim(-3, 0) * err).sum(-1, keepdim=True)
 
-    best_scale, best_zero = _minmax_grid(xmin, xmax, spec)
+    best_scale, best_zero = representable(*_minmax_grid(xmin, xmax, spec))
     best = score(best_scale[None], best_zero[None])[0]
     best_step = torch.zeros_like(best, dtype=torch.long)
 
@@ -149,16 +163,21 @@ def find_grid(
 
 
 def grids_by_group(
-    w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None
+    w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None, units: torch.Tensor | None = None
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero), each (..., rows, n_groups): one grid per row and run of group_size columns of w (..., rows, cols)
-    (the last group may be narrower). The Hessian-weighted search uses each group's diagonal block of H."""
+    (the last group may be narrower). The Hessian-weighted search uses each group's diagonal block of H. GGUF K types:
+    `units` (..., rows, cols / 256) are the super-blocks' d (default: boa.core.gguf_grids.super_units of w)."""
     cols = w.shape[-1]
     width = spec.group_width(cols)
+    kind = spec.gguf_type
+    if kind is not None and kind.super_blocks and units is None:
+        units = super_units(w, kind)
     scales, zeros = [], []
     for c0 in range(0, cols, width):
         block = None if hessian is None else hessian[..., c0 : c0 + width, c0 : c0 + width]
-        scale, zero = find_grid(w[..., c0 : c0 + width], spec, block)
+        unit = None if units is None else units[..., c0 // SUPER_BLOCK, None]
+        scale, zero = find_grid(w[..., c0 : c0 + width], spec, block, unit)
         scales.append(scale)
         zeros.append(zero)
     return torch.cat(scales, dim=-1), torch.cat(zeros, dim=-1)

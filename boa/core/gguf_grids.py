@@ -1,0 +1,233 @@
+"""GGUF's quantization types as boa grids: codes chosen on exactly the grids a GGUF file can hold, and the bytes of
+its blocks (llama.cpp's ggml-quants layouts; the `gguf` package's dequantizers are the reference the tests use).
+
+Each type holds a row in blocks of `block` weights with a grid of its own, w = s · (c − z), c a `bits`-bit code:
+
+    type  bits block  grid                                            boa grid it equals
+    Q4_0    4    32   d · (c − 8),  d fp16                            sym, scale d
+    Q8_0    8    32   d · (c − 128), d fp16 (stored int8 c − 128)    sym, scale d
+    Q4_1    4    32   d · c + m,  d and m fp16                        asym, scale d, zero −m/d an integer z
+    Q3_K    3    16   (d · k) · (c − 4), d fp16 per 256 weights,      sym, scale d·k
+                      k ∈ [−32, 31] per 16 (6 bits)
+
+Q4_1's m = −z·d must itself be a float16 for d·c + m to equal d·(c − z) (both are then exact in float32): d keeps as
+many significant bits as that allows (z ≤ 15 needs at most 4, so d keeps at least 7). Q3_K's 16 block scales of a
+256-weight super-block share d, the `unit`: it is fixed from the weights before the solve (the largest block scale
+over k_max) and each block's scale is then a multiple k·d, 1 ≤ k ≤ 31; every product here is exact in float32, so
+boa's dequantized weights and GGUF's are the same floats.
+
+Not here yet: Q5_0/Q5_1/Q6_K (5- and 6-bit codes, which boa's packed layout does not hold) and Q2_K/Q4_K/Q5_K,
+whose block minimums (d_min · m) are not integer zero points of the block scale.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+
+from boa.core.errors import BoaError
+
+SUPER_BLOCK = 256
+FP16_TINY = 2.0**-24  # the smallest positive float16
+FP16_MAX = 65504.0
+
+
+@dataclass(frozen=True)
+class GGUFType:
+    name: str
+    bits: int
+    block: int                # weights per grid, along a row
+    asymmetric: bool = False  # a zero point per block (else the fixed middle one, 2^(bits−1))
+    k_max: int = 0            # K types: a block's scale is k·d, 1 ≤ k ≤ k_max, d one fp16 per SUPER_BLOCK weights
+
+    @property
+    def super_blocks(self) -> bool:
+        return self.k_max > 0
+
+    @property
+    def row_multiple(self) -> int:
+        """A row's length must be a multiple of this."""
+        return SUPER_BLOCK if self.super_blocks else self.block
+
+    @property
+    def block_bytes(self) -> int:
+        """Bytes a GGUF block (SUPER_BLOCK weights for K types) takes."""
+        return {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q3_K": 110}[self.name]
+
+
+GGUF_TYPES = {t.name: t for t in (
+    GGUFType("Q4_0", 4, 32),
+    GGUFType("Q4_1", 4, 32, asymmetric=True),
+    GGUFType("Q8_0", 8, 32),
+    GGUFType("Q3_K", 3, 16, k_max=31),
+)}
+PLANNED = ("Q5_0", "Q5_1", "Q6_K", "Q2_K", "Q4_K", "Q5_K")
+
+
+def gguf_type(name: str) -> GGUFType:
+    key = name.upper()
+    if key in GGUF_TYPES:
+        return GGUF_TYPES[key]
+    later = f" ({key} is not supported yet)" if key in PLANNED else ""
+    raise BoaError(f"GGUF type {name!r} is not one boa quantizes to{later}; choose one of {', '.join(GGUF_TYPES)}")
+
+
+def _float16(x: torch.Tensor) -> torch.Tensor:
+    """x rounded to float16 (held as x's dtype), at least the smallest float16 in magnitude (a scale never becomes 0);
+    too large is an error."""
+    if bool((x.abs() > FP16_MAX).any()):
+        raise BoaError(f"a grid scale of {x.abs().max().item():.3g} lies beyond float16's range, which GGUF stores "
+                       "scales in; this layer's weights are too large for GGUF")
+    sign = torch.where(x < 0, -1.0, 1.0).to(x.dtype)
+    return (sign * x.abs().clamp(min=FP16_TINY)).half().to(x.dtype)
+
+
+def _round_significant(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+    """x (> 0) rounded to `bits` significant bits."""
+    mantissa, exponent = torch.frexp(x)
+    unit = torch.ldexp(torch.ones_like(x), bits.to(torch.int32))
+    return torch.ldexp(torch.round(mantissa * unit) / unit, exponent)
+
+
+def _asymmetric_scale(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    """The float16 d nearest `scale` for which z·d is a float16 too: the most significant bits it can keep (11 for
+    z = 0, fewer as z's odd part grows), checked, falling back bit by bit (only float16's subnormal range needs it)."""
+    best = torch.zeros_like(scale)
+    for bits in range(11, 0, -1):
+        d = _float16(scale if bits == 11 else _round_significant(scale, torch.full_like(scale, bits)))
+        product = zero * d
+        fits = (product.half().to(scale.dtype) == product) & (best == 0)
+        best = torch.where(fits, d, best)
+    return best
+
+
+def snap_grid(kind: GGUFType, scale: torch.Tensor, zero: torch.Tensor,
+              unit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The representable grid nearest (scale, zero) (…, rows, 1): the zero point is kept (an integer; fixed for the
+    symmetric types), the scale snapped. K types: `unit` (…, rows, 1) is the super-block's d."""
+    if kind.super_blocks:  # k ≠ 0 (a zero scale loses the block); refined scales may be negative: k ≥ −k_max − 1
+        k = torch.round(scale / unit)
+        k = torch.where(k == 0, torch.where(scale < 0, -1.0, 1.0).to(k.dtype), k).clamp(-kind.k_max - 1, kind.k_max)
+        return unit * k, zero
+    if kind.asymmetric:
+        return _asymmetric_scale(scale, zero), zero
+    return _float16(scale), zero
+
+
+def super_units(w: torch.Tensor, kind: GGUFType) -> torch.Tensor:
+    """K types: each row's d per SUPER_BLOCK columns of w (…, rows, cols), (…, rows, cols // SUPER_BLOCK): the
+    largest symmetric min-max block scale of the super-block over k_max, as a float16."""
+    blocks = w.unflatten(-1, (-1, kind.block))
+    amax = blocks.abs().amax(-1)
+    maxq = 2**kind.bits - 1
+    # boa's symmetric min-max grid: scale 2·amax / maxq (an all-zero block: any scale)
+    scale = torch.where(amax > 0, 2 * amax / maxq, torch.ones_like(amax))
+    per_super = scale.unflatten(-1, (-1, SUPER_BLOCK // kind.block)).amax(-1)
+    return _float16(per_super / kind.k_max)
+
+
+def units_of(kind: GGUFType, scale: torch.Tensor) -> torch.Tensor:
+    """K types: a d per super-block (…, rows, groups / 16) of which every block scale (…, rows, groups) of it is a
+    multiple k·d, −k_max − 1 ≤ k ≤ k_max, d a float16: the largest such d (the largest scale over k = 1, 2, …)."""
+    blocks = scale.unflatten(-1, (-1, SUPER_BLOCK // kind.block))
+    top = blocks.abs().amax(-1, keepdim=True)
+    found = torch.zeros_like(top)
+    for k in range(1, kind.k_max + 2):  # the smallest k first: the largest d
+        d = top / k
+        ratio = blocks / d
+        fits = ((d.half().to(d.dtype) == d) & (ratio == ratio.round()).all(-1, keepdim=True)
+                & ((ratio >= -kind.k_max - 1) & (ratio <= kind.k_max)).all(-1, keepdim=True) & (found == 0) & (d > 0))
+        found = torch.where(fits, d, found)
+    if bool((found == 0).any()):
+        raise BoaError(f"these block scales are not multiples of one float16 per super-block, as {kind.name} needs; "
+                       f"quantize with --grid gguf:{kind.name}")
+    return found.squeeze(-1)
+
+
+def representable_scales(kind: GGUFType, scale: torch.Tensor, zero: torch.Tensor,
+                         before: torch.Tensor) -> torch.Tensor:
+    """Scales (…, rows, groups) that moved after the codes were chosen (boa's scale refinement), put back on
+    representable grids; `before` are the representable scales they started from (K types keep their d)."""
+    unit = None
+    if kind.super_blocks:
+        unit = units_of(kind, before).repeat_interleave(SUPER_BLOCK // kind.block, dim=-1)
+    return snap_grid(kind, scale, zero, unit)[0]
+
+
+# GGUF blocks --------------------------------------------------------------------------------------------------------
+
+
+def encode_rows(kind: GGUFType, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> np.ndarray:
+    """The GGUF bytes (rows, cols / row_multiple · block_bytes) uint8 of a weight whose codes (rows, cols) sit on
+    representable grids: scale, zero (rows, cols / block) per block, in column order. Raises if a grid is not
+    representable (boa's solver never makes one)."""
+    rows, cols = codes.shape
+    if cols % kind.row_multiple:
+        raise BoaError(f"rows of {cols} weights do not split into {kind.name}'s blocks of {kind.row_multiple}")
+    c = codes.to(torch.int64).numpy().astype(np.uint8)
+    s = scale.double().numpy()
+    z = zero.double().numpy()
+    if not np.array_equal(z, np.round(z)):
+        raise BoaError(f"{kind.name} needs integer zero points")
+    blocks = c.reshape(rows, -1, kind.block)
+    if kind.name in ("Q4_0", "Q8_0"):
+        mid = 2 ** (kind.bits - 1)
+        if not (z == mid).all():
+            raise BoaError(f"{kind.name} holds symmetric grids (zero point {mid}) only")
+        d = _exact_half(s, kind)
+        if kind.name == "Q8_0":
+            qs = (blocks.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
+        else:
+            qs = blocks[..., :16] | (blocks[..., 16:] << 4)
+        out = np.concatenate([d.reshape(rows, -1, 1).view(np.uint8).reshape(rows, -1, 2), qs], axis=-1)
+    elif kind.name == "Q4_1":
+        d = _exact_half(s, kind)
+        m = _exact_half(-z * s, kind, "minimum")
+        qs = blocks[..., :16] | (blocks[..., 16:] << 4)
+        out = np.concatenate([d.view(np.uint8).reshape(rows, -1, 2), m.view(np.uint8).reshape(rows, -1, 2), qs], -1)
+    else:  # Q3_K
+        out = _encode_q3_k(blocks, s, z, units_of(kind, scale.double()).numpy(), rows)
+    return np.ascontiguousarray(out.reshape(rows, -1))
+
+
+def _exact_half(values: np.ndarray, kind: GGUFType, what: str = "scale") -> np.ndarray:
+    half = values.astype(np.float16)
+    if not np.array_equal(half.astype(np.float64), values):
+        raise BoaError(f"a {kind.name} {what} is not a float16; quantize with --grid gguf:{kind.name} so that the "
+                       "solver chooses representable grids")
+    return half
+
+
+def _encode_q3_k(blocks: np.ndarray, s: np.ndarray, z: np.ndarray, unit: np.ndarray, rows: int) -> np.ndarray:
+    """Q3_K super-blocks (110 bytes): hmask (32) | qs (64) | scales (12) | d (2). Weight v of a super-block (block
+    v // 16) has code c = ql + 4·h: ql = c & 3 in qs byte 32·(v // 128) + v % 32 at bits 2·((v // 32) % 4); h = c >> 2
+    in hmask byte v % 32 at bit v // 32. Block j's scale index u = k + 32 (6 bits): its low 4 bits in byte j % 8 of
+    the first 8 (high nibble for j ≥ 8), its high 2 bits in byte 8 + j % 4 at bits 2·(j // 4)."""
+    if not (z == 4).all():
+        raise BoaError("Q3_K holds symmetric grids (zero point 4) only")
+    n_super = unit.shape[1]
+    k = s.reshape(rows, n_super, 16) / unit[..., None]
+    if not np.array_equal(k, np.round(k)) or (k < -32).any() or (k > 31).any():
+        raise BoaError("a Q3_K block scale is not a multiple k·d (−32 ≤ k ≤ 31) of its super-block's d; quantize with "
+                       "--grid gguf:Q3_K")
+    d = _exact_half(unit, GGUF_TYPES["Q3_K"], "super-block scale")
+    u = (k.astype(np.int16) + 32).astype(np.uint8)                               # (rows, n_super, 16)
+    c = blocks.reshape(rows, n_super, SUPER_BLOCK)
+    v = np.arange(SUPER_BLOCK)
+    ql, h = c & 3, c >> 2
+    qs = np.zeros((rows, n_super, 64), dtype=np.uint8)
+    hmask = np.zeros((rows, n_super, 32), dtype=np.uint8)
+    for shift in range(4):  # one bit field at a time: each (byte, bit) is written by exactly one weight
+        sel = (v // 32) % 4 == shift
+        qs[..., 32 * (v[sel] // 128) + v[sel] % 32] |= ql[..., sel] << (2 * shift)
+    for bit in range(8):
+        sel = v // 32 == bit
+        hmask[..., v[sel] % 32] |= h[..., sel] << bit
+    scales = np.zeros((rows, n_super, 12), dtype=np.uint8)
+    j = np.arange(16)
+    scales[..., :8] = (u[..., :8] & 0xF) | ((u[..., 8:] & 0xF) << 4)
+    for shift in range(4):
+        sel = j // 4 == shift
+        scales[..., 8 + j[sel] % 4] |= (u[..., sel] >> 4) << (2 * shift)
+    return np.concatenate([hmask, qs, scales, d.reshape(rows, n_super, 1).view(np.uint8)], axis=-1)

@@ -1,0 +1,110 @@
+"""GGUF grids (boa.core.gguf_grids): codes chosen on grids the GGUF types hold, written as their blocks, read back by
+the `gguf` package's own dequantizers as exactly boa's dequantized weights; the solvers never leave them."""
+import numpy as np
+import pytest
+import torch
+
+import boa
+from boa.algorithms.rtn import rtn
+from boa.core.gguf_grids import GGUF_TYPES, encode_rows, gguf_type, snap_grid, units_of
+from boa.core.quantizer import QuantSpec
+
+gguf = pytest.importorskip("gguf")
+
+TYPES = list(GGUF_TYPES)
+
+
+def weights(rows: int = 24, cols: int = 512, seed: int = 0) -> torch.Tensor:
+    """Rows of every kind a model has: ordinary, outlier-heavy, tiny (float16-subnormal scales), all-zero, one-signed."""
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g) * 0.02
+    W[1] *= 1e-4
+    W[2] = 0
+    W[3] = W[3].abs()
+    W[4] = -W[4].abs()
+    W[5, ::37] *= 40
+    W[6] *= 3e-7
+    return W
+
+
+def gguf_dequantized(kind, q: boa.core.quantizer.QuantizedWeight) -> torch.Tensor:
+    data = encode_rows(kind, q.codes, q.scale, q.zero)
+    qtype = gguf.GGMLQuantizationType[kind.name]
+    assert data.shape[1] == q.codes.shape[1] // kind.row_multiple * gguf.GGML_QUANT_SIZES[qtype][1]
+    return torch.from_numpy(gguf.quants.dequantize(data, qtype).astype(np.float32))
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("search", ["minmax", "mse"])
+def test_rtn_on_a_gguf_grid_is_read_back_by_gguf_exactly(name, search):
+    kind = gguf_type(name)
+    spec = QuantSpec(bits=kind.bits, sym=not kind.asymmetric, group_size=kind.block, grid=search, gguf=name)
+    W = weights()
+    q = rtn(W, spec)
+    assert torch.equal(gguf_dequantized(kind, q), q.dequantize())
+    assert (q.dequantize() - W).abs().max() <= 0.6 * q.scale.abs().max()  # a real grid, not a degenerate one
+
+
+@pytest.mark.parametrize("name", TYPES)
+@pytest.mark.parametrize("method", [
+    boa.GPTQ(), boa.GPTQ(act_order=True, static_groups=True), boa.TurboBoA(rows_per_step=4),
+], ids=["gptq", "gptq-act-order-static", "turboboa-refined"])
+def test_the_solver_never_leaves_the_gguf_grid(name, method):
+    """Random layers through the OBS solver (dynamic and static grids, H-weighted search, scale refinement after
+    rounding): every grid is representable and GGUF reads back boa's weights exactly."""
+    kind = gguf_type(name)
+    method = type(method)(**{**{k: v for k, v in method.to_dict().items() if k != "method"}, "gguf": name})
+    W = weights(rows=16, seed=1)
+    X = torch.randn(2048, W.shape[1], generator=torch.Generator().manual_seed(2)) * torch.linspace(0.1, 3, W.shape[1])
+    stats = boa.stats.LayerStats(2 * X.T @ X / X.shape[0])
+    q = method.solve(W, stats)
+    assert torch.equal(gguf_dequantized(kind, q), q.dequantize())
+
+
+def test_act_order_without_static_groups_is_refused_for_gguf():
+    W = weights(rows=8)
+    stats = boa.stats.LayerStats(torch.eye(W.shape[1]))
+    with pytest.raises(boa.BoaError, match="--static-groups"):
+        boa.GPTQ(gguf="Q4_0", act_order=True).solve(W, stats)
+
+
+def test_a_gguf_type_sets_bits_block_and_symmetry():
+    assert boa.GPTQ(gguf="q4_1").spec == QuantSpec(bits=4, sym=False, group_size=32, gguf="Q4_1")
+    assert boa.TurboBoA(gguf="Q3_K", bits=2).spec.bits == 3
+    with pytest.raises(boa.BoaError, match="Q4_K is not supported yet"):
+        boa.GPTQ(gguf="Q4_K")
+    with pytest.raises(boa.BoaError, match="choose one of Q4_0"):
+        boa.GPTQ(gguf="Q9")
+
+
+def test_q4_1_minimum_is_a_float16_of_the_integer_zero_point():
+    """d·c + m (GGUF) equals d·(c − z) (boa) only if m = −z·d is a float16: the snapped d keeps as many bits as that
+    allows, and no more rounding than needed (11 bits where z = 0)."""
+    kind = gguf_type("Q4_1")
+    g = torch.Generator().manual_seed(0)
+    # scales down into float16's subnormal range (below 2^-14), where it holds only multiples of 2^-24
+    scale = torch.exp(torch.empty(8192, 1, dtype=torch.float64).uniform_(-16, -2, generator=g))
+    zero = torch.randint(0, 16, (8192, 1), generator=g).double()
+    d, z = snap_grid(kind, scale, zero)
+    assert torch.equal(z, zero)
+    assert torch.equal((z * d).half().double(), z * d) and torch.equal(d.half().double(), d)
+    normal = scale >= 2.0**-14
+    assert ((d - scale).abs() / scale)[normal].max() <= 2.0**-7  # at most 4 of float16's 11 bits given up
+    flat = zero == 0
+    assert torch.equal(d[flat], scale[flat].half().double())
+
+
+def test_q3_k_block_scales_share_one_float16_per_super_block():
+    kind = gguf_type("Q3_K")
+    q = rtn(weights(), QuantSpec(bits=3, sym=True, group_size=16, gguf="Q3_K"))
+    d = units_of(kind, q.scale.double())
+    k = q.scale.double().unflatten(-1, (-1, 16)) / d[..., None]
+    assert torch.equal(k, k.round()) and k.min() >= 1 and k.max() <= 31
+    assert torch.equal(d.half().double(), d)
+
+
+def test_rows_that_do_not_split_into_blocks_are_refused():
+    q = rtn(torch.randn(2, 96), QuantSpec(bits=4, sym=True, group_size=32, gguf="Q4_0"))
+    encode_rows(gguf_type("Q4_0"), q.codes, q.scale, q.zero)  # 96 = 3 blocks of 32
+    with pytest.raises(boa.BoaError, match="blocks of 256"):
+        encode_rows(gguf_type("Q3_K"), q.codes, q.scale, q.zero)
