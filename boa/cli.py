@@ -15,7 +15,7 @@ from boa.core.errors import BoaError
 from boa.vision.config import DATA_SOURCES, VISION_METHODS, DistillConfig, ReconstructConfig
 from boa_kernels.dispatch import BackendError
 
-EXPORT_FORMATS = ("compressed-tensors", "gptq")
+EXPORT_FORMATS = ("compressed-tensors", "gptq", "gguf")
 STREAM_MODES = ("auto", "always", "never")
 OFFLOADS = ("auto", "device", "cpu", "disk")  # boa.pipeline.OFFLOADS (importing boa.pipeline would slow --help 3x)
 
@@ -48,7 +48,10 @@ def _add_quantize(sub) -> None:
     q.add_argument("--bits", type=int, default=4, help=f"one of {BITS}")
     q.add_argument("--group-size", type=int, default=128, help="-1 for per-channel grids")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
-    q.add_argument("--grid", choices=GRIDS, help="grid search (default: minmax for rtn/gptq, hessian for boa/turboboa/aespa)")
+    q.add_argument("--grid", metavar="{" + ",".join(GRIDS) + ",gguf:TYPE[:SEARCH]}",
+                   help="grid search (default: minmax for rtn/gptq, hessian for boa/turboboa/aespa); gguf:TYPE (e.g. "
+                        "gguf:Q4_0, gguf:Q3_K:hessian) keeps every grid to one a GGUF type holds (its bits and block "
+                        "size too), for `boa export --format gguf`")
     q.add_argument("--act-order", action="store_true")
     q.add_argument("--static-groups", action="store_true")
     q.add_argument("--percdamp", type=float, default=0.01)
@@ -129,8 +132,14 @@ def _add_eval_commands(sub) -> None:
     x = sub.add_parser("export", help="write a folder saved by `boa quantize` in a format other tools load")
     x.add_argument("model", type=Path, help="a folder written by `boa quantize --out`")
     x.add_argument("--format", required=True, choices=EXPORT_FORMATS,
-                   help="compressed-tensors (llm-compressor's pack-quantized, for vLLM and transformers) or gptq (v1)")
-    x.add_argument("--out", type=Path, required=True, help="the folder to write")
+                   help="compressed-tensors (llm-compressor's pack-quantized, for vLLM and transformers), gptq (v1), "
+                        "or gguf (one file for llama.cpp; the model must be quantized with --grid gguf:TYPE)")
+    x.add_argument("--out", type=Path, required=True, help="the folder to write (gguf: the .gguf file)")
+    x.add_argument("--type", dest="gguf_type", help="gguf: the GGUF type (default: the one the model was quantized for)")
+    x.add_argument("--vocab-from", help="gguf: a GGUF file (or built-in model name) whose tokenizer to copy; default: "
+                                        "built from the model's BPE tokenizer")
+    x.add_argument("--float-type", choices=("f16", "f32"), default="f16",
+                   help="gguf: how the matrices left unquantized (embeddings, an untied head) are stored")
     x.add_argument("--max-shard-size", default="5GB",
                    help="the largest weight file (e.g. 5GB, 500MB); past it, shards with the Hugging Face index")
 
@@ -251,6 +260,9 @@ def _method(args):
     if args.init is not None and args.method != "aespa":
         raise BoaError("--init applies only to --method aespa (it names where learned rounding starts)")
     flags = {k: getattr(args, k) for k in METHOD_FLAGS}
+    if flags["grid"] is not None and flags["grid"].startswith("gguf:"):  # gguf:TYPE or gguf:TYPE:SEARCH
+        _, flags["gguf"], *search = flags["grid"].split(":")
+        flags["grid"] = search[0] if search else None
     if getattr(args, "a_bits", 16) == 4 and flags["dx_alpha"] is None:
         # under 4-bit activations TurboBoA's dX correction costs accuracy (README: rotated SmolLM2 W4A4-KV4)
         flags["dx_alpha"] = 0.0
@@ -468,9 +480,23 @@ def _export(args, report) -> None:
     with report.phase("load"):
         model, tokenizer, config = load(args.model)
     layers = {name: m.quantized_weight() for name, m in model.named_modules() if isinstance(m, QuantLinear)}
-    exporter = {"compressed-tensors": export_compressed_tensors, "gptq": export_gptq}[args.format]
     with report.phase("export"):
-        exporter(model, layers, args.out, tokenizer, config, max_shard_size=args.max_shard_size)
+        if args.format == "gguf":
+            from boa.export import export_gguf
+            from boa.models.loader import BUILTIN_MODELS
+
+            kind = args.gguf_type or getattr(config.method, "gguf", None)
+            if kind is None:
+                raise BoaError(f"{args.model} was not quantized on GGUF grids; quantize it with --grid gguf:TYPE "
+                               "(e.g. gguf:Q4_0), then export")
+            vocab = args.vocab_from
+            if vocab in BUILTIN_MODELS:
+                vocab = BUILTIN_MODELS[vocab].gguf_path()
+            export_gguf(model, layers, args.out, kind, tokenizer, config, vocab_from=vocab,
+                        float_type=args.float_type)
+        else:
+            exporter = {"compressed-tensors": export_compressed_tensors, "gptq": export_gptq}[args.format]
+            exporter(model, layers, args.out, tokenizer, config, max_shard_size=args.max_shard_size)
     print(f"exported {args.model} as {args.format} to {args.out}", file=sys.stderr)
 
 

@@ -81,6 +81,22 @@ def calibration_record(calib: torch.Tensor) -> dict:
             "sha256": hashlib.sha256(calib.cpu().contiguous().numpy().data).hexdigest()}
 
 
+def _check_gguf_blocks(model: nn.Module, adapter: Adapter, method: Method) -> None:
+    """GGUF grids: every layer's rows split into the type's blocks (K types: 256 weights), or the run is refused
+    before any work, naming the types that fit."""
+    kind = method.spec.gguf_type
+    if kind is None:
+        return
+    from boa.core.gguf_grids import GGUF_TYPES
+
+    widths = {adapter.blocks(model)[0].get_submodule(n).in_features for n in adapter.linear_names()}
+    bad = sorted(w for w in widths if w % kind.row_multiple)
+    if bad:
+        fit = [t.name for t in GGUF_TYPES.values() if all(w % t.row_multiple == 0 for w in widths)]
+        raise BoaError(f"{kind.name} stores rows in blocks of {kind.row_multiple} weights, and this model has rows of "
+                       f"{', '.join(map(str, bad))}; types that fit every layer: {', '.join(fit) or 'none'}")
+
+
 def _check_calibration(model: nn.Module, method: Method, calib: torch.Tensor | None) -> None:
     if method.needs().hessian and calib is None:
         raise BoaError(f"method {method.name!r} needs calibration windows: pass calib=boa.data.calibration_windows(...)")
@@ -99,9 +115,13 @@ def _check_calibration(model: nn.Module, method: Method, calib: torch.Tensor | N
         )
 
 
-def _write_back(layer: nn.Linear, q: QuantizedWeight) -> None:
+def _write_back(layer: nn.Linear, q: QuantizedWeight, method: Method) -> None:
+    """The layer's weight becomes its dequantized codes; the grids take the model's dtype, so that the packed model
+    computes what this one does — except GGUF grids, which stay the float16-exact float32 values the file holds (the
+    weight is their float32 dequantization in the model's dtype)."""
     dtype = layer.weight.dtype
-    q.scale, q.zero = q.scale.to(dtype), q.zero.to(dtype)
+    if method.spec.gguf is None:
+        q.scale, q.zero = q.scale.to(dtype), q.zero.to(dtype)
     layer.weight.data = q.dequantize().to(dtype).to(layer.weight.device)
 
 
@@ -206,7 +226,7 @@ def quantize_block(block: nn.Module, method: Method, adapter: Adapter, groups: l
             if ranks.distributed:
                 q = _share_layer(q, owners[name], ranks, tuple(layer.weight.shape), layer.weight.device)
             W = layer.weight.detach()  # the weights before: _write_back gives the layer new storage
-            _write_back(layer, q)
+            _write_back(layer, q, method)
             layers[name] = q
             losses[name] = layer_stats.loss(W, layer.weight) if layer_stats else float("nan")
             if layer_stats:
@@ -347,6 +367,7 @@ def quantize(
     _apply_transforms(config, weights, adapter)
     kernel_backend = backend_for(weights.device)  # a bad BOA_KERNELS fails now, not mid-run
     log.info("column pass kernels: %s", kernel_backend)
+    _check_gguf_blocks(model, adapter, method)
     _check_calibration(model, method, calib)
     calib = calib if needs.hessian else None
     fingerprint = run_fingerprint(weights, config, calib, ranks.world)
@@ -385,7 +406,7 @@ def quantize(
                 if not streamed:
                     modules = dict(block.named_modules())
                     for name, q in layers.items():
-                        _write_back(modules[name], q)
+                        _write_back(modules[name], q, method)
             else:
                 weights.load(block)
                 with torch.no_grad():
