@@ -54,8 +54,8 @@ def _take_rows(q: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
     return QuantizedWeight(q.codes[index], q.scale[index], q.zero[index], q.g_idx, q.bits)
 
 
-def check_exportable(model: nn.Module, layers: dict[str, QuantizedWeight], kind_name: str, config) -> None:
-    kind = gguf_type(kind_name)
+def check_exportable(model: nn.Module, layers: dict[str, QuantizedWeight], kind_name: str | None, config) -> None:
+    """That the model's architecture and `layers` (their grids: `kind_name`'s, None for a float export) fit."""
     model_type = model.config.model_type
     if model_type not in ARCHITECTURES:
         raise BoaError(f"GGUF export writes the Llama architecture ({', '.join(ARCHITECTURES)}) for now, not "
@@ -63,6 +63,9 @@ def check_exportable(model: nn.Module, layers: dict[str, QuantizedWeight], kind_
     if getattr(model, "boa_transforms", ()):
         raise BoaError("this model was quantized with rotations or quantized activations, which llama.cpp's llama "
                        "architecture cannot run; export a weight-only model")
+    if kind_name is None:
+        return
+    kind = gguf_type(kind_name)
     quantized_as = getattr(getattr(config, "method", None), "spec", None)
     if quantized_as is not None and quantized_as.gguf != kind.name:
         hint = "" if quantized_as.gguf is None else f" (it was quantized for {quantized_as.gguf}: export that type)"
@@ -99,7 +102,8 @@ def _add_metadata(writer, config, kind_name: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     # llama.cpp's name of a file mostly in one type (Q3_K_S: every matrix Q3_K)
-    writer.add_file_type(getattr(gguf.LlamaFileType, {"Q3_K": "MOSTLY_Q3_K_S"}.get(kind_name, f"MOSTLY_{kind_name}")))
+    file_type = {"Q3_K": "MOSTLY_Q3_K_S", "F32": "ALL_F32"}.get(kind_name, f"MOSTLY_{kind_name}")
+    writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_key_value("boa.grid", kind_name, gguf.GGUFValueType.STRING)
 
@@ -153,13 +157,19 @@ def export_gguf(model: nn.Module, layers: dict[str, QuantizedWeight], out_file, 
     """Writes `model` (fake-quantized, or loaded by boa.load) with its quantized `layers` {module name:
     QuantizedWeight}, chosen on `kind_name`'s grids, to the GGUF file `out_file` (atomically). `config`: the boa
     QuantConfig (checked to be that type's); vocab_from: a GGUF whose tokenizer is copied; float_type: f16 or f32
-    for the matrices left unquantized."""
+    for the matrices left unquantized. kind_name F16 or F32: the unquantized model (`layers` unused), e.g. for
+    llama.cpp's own quantizer."""
     import gguf
 
-    kind = gguf_type(kind_name)
-    check_exportable(model, layers, kind.name, config)
     if float_type not in ("f16", "f32"):
         raise BoaError(f"float_type={float_type!r}: use f16 or f32")
+    unquantized = kind_name.upper() in ("F16", "F32")  # the float model, for llama.cpp to quantize itself
+    if unquantized:
+        float_type, kind, layers = kind_name.lower(), None, {}
+        check_exportable(model, {}, None, None)
+    else:
+        kind = gguf_type(kind_name)
+        check_exportable(model, layers, kind.name, config)
     hf = model.config
     out_file = Path(out_file)
     if out_file.suffix != ".gguf":
@@ -167,13 +177,13 @@ def export_gguf(model: nn.Module, layers: dict[str, QuantizedWeight], out_file, 
     out_file.parent.mkdir(parents=True, exist_ok=True)
     partial = out_file.with_name(out_file.name + ".partial")
     writer = gguf.GGUFWriter(str(partial), "llama")
-    _add_metadata(writer, hf, kind.name)
+    _add_metadata(writer, hf, kind_name.upper() if unquantized else kind.name)
     if vocab_from is not None:
         _copy_tokenizer(writer, Path(vocab_from), hf.vocab_size)
     elif tokenizer is not None:
         _build_tokenizer(writer, tokenizer, hf.vocab_size)
 
-    qtype = getattr(gguf.GGMLQuantizationType, kind.name)
+    qtype = None if unquantized else getattr(gguf.GGMLQuantizationType, kind.name)
     heads = {"self_attn.q_proj": hf.num_attention_heads,
              "self_attn.k_proj": hf.num_key_value_heads or hf.num_attention_heads}
     tied = bool(getattr(hf, "tie_word_embeddings", False))

@@ -80,6 +80,16 @@ def test_a_gguf_export_holds_boas_weights_exactly(name, tied, tmp_path):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
+def test_the_float_model_exports_for_llama_cpp_to_quantize(tmp_path):
+    """kind F32: the unquantized model (what llama.cpp's own quantizer starts from in the bench), read back exactly."""
+    model = wide_llama()
+    out = export_gguf(model, {}, tmp_path / "fp.gguf", "F32")
+    assert {t.tensor_type.name for t in gguf.GGUFReader(str(out)).tensors} == {"F32"}
+    loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
+    ids = random_windows(2, 16, seed=1)
+    assert torch.equal(logits(loaded, ids), logits(model, ids))
+
+
 def test_what_gguf_cannot_hold_is_refused(tmp_path):
     model = wide_llama()
     plain = boa.quantize(model, boa.RTN(bits=4, group_size=32, sym=True), progress=False)
