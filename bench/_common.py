@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import dataclasses
+import os
+import platform
 import re
 import subprocess
 import sys
@@ -162,3 +164,22 @@ def side_venv(folder: Path, requirements: list[str], env: dict | None = None) ->
         subprocess.run([str(python), "-m", "pip", "install", "-q", *requirements], check=True, env=env)
         marker.write_text(wanted)
     return python
+
+
+ISA_FLAGS = ("avx2", "avx512f", "avx512_vnni", "avx512_bf16", "amx_tile", "amx_int8", "amx_bf16")
+
+
+def machine() -> dict:
+    """The CPU a figure was measured on (its model name and the vector/matrix extensions boa's kernels use), recorded
+    in every bench JSON so that figures from different machines are never compared as if alike."""
+    name, flags = platform.processor() or platform.machine(), set()
+    try:
+        for line in Path("/proc/cpuinfo").read_text().splitlines():
+            if line.startswith("model name"):
+                name = line.split(":", 1)[1].strip()
+            elif line.startswith("flags"):
+                flags = set(line.split(":", 1)[1].split())
+    except OSError:
+        pass
+    return {"cpu": name, "cpu_flags": [f for f in ISA_FLAGS if f in flags], "cores": os.cpu_count()}
+

@@ -73,7 +73,7 @@ from boa_kernels.hadamard import hadamard_transform_torch
 from boa_kernels.int8_matmul import int8_matmul_torch
 from boa_kernels.packed_matmul import GEMV_MAX_BATCH, packed_matmul, packed_matmul_torch
 
-from solver_kernels import cpu_model  # bench/ is sys.path[0] when run as a script
+from _common import machine as host_machine  # bench/ is sys.path[0] when run as a script
 
 SEED = 0
 SHAPES = [(576, 1536), (1536, 576), (4096, 4096), (4096, 14336), (14336, 4096)]  # [out, in]
@@ -555,7 +555,7 @@ def main() -> None:
     plot_path = Path(args.plot) if args.plot else json_path.with_suffix(".png")
 
     start = time.perf_counter()
-    machine = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "isa": load_cpu().packed_isa(),
+    machine = {**host_machine(), "threads": torch.get_num_threads(), "isa": load_cpu().packed_isa(),
                "int8_isa": load_cpu().int8_isa(), "torch": torch.__version__, "loadavg_start": os.getloadavg(),
                "quick": args.quick, "seed": SEED}
     machine["copy_gbps"] = copy_gbps(settings)

@@ -23,7 +23,6 @@ import copy
 import json
 import math
 import os
-import platform
 import subprocess
 import sys
 import tarfile
@@ -42,7 +41,7 @@ from boa.eval.perplexity import eval_windows
 from boa.export import export_gguf
 from boa.models.loader import BUILTIN_MODELS
 
-from _common import side_venv
+from _common import machine, side_venv
 
 REQUIREMENT = "llama-cpp-python==0.3.36"
 
@@ -155,13 +154,8 @@ def main() -> None:
     calib_text.write_text(corpus_text("wikipedia", "calib"), encoding="utf-8")
 
     rows = []
-    header = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen, "eval_windows": args.eval_windows,
-              "threads": args.threads, "cpu": platform.processor() or platform.machine(), "llama_cpp": REQUIREMENT}
-    try:
-        header["cpu"] = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo")
-                             if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    header = {**machine(), "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
+              "eval_windows": args.eval_windows, "threads": args.threads, "llama_cpp": REQUIREMENT}
 
     def record(row):
         rows.append(row)

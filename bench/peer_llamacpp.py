@@ -27,7 +27,7 @@ from boa.core.io import cache_dir, write_json
 from boa.models.loader import BUILTIN_MODELS
 from boa.nn import pack_model
 
-from _common import side_venv
+from _common import machine, side_venv
 
 PROMPT = "The history of the city of London begins"
 REQUIREMENT = "llama-cpp-python==0.3.36"
@@ -106,7 +106,7 @@ def main() -> None:
     for row in rows:
         row.update(device="cpu", model="smollm2-135m", threads=args.threads)
         print(f"{row['engine']:>20}: {row['tok_s']:6.1f} tok/s  {row['model_bytes'] / 2**20:7.1f} MiB")
-    write_json(args.json, {"decode": rows, "tokens": args.tokens, "prompt": PROMPT})
+    write_json(args.json, {**machine(), "decode": rows, "tokens": args.tokens, "prompt": PROMPT})
 
 
 if __name__ == "__main__":

@@ -46,7 +46,7 @@ import boa
 from boa.core.io import atomic_file
 from boa.eval import EVAL_CORPORA, evaluate_perplexity
 
-from _common import FP, Setting, parse_methods, parse_settings  # bench/ is on sys.path
+from _common import FP, Setting, machine, parse_methods, parse_settings  # bench/ is on sys.path
 
 FP_SETTING = Setting(16, -1)
 HEADER_KEYS = ("model", "nsamples", "seqlen", "eval_windows")  # must match for --resume to reuse rows
@@ -178,7 +178,7 @@ def main() -> None:
             entry.config(setting)
 
     json_path = Path(args.json)
-    header = {"model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
+    header = {**machine(), "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
               "eval_windows": args.eval_windows, "threads": torch.get_num_threads(), "torch": torch.__version__}
     rows = load_previous(json_path, header) if args.resume else []
     done = {row_key(r) for r in rows}

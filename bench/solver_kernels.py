@@ -56,6 +56,8 @@ from boa.stats import LayerStats
 from boa_kernels import compensate_block_
 from boa_kernels.dispatch import ENV, backend_for
 
+from _common import machine  # bench/ is sys.path[0] when run as a script
+
 SEED = 0
 BITS = 3
 PERCDAMP = 0.01
@@ -313,16 +315,6 @@ HEADER = (f"{'dev':<5} {'op':<16} {'shape':<18} {'N':>3} {'dtype':<8} {'backend'
           f"{'seconds':>10} {'vs torch':>8} {'vs loop':>8} max_rel_diff")
 
 
-def cpu_model() -> str:
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.startswith("model name"):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--json", required=True, help="results file (rewritten after every group of rows)")
@@ -338,7 +330,7 @@ def main() -> None:
     hessians = SMOLLM2_HESSIANS + ([] if args.quick else LLAMA_HESSIANS)
     devices = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
-    info = {"cpu": cpu_model(), "threads": torch.get_num_threads(), "torch": torch.__version__,
+    info = {**machine(), "threads": torch.get_num_threads(), "torch": torch.__version__,
             "python": platform.python_version(), "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS"),
             "quick": args.quick, "row_steps": row_steps, "seed": SEED}
     if torch.cuda.is_available():

@@ -18,7 +18,6 @@ from __future__ import annotations
 import argparse
 import copy
 import json
-import platform
 import time
 from pathlib import Path
 
@@ -28,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import boa
 from boa_kernels import backend_for
 
-from _common import parse_methods  # bench/ is sys.path[0] when run as a script
+from _common import machine, parse_methods  # bench/ is sys.path[0] when run as a script
 
 
 def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
@@ -101,7 +100,7 @@ def main() -> None:
 
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
-        info = {"cpu": platform.processor() or platform.machine(), "torch": torch.__version__,
+        info = {**machine(), "torch": torch.__version__,
                 "gemm_gflops": rate / 1e9, "kernels": backend_for("cpu")}
         args.json.write_text(json.dumps({"machine": info, "results": rows}, indent=1))
 
