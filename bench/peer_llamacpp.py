@@ -36,7 +36,15 @@ REQUIREMENT = "llama-cpp-python==0.3.36"
 WORKER = r"""
 import json, sys, time, tempfile, os
 import llama_cpp
+import llama_cpp.llama_cpp as low
 from llama_cpp import Llama
+
+_defaults = low.llama_model_default_params
+def _params():  # ggml's AMX buffer type crashes on Intel AMX machines: keep it out
+    params = _defaults()
+    params.use_extra_bufts = False
+    return params
+low.llama_model_default_params = _params
 
 path, threads, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
 q4_0 = os.path.join(tempfile.mkdtemp(), "q4_0.gguf")
