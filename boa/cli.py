@@ -180,6 +180,9 @@ def _add_generate(sub) -> None:
     g.add_argument("--temperature", type=float, default=0.0, help="0: greedy")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--engine", choices=("auto", "boa", "transformers"), default="auto",
+                   help="boa: boa's own decode loop (Llama, Mistral, Qwen2; static KV cache, q/k/v and gate/up one "
+                        "call each); transformers: the model's own forward; auto: boa's where it runs the model")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="activations and unquantized weights (default: the model's; bfloat16 halves the "
                         "embedding/head traffic and takes the packed kernels' single-product bf16 path)")
@@ -453,7 +456,7 @@ def _generate(args, report) -> None:
 
     print(args.prompt, end="", flush=True)
     result = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                      stream=stream)
+                      stream=stream, engine=args.engine)
     print()
     print(f"prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s; {len(result.tokens)} new tokens, "
           f"decode {result.tok_s:.1f} tok/s ({args.device}, {torch.get_num_threads()} threads); KV cache "

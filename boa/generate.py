@@ -1,4 +1,5 @@
-"""Text generation from a (packed) model with the KV cache, token by token, streaming: `boa generate`.
+"""Text generation from a (packed) model with the KV cache, token by token, streaming: `boa generate`; on boa's own
+decode loop (boa.decode) where it runs the model, else on the model's transformers forward.
 
 Prefill runs the prompt once (the packed layers take the BLAS path for its many rows); each new token then runs the
 model on one position against the cache (the packed layers take the GEMV path). tok/s counts decode steps only.
@@ -59,22 +60,39 @@ def check_sampling(max_new_tokens: int, temperature: float, top_p: float) -> Non
                        "holding 90% of the probability)")
 
 
+ENGINES = ("auto", "boa", "transformers")
+
+
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, stop_at_eos: bool = True, stream=None) -> GenerationResult:
-    """Greedy (temperature 0) or sampled continuation of `prompt`; `stream(text_piece)` gets the text as it grows."""
+             seed: int = 0, stop_at_eos: bool = True, stream=None, engine: str = "auto") -> GenerationResult:
+    """Greedy (temperature 0) or sampled continuation of `prompt`; `stream(text_piece)` gets the text as it grows.
+    engine: "boa" (boa.decode's loop), "transformers" (the model's own forward with a KV cache) or "auto" (boa's
+    where it runs the model)."""
+    from boa import decode
+
     check_sampling(max_new_tokens, temperature, top_p)
+    if engine not in ENGINES:
+        raise BoaError(f"engine={engine!r}: choose one of {', '.join(ENGINES)}")
     device = next(model.parameters()).device
     ids = tokenizer(prompt, return_tensors="pt").input_ids.to(device)
     if ids.shape[1] == 0:
         raise BoaError(f"the prompt {prompt!r} has no tokens; give some text to continue")
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
-    accepted = inspect.signature(model.forward).parameters
-    keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
-    # The cache object is filled in place; newer transformers call the argument `cache` (past_key_values is deprecated).
-    kv = next((t for t in getattr(model, "boa_transforms", ()) if hasattr(t, "new_cache")), None)
-    cache_object = kv.new_cache() if kv is not None else DynamicCache()  # a quantized KV cache is stored at its bits
-    cache = {"cache" if "cache" in accepted else "past_key_values": cache_object}
+    if engine == "boa" or (engine == "auto" and decode.supports(model)):
+        decoder = decode.Decoder(model, ids.shape[1] + max_new_tokens)
+        forward, cache_object = lambda x: decoder.step(x), decoder
+    else:
+        accepted = inspect.signature(model.forward).parameters
+        keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}
+        # The cache object is filled in place; newer transformers call the argument `cache` (past_key_values is
+        # deprecated). A quantized KV cache (boa.transforms.KVQuant) is stored at its bits.
+        kv = next((t for t in getattr(model, "boa_transforms", ()) if hasattr(t, "new_cache")), None)
+        cache_object = kv.new_cache() if kv is not None else DynamicCache()
+        cache = {"cache" if "cache" in accepted else "past_key_values": cache_object}
+
+        def forward(x):
+            return model(input_ids=x, use_cache=True, **cache, **keep_last).logits[0, -1]
     eos = tokenizer.eos_token_id
     tokens: list[int] = []
     shown = ""
@@ -88,13 +106,10 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
             shown = text
 
     start = _clock(device)
-    out = model(input_ids=ids, use_cache=True, **cache, **keep_last)
-    emit(_next_token(out.logits[0, -1], temperature, top_p, generator))
+    emit(_next_token(forward(ids), temperature, top_p, generator))
     prefill_end = _clock(device)
     while len(tokens) < max_new_tokens and not (stop_at_eos and tokens[-1] == eos):
-        step = torch.tensor([[tokens[-1]]], device=device)
-        out = model(input_ids=step, use_cache=True, **cache, **keep_last)
-        emit(_next_token(out.logits[0, -1], temperature, top_p, generator))
+        emit(_next_token(forward(torch.tensor([[tokens[-1]]], device=device)), temperature, top_p, generator))
     end = _clock(device)
     return GenerationResult(tokens, tokenizer.decode(tokens, skip_special_tokens=True), ids.shape[1],
                             prefill_end - start, end - prefill_end, cache_bytes(cache_object))

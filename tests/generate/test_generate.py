@@ -75,7 +75,7 @@ def test_quantized_kv_cache_is_stored_at_its_bits_and_attends_like_the_fake_quan
     model = boa.quantize(tiny_llama, config, calib, progress=False).model
     stored = generate(model, word_tokenizer, PROMPT, max_new_tokens=12, stop_at_eos=False)
     transforms, model.boa_transforms = model.boa_transforms, ()  # generate then keeps a float DynamicCache
-    fake = generate(model, word_tokenizer, PROMPT, max_new_tokens=12, stop_at_eos=False)
+    fake = generate(model, word_tokenizer, PROMPT, max_new_tokens=12, stop_at_eos=False, engine="transformers")
     model.boa_transforms = transforms
     assert stored.tokens == fake.tokens
     # the logits of a step against the stored cache = one pass over every position with the fake-quantized cache
