@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from boa_kernels.dispatch import backend_for
+from boa_kernels.packed_matmul import KERNEL_BITS
 from boa_kernels.loader import load_cpu
 
 A_BITS = (4, 8)
@@ -71,7 +72,8 @@ def int8_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None, *, a_bits:
     per_channel = w.scales.shape[1] == 1
     width = w.in_features if per_channel else w.group_size
     implemented = tuple(b for b, multiple in (("triton", 32), ("cpp", 4))
-                        if width <= MAX_EXACT_GROUP and (per_channel or w.group_size % multiple == 0))
+                        if width <= MAX_EXACT_GROUP and (per_channel or w.group_size % multiple == 0)
+                        and w.bits in KERNEL_BITS)
     backend = backend_for(x.device, implemented)
     if backend == "torch":
         return int8_matmul_torch(x, w, bias, a_bits=a_bits, clip_ratio=clip_ratio)

@@ -1,4 +1,4 @@
-"""y = x · Wᵀ (+ bias) with W in boa's packed 2/3/4/8-bit layout (boa/core/packed.py), never unpacked in memory.
+"""y = x · Wᵀ (+ bias) with W in boa's packed 2/3/4/8-bit layout (5/6 bits: torch) (boa/core/packed.py), never unpacked in memory.
 
 Sizes: x (..., in) any float dtype; W (out, in) as a PackedWeight; y (..., out) in x's dtype, computed in float32.
 Backends: C++ on a CPU (csrc/cpu/packed_matmul.cpp: GEMV for ≤ 8 rows of x, dequantize-blocks + BLAS above), on a
@@ -16,6 +16,7 @@ from boa_kernels.dispatch import backend_for
 from boa_kernels.loader import load_cpu, load_cuda
 
 GEMV_MAX_BATCH = 8  # csrc/cpu/ops.h kGemvMaxBatch
+KERNEL_BITS = (2, 3, 4, 8)  # the widths the packed kernels read; 5- and 6-bit layers (GGUF's Q5/Q6) run on torch
 
 
 def packed_matmul_torch(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:
@@ -25,8 +26,8 @@ def packed_matmul_torch(x: torch.Tensor, w, bias: torch.Tensor | None = None) ->
 
 
 def kernel_ready(w) -> bool:
-    """Whether the packed kernels take this weight's groups."""
-    return w.scales.shape[1] == 1 or w.group_size % 16 == 0
+    """Whether the packed kernels take this weight's width and groups."""
+    return w.bits in KERNEL_BITS and (w.scales.shape[1] == 1 or w.group_size % 16 == 0)
 
 
 def packed_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -135,7 +135,7 @@ class GridMethod(Method):
         if self.gguf is not None:
             kind = gguf_type(str(self.gguf))
             self.gguf, self.bits, self.group_size, self.sym = kind.name, kind.bits, kind.block, not kind.asymmetric
-        if not _is_int(self.bits) or self.bits not in BITS:
+        if self.gguf is None and (not _is_int(self.bits) or self.bits not in BITS):  # a GGUF type sets its own
             raise BoaError(f"bits={self.bits!r} is not supported; choose one of {', '.join(map(str, BITS))}")
         if not _is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):
             raise BoaError(f"group_size={self.group_size!r} is invalid; use -1 for per-channel grids or a positive "

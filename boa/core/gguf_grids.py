@@ -5,19 +5,22 @@ Each type holds a row in blocks of `block` weights with a grid of its own, w = s
 
     type  bits block  grid                                            boa grid it equals
     Q4_0    4    32   d · (c − 8),  d fp16                            sym, scale d
+    Q5_0    5    32   d · (c − 16), d fp16                            sym, scale d
     Q8_0    8    32   d · (c − 128), d fp16 (stored int8 c − 128)    sym, scale d
     Q4_1    4    32   d · c + m,  d and m fp16                        asym, scale d, zero −m/d an integer z
+    Q5_1    5    32   d · c + m,  d and m fp16                        asym, likewise
     Q3_K    3    16   (d · k) · (c − 4), d fp16 per 256 weights,      sym, scale d·k
                       k ∈ [−32, 31] per 16 (6 bits)
+    Q6_K    6    16   (d · k) · (c − 32), d fp16 per 256 weights,     sym, scale d·k
+                      k ∈ [−128, 127] per 16 (int8)
 
 Q4_1's m = −z·d must itself be a float16 for d·c + m to equal d·(c − z) (both are then exact in float32): d keeps as
-many significant bits as that allows (z ≤ 15 needs at most 4, so d keeps at least 7). Q3_K's 16 block scales of a
-256-weight super-block share d, the `unit`: it is fixed from the weights before the solve (the largest block scale
-over k_max) and each block's scale is then a multiple k·d, 1 ≤ k ≤ 31; every product here is exact in float32, so
-boa's dequantized weights and GGUF's are the same floats.
+many significant bits as that allows (z ≤ 15 needs at most 4, so d keeps at least 7; Q5_1 at least 6). The K types'
+16 block scales of a 256-weight super-block share d, the `unit`: it is fixed from the weights before the solve (the
+largest block scale over k_max) and each block's scale is then a multiple k·d, 1 ≤ k ≤ k_max; every product here is
+exact in float32, so boa's dequantized weights and GGUF's are the same floats.
 
-Not here yet: Q5_0/Q5_1/Q6_K (5- and 6-bit codes, which boa's packed layout does not hold) and Q2_K/Q4_K/Q5_K,
-whose block minimums (d_min · m) are not integer zero points of the block scale.
+Not here yet: Q2_K/Q4_K/Q5_K, whose block minimums (d_min · m) are not integer zero points of the block scale.
 """
 from __future__ import annotations
 
@@ -53,16 +56,19 @@ class GGUFType:
     @property
     def block_bytes(self) -> int:
         """Bytes a GGUF block (SUPER_BLOCK weights for K types) takes."""
-        return {"Q4_0": 18, "Q4_1": 20, "Q8_0": 34, "Q3_K": 110}[self.name]
+        return {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q3_K": 110, "Q6_K": 210}[self.name]
 
 
 GGUF_TYPES = {t.name: t for t in (
     GGUFType("Q4_0", 4, 32),
     GGUFType("Q4_1", 4, 32, asymmetric=True),
+    GGUFType("Q5_0", 5, 32),
+    GGUFType("Q5_1", 5, 32, asymmetric=True),
     GGUFType("Q8_0", 8, 32),
     GGUFType("Q3_K", 3, 16, k_max=31),
+    GGUFType("Q6_K", 6, 16, k_max=127),
 )}
-PLANNED = ("Q5_0", "Q5_1", "Q6_K", "Q2_K", "Q4_K", "Q5_K")
+PLANNED = ("Q2_K", "Q4_K", "Q5_K")
 
 
 def gguf_type(name: str) -> GGUFType:
@@ -171,24 +177,28 @@ def encode_rows(kind: GGUFType, codes: torch.Tensor, scale: torch.Tensor, zero: 
     if not np.array_equal(z, np.round(z)):
         raise BoaError(f"{kind.name} needs integer zero points")
     blocks = c.reshape(rows, -1, kind.block)
-    if kind.name in ("Q4_0", "Q8_0"):
+    if kind.super_blocks:
         mid = 2 ** (kind.bits - 1)
         if not (z == mid).all():
             raise BoaError(f"{kind.name} holds symmetric grids (zero point {mid}) only")
-        d = _exact_half(s, kind)
-        if kind.name == "Q8_0":
-            qs = (blocks.astype(np.int16) - 128).astype(np.int8).view(np.uint8)
-        else:
-            qs = blocks[..., :16] | (blocks[..., 16:] << 4)
-        out = np.concatenate([d.reshape(rows, -1, 1).view(np.uint8).reshape(rows, -1, 2), qs], axis=-1)
-    elif kind.name == "Q4_1":
-        d = _exact_half(s, kind)
-        m = _exact_half(-z * s, kind, "minimum")
-        qs = blocks[..., :16] | (blocks[..., 16:] << 4)
-        out = np.concatenate([d.view(np.uint8).reshape(rows, -1, 2), m.view(np.uint8).reshape(rows, -1, 2), qs], -1)
-    else:  # Q3_K
-        out = _encode_q3_k(blocks, s, z, units_of(kind, scale.double()).numpy(), rows)
-    return np.ascontiguousarray(out.reshape(rows, -1))
+        encode = _encode_q3_k if kind.name == "Q3_K" else _encode_q6_k
+        return np.ascontiguousarray(encode(blocks, s, units_of(kind, scale.double()).numpy(), rows).reshape(rows, -1))
+    half = lambda x: x.reshape(rows, -1, 1).view(np.uint8).reshape(rows, -1, 2)  # noqa: E731 (float16 bytes)
+    if kind.asymmetric:
+        fields = [half(_exact_half(s, kind)), half(_exact_half(-z * s, kind, "minimum"))]
+    else:
+        mid = 2 ** (kind.bits - 1)
+        if not (z == mid).all():
+            raise BoaError(f"{kind.name} holds symmetric grids (zero point {mid}) only")
+        fields = [half(_exact_half(s, kind))]
+    if kind.bits == 8:
+        fields.append((blocks.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
+    else:
+        if kind.bits == 5:  # the 32 high bits (bit 4 of each code) as one little-endian uint32
+            fields.append(np.packbits(blocks >> 4, axis=-1, bitorder="little"))
+        low = blocks & 0xF
+        fields.append(low[..., :16] | (low[..., 16:] << 4))
+    return np.ascontiguousarray(np.concatenate(fields, axis=-1).reshape(rows, -1))
 
 
 def _exact_half(values: np.ndarray, kind: GGUFType, what: str = "scale") -> np.ndarray:
@@ -199,20 +209,48 @@ def _exact_half(values: np.ndarray, kind: GGUFType, what: str = "scale") -> np.n
     return half
 
 
-def _encode_q3_k(blocks: np.ndarray, s: np.ndarray, z: np.ndarray, unit: np.ndarray, rows: int) -> np.ndarray:
+def _block_multiples(kind: GGUFType, s: np.ndarray, unit: np.ndarray, rows: int) -> np.ndarray:
+    """Each block's k (rows, super-blocks, 16) with scale = k·d, checked to be an integer in the type's range."""
+    k = s.reshape(rows, unit.shape[1], 16) / unit[..., None]
+    if not np.array_equal(k, np.round(k)) or (k < -kind.k_max - 1).any() or (k > kind.k_max).any():
+        raise BoaError(f"a {kind.name} block scale is not a multiple k·d (−{kind.k_max + 1} ≤ k ≤ {kind.k_max}) of its "
+                       f"super-block's d; quantize with --grid gguf:{kind.name}")
+    return k.astype(np.int16)
+
+
+def _encode_q6_k(blocks: np.ndarray, s: np.ndarray, unit: np.ndarray, rows: int) -> np.ndarray:
+    """Q6_K super-blocks (210 bytes): ql (128) | qh (64) | scales (16, int8 k) | d (2). Weight v (h = v // 128,
+    r = v % 128) has code c: its low 4 bits in ql byte 64·h + r % 64 at bits 4·(r // 64), its high 2 in qh byte
+    32·h + r % 32 at bits 2·(r // 32)."""
+    kind = GGUF_TYPES["Q6_K"]
+    k = _block_multiples(kind, s, unit, rows)
+    d = _exact_half(unit, kind, "super-block scale")
+    n_super = unit.shape[1]
+    c = blocks.reshape(rows, n_super, SUPER_BLOCK)
+    v = np.arange(SUPER_BLOCK)
+    h, r = v // 128, v % 128
+    ql = np.zeros((rows, n_super, 128), dtype=np.uint8)
+    qh = np.zeros((rows, n_super, 64), dtype=np.uint8)
+    for shift in range(2):
+        sel = r // 64 == shift
+        ql[..., 64 * h[sel] + r[sel] % 64] |= (c[..., sel] & 0xF) << (4 * shift)
+    for shift in range(4):
+        sel = r // 32 == shift
+        qh[..., 32 * h[sel] + r[sel] % 32] |= (c[..., sel] >> 4) << (2 * shift)
+    scales = k.astype(np.int8).view(np.uint8)
+    return np.concatenate([ql, qh, scales, d.reshape(rows, n_super, 1).view(np.uint8)], axis=-1)
+
+
+def _encode_q3_k(blocks: np.ndarray, s: np.ndarray, unit: np.ndarray, rows: int) -> np.ndarray:
     """Q3_K super-blocks (110 bytes): hmask (32) | qs (64) | scales (12) | d (2). Weight v of a super-block (block
     v // 16) has code c = ql + 4·h: ql = c & 3 in qs byte 32·(v // 128) + v % 32 at bits 2·((v // 32) % 4); h = c >> 2
     in hmask byte v % 32 at bit v // 32. Block j's scale index u = k + 32 (6 bits): its low 4 bits in byte j % 8 of
     the first 8 (high nibble for j ≥ 8), its high 2 bits in byte 8 + j % 4 at bits 2·(j // 4)."""
-    if not (z == 4).all():
-        raise BoaError("Q3_K holds symmetric grids (zero point 4) only")
+    kind = GGUF_TYPES["Q3_K"]
     n_super = unit.shape[1]
-    k = s.reshape(rows, n_super, 16) / unit[..., None]
-    if not np.array_equal(k, np.round(k)) or (k < -32).any() or (k > 31).any():
-        raise BoaError("a Q3_K block scale is not a multiple k·d (−32 ≤ k ≤ 31) of its super-block's d; quantize with "
-                       "--grid gguf:Q3_K")
-    d = _exact_half(unit, GGUF_TYPES["Q3_K"], "super-block scale")
-    u = (k.astype(np.int16) + 32).astype(np.uint8)                               # (rows, n_super, 16)
+    k = _block_multiples(kind, s, unit, rows)
+    d = _exact_half(unit, kind, "super-block scale")
+    u = (k + 32).astype(np.uint8)                                                # (rows, n_super, 16)
     c = blocks.reshape(rows, n_super, SUPER_BLOCK)
     v = np.arange(SUPER_BLOCK)
     ql, h = c & 3, c >> 2

@@ -1,7 +1,7 @@
 """boa's packed low-bit layout: how a QuantLinear holds its weight in memory and on disk, and what every packed
 kernel reads (csrc/cpu/packed_matmul.cpp, csrc/cuda/packed_gemv.cu, boa_kernels/triton_packed_gemm.py).
 
-A layer W (out × in) quantized at b ∈ {2, 3, 4, 8} bits, with grids for groups of g input columns:
+A layer W (out × in) quantized at b ∈ {2, 3, 4, 5, 6, 8} bits, with grids for groups of g input columns:
 
     qweight  uint8   (out, in_pad·b/8)  each row's codes in tiles of 64 packed columns; in_pad = in rounded up to
                                         a multiple of 64, the padding codes are 0
@@ -19,6 +19,7 @@ holding each code's bit 2):
     4-bit plane (32 bytes)  byte i: c_i in bits 0–3, c_{i+32} in bits 4–7
     2-bit plane (16 bytes)  byte i: c_i, c_{i+16}, c_{i+32}, c_{i+48} in bits 0–1, 2–3, 4–5, 6–7
     1-bit plane ( 8 bytes)  bit i of the little-endian 64-bit word (byte i // 8, bit i % 8): c_i
+    (b = 5: a 4-bit plane, then a 1-bit plane; b = 6: a 4-bit, then a 2-bit plane)
 
 Why this shape: 16 consecutive bytes widen to 16 int32 lanes in one instruction (vpmovzxbd); a shift and a mask of
 those lanes then give 16 *consecutive* codes (one AVX-512 register, two AVX2 registers, a warp's half-row), so a
@@ -37,8 +38,8 @@ from boa.core.quantizer import QuantizedWeight
 
 TILE = 64
 # Each width's bit planes, low bits first.
-PLANES = {2: (2,), 3: (2, 1), 4: (4,), 8: (8,)}
-PACKED_BITS = tuple(PLANES)
+PLANES = {2: (2,), 3: (2, 1), 4: (4,), 5: (4, 1), 6: (4, 2), 8: (8,)}
+PACKED_BITS = tuple(PLANES)  # 5 and 6 (GGUF's Q5/Q6 types) are stored; the kernels read the others (KERNEL_BITS)
 
 
 @dataclass

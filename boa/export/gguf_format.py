@@ -102,7 +102,7 @@ def _add_metadata(writer, config, kind_name: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     # llama.cpp's name of a file mostly in one type (Q3_K_S: every matrix Q3_K)
-    file_type = {"Q3_K": "MOSTLY_Q3_K_S", "F32": "ALL_F32"}.get(kind_name, f"MOSTLY_{kind_name}")
+    file_type = {"Q3_K": "MOSTLY_Q3_K_S", "F32": "ALL_F32"}.get(kind_name, f"MOSTLY_{kind_name}")  # Q6_K: MOSTLY_Q6_K
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_key_value("boa.grid", kind_name, gguf.GGUFValueType.STRING)

@@ -12,7 +12,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from boa.core.packed import PLANES, pack
+from boa.core.packed import pack
+from boa_kernels.packed_matmul import KERNEL_BITS
 from boa.core.quantizer import QuantizedWeight
 from boa.transforms import quantize_per_token
 from boa_kernels.int8_matmul import group_sums_torch, int8_matmul, int8_matmul_torch, per_token_codes
@@ -133,7 +134,7 @@ def test_reference_is_the_fake_quantized_layer(a_bits):
 # --- the C++ kernel ---------------------------------------------------------------------------------------------
 
 @needs_cpp
-@pytest.mark.parametrize("bits", tuple(PLANES))
+@pytest.mark.parametrize("bits", KERNEL_BITS)
 @pytest.mark.parametrize("a_bits", [4, 8])
 def test_cpp_kernel_matches_reference(bits, a_bits):
     op = load_cpu().int8_matmul
@@ -164,7 +165,7 @@ AMX_CASES = [  # prefill shapes around the AMX tiles (32 tokens × 2 panels of 1
 
 
 @needs_cpp
-@pytest.mark.parametrize("bits", tuple(PLANES))
+@pytest.mark.parametrize("bits", KERNEL_BITS)
 @pytest.mark.parametrize("a_bits", [4, 8])
 def test_cpp_prefill_shapes(bits, a_bits):
     """Batches around the token blocks (16, 17, 31, 32, 33) and a whole prefill (512): on a CPU with AMX these take
@@ -216,7 +217,7 @@ def test_kernel_paths_for_other_instruction_sets(march, isa):
     if module is None:
         pytest.skip(f"cannot build for -march={march} here")
     assert module.int8_isa() == isa
-    for bits in PLANES:
+    for bits in KERNEL_BITS:
         for a_bits in (4, 8):
             for case in (CASES[1], CASES[2], CASES[5]):
                 w = weight(case, bits, seed=bits)

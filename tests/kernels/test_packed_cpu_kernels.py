@@ -4,13 +4,14 @@ sizes, act-order, ragged widths, batch sizes, bias and x dtypes; groups it canno
 import pytest
 import torch
 
-from boa.core.packed import PLANES, pack
+from boa.core.packed import pack
+from boa_kernels.packed_matmul import KERNEL_BITS
 from boa_kernels.loader import load_cpu, load_cpu_for
 from boa_kernels.packed_matmul import packed_matmul, packed_matmul_torch
 
 from problems import random_quantized
 
-BITS = tuple(PLANES)
+BITS = KERNEL_BITS
 
 
 CASES = [  # (out, in, group_size, act_order)
