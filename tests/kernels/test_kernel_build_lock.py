@@ -16,11 +16,12 @@ def test_a_stale_torch_lock_does_not_block_the_next_load():
     folder = build_dir(f"cpu-{cpu_signature()}")
     (folder / "lock").write_text("")  # what a SIGKILL during torch's load leaves behind
     env = {**os.environ, "PYTHONPATH": os.pathsep.join(sys.path)}
-    start = time.perf_counter()
+    # torch would wait on its stale lock forever (the timeout fails the test); no wall-clock bound beyond that: a
+    # rebuild on a busy machine took 150 s
     proc = subprocess.run([sys.executable, "-c", "from boa_kernels.loader import load_cpu; assert load_cpu()"],
                           env=env, timeout=300, capture_output=True, text=True)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    assert time.perf_counter() - start < 120 and not (folder / "lock").exists()
+    assert not (folder / "lock").exists()
 
 
 def test_a_killed_loader_leaves_nothing_that_blocks(tmp_path):
