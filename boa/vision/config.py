@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 
 from boa.core.errors import BoaError
-from boa.core.packed import PACKED_BITS
+from boa_kernels.packed_matmul import KERNEL_BITS
 
 VISION_METHODS = ("genie-m", "rtn")
 DATA_SOURCES = ("genie", "real", "noise")
@@ -44,8 +44,8 @@ class ReconstructConfig:
 
     def validate(self) -> None:
         for name, bits in (("w_bits", self.w_bits), ("boundary_bits", self.boundary_bits)):
-            if bits not in PACKED_BITS:
-                raise BoaError(f"{name}={bits}: weights are saved packed, at {', '.join(map(str, PACKED_BITS))} bits")
+            if bits not in KERNEL_BITS:  # the widths the packed kernels read (5/6 exist only for GGUF's types)
+                raise BoaError(f"{name}={bits}: weights are saved packed, at {', '.join(map(str, KERNEL_BITS))} bits")
         if not 2 <= self.a_bits <= 8:
             raise BoaError(f"a_bits={self.a_bits}: activations are quantized at 2 to 8 bits")
         if self.iters < 0 or self.batch_size < 1:
