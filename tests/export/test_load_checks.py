@@ -62,11 +62,11 @@ def test_every_edited_manifest_field_is_refused(copy, field, value):
 
 @pytest.mark.parametrize("edit, message", [
     ({"bits": 3}, r"qweight is \(64, 64\) torch.uint8, but 3-bit codes of 128 inputs in groups of 32 take \(64, 48\)"),
-    ({"bits": 5}, "bits=5 is not a packed width"),
+    ({"bits": 7}, "bits=7 is not a packed width"),
     ({"group_size": 16}, r"scales is \(64, 4\) torch.float32, but 4-bit codes of 128 inputs in groups of 16"),
     ({"group_size": 0}, "group_size=0 does not fit 128 inputs"),
     ({"in_features": 64}, "in_features=64 but the layer takes 128 inputs"),
-], ids=["bits-3", "bits-5", "group-16", "group-0", "width"])
+], ids=["bits-3", "bits-7", "group-16", "group-0", "width"])
 def test_a_layer_that_disagrees_with_its_tensors_is_refused_naming_it(copy, edit, message):
     data = manifest(copy)
     data["layers"][LAYER] = {**data["layers"][LAYER], **edit}
