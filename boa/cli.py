@@ -135,7 +135,8 @@ def _add_eval_commands(sub) -> None:
                    help="compressed-tensors (llm-compressor's pack-quantized, for vLLM and transformers), gptq (v1), "
                         "or gguf (one file for llama.cpp; the model must be quantized with --grid gguf:TYPE)")
     x.add_argument("--out", type=Path, required=True, help="the folder to write (gguf: the .gguf file)")
-    x.add_argument("--type", dest="gguf_type", help="gguf: the GGUF type (default: the one the model was quantized for)")
+    x.add_argument("--type", dest="gguf_type",
+                   help="gguf: the GGUF type (default: the one the model was quantized for)")
     x.add_argument("--vocab-from", help="gguf: a GGUF file (or built-in model name) whose tokenizer to copy; default: "
                                         "built from the model's BPE tokenizer")
     x.add_argument("--float-type", choices=("f16", "f32"), default="f16",

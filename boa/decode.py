@@ -25,6 +25,7 @@ from torch import nn
 
 from boa.core.errors import BoaError
 from boa.core.packed import PackedWeight
+from boa.models.adapter import adapter_for
 from boa.nn.quant_linear import QuantLinear
 
 FAMILIES = ("llama", "mistral", "qwen2")
@@ -83,10 +84,9 @@ class Decoder:
         if window is not None and max_len > window:
             raise BoaError(f"{max_len} positions exceed this model's sliding window of {window}, which boa's decode "
                            "loop does not apply; generate fewer tokens or use transformers' generate")
-        self.model, self.max_len = model, max_len
-        self.heads = config.num_attention_heads
-        self.kv_heads = getattr(config, "num_key_value_heads", None) or self.heads
-        self.head_dim = getattr(config, "head_dim", None) or config.hidden_size // self.heads
+        adapter = adapter_for(config)
+        self.max_len = max_len
+        self.heads, self.kv_heads, self.head_dim = adapter.n_heads, adapter.n_kv_heads, adapter.head_dim
         inner = model.model
         self.embed, self.norm, self.head = inner.embed_tokens, inner.norm, model.lm_head
         self.blocks = []

@@ -1,4 +1,5 @@
-"""y = x · Wᵀ (+ bias) with W in boa's packed 2/3/4/8-bit layout (5/6 bits: torch) (boa/core/packed.py), never unpacked in memory.
+"""y = x · Wᵀ (+ bias) with W in boa's packed 2/3/4/8-bit layout (boa/core/packed.py; its 5/6-bit widths run on
+torch), never unpacked in memory.
 
 Sizes: x (..., in) any float dtype; W (out, in) as a PackedWeight; y (..., out) in x's dtype, computed in float32.
 Backends: C++ on a CPU (csrc/cpu/packed_matmul.cpp: GEMV for ≤ 8 rows of x, dequantize-blocks + BLAS above), on a

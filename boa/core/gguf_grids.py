@@ -53,11 +53,6 @@ class GGUFType:
         """A row's length must be a multiple of this."""
         return SUPER_BLOCK if self.super_blocks else self.block
 
-    @property
-    def block_bytes(self) -> int:
-        """Bytes a GGUF block (SUPER_BLOCK weights for K types) takes."""
-        return {"Q4_0": 18, "Q4_1": 20, "Q5_0": 22, "Q5_1": 24, "Q8_0": 34, "Q3_K": 110, "Q6_K": 210}[self.name]
-
 
 GGUF_TYPES = {t.name: t for t in (
     GGUFType("Q4_0", 4, 32),
@@ -89,11 +84,10 @@ def _float16(x: torch.Tensor) -> torch.Tensor:
     return (sign * x.abs().clamp(min=FP16_TINY)).half().to(x.dtype)
 
 
-def _round_significant(x: torch.Tensor, bits: torch.Tensor) -> torch.Tensor:
+def _round_significant(x: torch.Tensor, bits: int) -> torch.Tensor:
     """x (> 0) rounded to `bits` significant bits."""
     mantissa, exponent = torch.frexp(x)
-    unit = torch.ldexp(torch.ones_like(x), bits.to(torch.int32))
-    return torch.ldexp(torch.round(mantissa * unit) / unit, exponent)
+    return torch.ldexp(torch.round(mantissa * 2**bits) / 2**bits, exponent)
 
 
 def _asymmetric_scale(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
@@ -101,7 +95,7 @@ def _asymmetric_scale(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
     z = 0, fewer as z's odd part grows), checked, falling back bit by bit (only float16's subnormal range needs it)."""
     best = torch.zeros_like(scale)
     for bits in range(11, 0, -1):
-        d = _float16(scale if bits == 11 else _round_significant(scale, torch.full_like(scale, bits)))
+        d = _float16(scale if bits == 11 else _round_significant(scale, bits))
         product = zero * d
         fits = (product.half().to(scale.dtype) == product) & (best == 0)
         best = torch.where(fits, d, best)
@@ -165,9 +159,9 @@ def representable_scales(kind: GGUFType, scale: torch.Tensor, zero: torch.Tensor
 
 
 def encode_rows(kind: GGUFType, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> np.ndarray:
-    """The GGUF bytes (rows, cols / row_multiple · block_bytes) uint8 of a weight whose codes (rows, cols) sit on
-    representable grids: scale, zero (rows, cols / block) per block, in column order. Raises if a grid is not
-    representable (boa's solver never makes one)."""
+    """The GGUF bytes (rows, blocks of the type in a row × its block's bytes) uint8 of a weight whose codes (rows,
+    cols) sit on representable grids: scale, zero (rows, cols / block) per block, in column order. Raises if a grid
+    is not representable (boa's solver never makes one)."""
     rows, cols = codes.shape
     if cols % kind.row_multiple:
         raise BoaError(f"rows of {cols} weights do not split into {kind.name}'s blocks of {kind.row_multiple}")
@@ -176,21 +170,17 @@ def encode_rows(kind: GGUFType, codes: torch.Tensor, scale: torch.Tensor, zero: 
     z = zero.double().numpy()
     if not np.array_equal(z, np.round(z)):
         raise BoaError(f"{kind.name} needs integer zero points")
+    mid = 2 ** (kind.bits - 1)
+    if not kind.asymmetric and not (z == mid).all():
+        raise BoaError(f"{kind.name} holds symmetric grids (zero point {mid}) only")
     blocks = c.reshape(rows, -1, kind.block)
     if kind.super_blocks:
-        mid = 2 ** (kind.bits - 1)
-        if not (z == mid).all():
-            raise BoaError(f"{kind.name} holds symmetric grids (zero point {mid}) only")
         encode = _encode_q3_k if kind.name == "Q3_K" else _encode_q6_k
         return np.ascontiguousarray(encode(blocks, s, units_of(kind, scale.double()).numpy(), rows).reshape(rows, -1))
     half = lambda x: x.reshape(rows, -1, 1).view(np.uint8).reshape(rows, -1, 2)  # noqa: E731 (float16 bytes)
+    fields = [half(_exact_half(s, kind))]
     if kind.asymmetric:
-        fields = [half(_exact_half(s, kind)), half(_exact_half(-z * s, kind, "minimum"))]
-    else:
-        mid = 2 ** (kind.bits - 1)
-        if not (z == mid).all():
-            raise BoaError(f"{kind.name} holds symmetric grids (zero point {mid}) only")
-        fields = [half(_exact_half(s, kind))]
+        fields.append(half(_exact_half(-z * s, kind, "minimum")))
     if kind.bits == 8:
         fields.append((blocks.astype(np.int16) - 128).astype(np.int8).view(np.uint8))
     else:

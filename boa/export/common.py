@@ -76,8 +76,9 @@ def plain_tensors(model: nn.Module, layers: dict) -> dict[str, torch.Tensor]:
 def write_export(out_dir, fmt: str, model: nn.Module, tensors: dict, quantization_config: dict,
                  tokenizer=None, config=None, max_shard_size: int | str = DEFAULT_MAX_SHARD_BYTES) -> Path:
     """Writes config.json (the model's, with `quantization_config`), the tokenizer, the weights (under the names
-    the family's own checkpoints use: Adapter.checkpoint_name) and the export manifest to `out_dir`, atomically: model.safetensors, or past max_shard_size (e.g. "5GB") shards
-    model-0000K-of-0000N.safetensors with model.safetensors.index.json."""
+    the family's own checkpoints use: Adapter.checkpoint_name) and the export manifest to `out_dir`, atomically:
+    model.safetensors, or past max_shard_size (e.g. "5GB") shards model-0000K-of-0000N.safetensors with
+    model.safetensors.index.json."""
     from boa import __version__
 
     out_dir = Path(out_dir)

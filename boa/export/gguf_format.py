@@ -22,6 +22,7 @@ from torch import nn
 from boa.core.errors import BoaError
 from boa.core.gguf_grids import encode_rows, gguf_type
 from boa.core.quantizer import QuantizedWeight
+from boa.models.adapter import adapter_for
 
 ARCHITECTURES = ("llama", "mistral")
 # transformers' names inside a Llama block -> llama.cpp's
@@ -89,16 +90,16 @@ def _rope_theta(config) -> float:
 def _add_metadata(writer, config, kind_name: str) -> None:
     import gguf
 
-    head_dim = getattr(config, "head_dim", None) or config.hidden_size // config.num_attention_heads
+    adapter = adapter_for(config)
     writer.add_name(getattr(config, "_name_or_path", "") or "boa model")
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
     writer.add_feed_forward_length(config.intermediate_size)
-    writer.add_head_count(config.num_attention_heads)
-    writer.add_head_count_kv(config.num_key_value_heads or config.num_attention_heads)
+    writer.add_head_count(adapter.n_heads)
+    writer.add_head_count_kv(adapter.n_kv_heads)
     writer.add_rope_freq_base(_rope_theta(config))
-    writer.add_rope_dimension_count(head_dim)
+    writer.add_rope_dimension_count(adapter.head_dim)
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     # llama.cpp's name of a file mostly in one type (Q3_K_S: every matrix Q3_K)
@@ -184,8 +185,8 @@ def export_gguf(model: nn.Module, layers: dict[str, QuantizedWeight], out_file, 
         _build_tokenizer(writer, tokenizer, hf.vocab_size)
 
     qtype = None if unquantized else getattr(gguf.GGMLQuantizationType, kind.name)
-    heads = {"self_attn.q_proj": hf.num_attention_heads,
-             "self_attn.k_proj": hf.num_key_value_heads or hf.num_attention_heads}
+    adapter = adapter_for(hf)
+    heads = {adapter.q_proj: adapter.n_heads, adapter.k_proj: adapter.n_kv_heads}
     tied = bool(getattr(hf, "tie_word_embeddings", False))
     written = set()
     for name, tensor in model.state_dict().items():

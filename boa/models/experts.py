@@ -6,8 +6,8 @@ takes the module's place: one Expert per expert with gate_proj, up_proj and down
 loop, so each expert's layers are ordinary layers whose input hooks see exactly the tokens routed to it (its
 Hessian, and `tokens`, the count). The model keeps that form after the run: boa's format saves the experts one by
 one, and boa.load unfuses a freshly built model's experts before putting each one's packed layers in; the exports
-write them one by one under the family's checkpoint names (Adapter.checkpoint_name), which transformers merges. The router
-stays float: it is not a layer the adapters list.
+write them one by one under the family's checkpoint names (Adapter.checkpoint_name), which transformers merges. The
+router stays float: it is not a layer the adapters list.
 """
 from __future__ import annotations
 

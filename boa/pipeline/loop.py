@@ -27,6 +27,7 @@ from boa.config import QuantConfig
 from boa.core.checkpoint import Checkpoint
 from boa.core.checks import check_finite
 from boa.core.errors import BoaError
+from boa.core.gguf_grids import GGUF_TYPES
 from boa.core.io import hash_tensors
 from boa.core.memory import return_freed_memory
 from boa.core.output import check_output, checkpoint_folder, partial_folder
@@ -87,8 +88,6 @@ def _check_gguf_blocks(model: nn.Module, adapter: Adapter, method: Method) -> No
     kind = method.spec.gguf_type
     if kind is None:
         return
-    from boa.core.gguf_grids import GGUF_TYPES
-
     widths = {adapter.blocks(model)[0].get_submodule(n).in_features for n in adapter.linear_names()}
     bad = sorted(w for w in widths if w % kind.row_multiple)
     if bad:

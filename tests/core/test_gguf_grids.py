@@ -15,7 +15,8 @@ TYPES = list(GGUF_TYPES)
 
 
 def weights(rows: int = 24, cols: int = 512, seed: int = 0) -> torch.Tensor:
-    """Rows of every kind a model has: ordinary, outlier-heavy, tiny (float16-subnormal scales), all-zero, one-signed."""
+    """Rows of every kind a model has: ordinary, outlier-heavy, tiny (float16-subnormal scales), all-zero,
+    one-signed."""
     g = torch.Generator().manual_seed(seed)
     W = torch.randn(rows, cols, generator=g) * 0.02
     W[1] *= 1e-4
