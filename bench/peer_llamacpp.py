@@ -1,40 +1,57 @@
-"""Decode speed of llama.cpp on the packaged SmolLM2 GGUF, beside boa's packed model of the same weights.
+"""Decode and prefill speed of llama.cpp beside boa's own decode loop (boa.decode), same machine, same threads, one run.
 
     python bench/peer_llamacpp.py --json bench/results/decode_llamacpp.json [--threads 2] [--tokens 64]
+        [--prefill 512] [--models smollm2,llama] [--dtypes float32,bfloat16]
 
-llama.cpp (PyPI `llama-cpp-python`, built from its sdist: ~12 CPU-minutes) lives in its own venv
-($BOA_CACHE/venvs/llamacpp, made on first use; `--venv` reuses another) and runs in a subprocess. It decodes the
-packaged GGUF as it is (Q4_1: 4-bit codes, a scale and a minimum per 32 weights, ~5 bits a weight; its tied
-49152×576 embedding/output matrix is in the same file) and a Q4_0 copy made with llama.cpp's own quantizer. boa
-decodes the model converted from that GGUF, RTN-quantized to 4 bits in groups of 32 (asymmetric: the closest
-match to Q4_1, 5.25 bits a weight), packed, in bfloat16 and in float32, and the unquantized transformers model.
-Each engine: a short prompt, `--tokens` greedy tokens, best of 3 runs, decode tokens/s after the first token.
+Models: the packaged SmolLM2-135M, and a Llama-shaped model with random weights (bench/gemv.py's LLAMA: 2048 wide,
+MLP 5632, 16 query / 4 KV heads, 6 blocks) with SmolLM2's 49152-token vocabulary so that one tokenizer serves both.
+llama.cpp (PyPI `llama-cpp-python`, built from its sdist: ~12 CPU-minutes, in its own venv $BOA_CACHE/venvs/llamacpp,
+`--venv` reuses another; a subprocess) runs
+    llama.cpp-Q4_0/Q4_1/Q8_0   its own quantization of the model's F16 GGUF (written by boa's export)
+    boa-gguf-Q4_0/Q4_1/Q8_0    boa's export of the model quantized on that type's grids (RTN: speed does not depend
+                               on the method), to check that boa's files run as fast as llama.cpp's own
+boa runs the float model through transformers' forward (transformers-*) and through boa's decode loop (boa-fp-*),
+and RTN W4/W3/W2 with grids per 32 weights (asymmetric), packed, through boa's decode loop (boa-wN-*), the rest of
+the model in each of --dtypes.
+Each row: decode tok/s (a short prompt, --tokens greedy tokens, counted after the first, best of 3) and prefill tok/s
+(--prefill tokens of Austen text in one call on an empty cache, best of 3); `vs_llamacpp_q4_0` divides both by
+llama.cpp's own Q4_0 on the same model.
 """
 from __future__ import annotations
 
 import argparse
-import copy
 import json
 import os
 import subprocess
+import tempfile
+import time
 from pathlib import Path
 
 import torch
 
 import boa
-from boa.generate import generate
+from boa import decode
 from boa.core.io import cache_dir, write_json
+from boa.data import corpus_text
+from boa.export import export_gguf
+from boa.generate import generate
 from boa.models.loader import BUILTIN_MODELS
 from boa.nn import pack_model
 
 from _common import machine, side_venv
+from gemv import LLAMA
 
 PROMPT = "The history of the city of London begins"
 REQUIREMENT = "llama-cpp-python==0.3.36"
+GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+GROUP = 32
+BITS = (4, 3, 2)
+RUNS = 3
 
-# Runs inside the llama.cpp venv: argv = gguf path, threads, tokens, prompt; prints one JSON line per model.
+# Runs inside the llama.cpp venv: argv[1] = a JSON job {threads, tokens, prompt, prefill_ids, quantize: [[source,
+# out, type]], models: [[name, path]]}; prints one JSON line per model.
 WORKER = r"""
-import json, sys, time, tempfile, os
+import json, sys, time, os
 import llama_cpp
 import llama_cpp.llama_cpp as low
 from llama_cpp import Llama
@@ -46,26 +63,32 @@ def _params():  # ggml's AMX buffer type crashes on Intel AMX machines: keep it 
     return params
 low.llama_model_default_params = _params
 
-path, threads, tokens, prompt = sys.argv[1], int(sys.argv[2]), int(sys.argv[3]), sys.argv[4]
-q4_0 = os.path.join(tempfile.mkdtemp(), "q4_0.gguf")
-params = llama_cpp.llama_model_quantize_default_params()
-params.ftype = llama_cpp.LLAMA_FTYPE_MOSTLY_Q4_0
-params.allow_requantize = True  # the packaged file is Q4_1 already
-assert llama_cpp.llama_model_quantize(path.encode(), q4_0.encode(), params) == 0
-for name, file in (("llama.cpp-q4_1", path), ("llama.cpp-q4_0", q4_0)):
-    llm = Llama(model_path=file, n_threads=threads, n_threads_batch=threads, n_ctx=512, verbose=False)
-    best = 0.0
+job = json.loads(open(sys.argv[1]).read())
+for source, out, kind in job["quantize"]:
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = getattr(llama_cpp, "LLAMA_FTYPE_MOSTLY_" + kind)
+    assert llama_cpp.llama_model_quantize(source.encode(), out.encode(), params) == 0, kind
+threads, tokens, prefill = job["threads"], job["tokens"], job["prefill_ids"]
+for name, path in job["models"]:
+    llm = Llama(model_path=path, n_threads=threads, n_threads_batch=threads, n_ctx=len(prefill) + tokens + 16,
+                n_batch=len(prefill), n_ubatch=len(prefill), verbose=False)
+    decode_best, prefill_best = 0.0, 0.0
     for _ in range(3):
         llm.reset()
-        prompt_ids = llm.tokenize(prompt.encode())
-        llm.eval(prompt_ids)
+        llm.eval(llm.tokenize(job["prompt"].encode()))
         token = llm.sample(temp=0.0)
         start = time.perf_counter()
         for _ in range(tokens - 1):
             llm.eval([token])
             token = llm.sample(temp=0.0)
-        best = max(best, (tokens - 1) / (time.perf_counter() - start))
-    print(json.dumps({"engine": name, "tok_s": best, "model_bytes": os.path.getsize(file)}), flush=True)
+        decode_best = max(decode_best, (tokens - 1) / (time.perf_counter() - start))
+        llm.reset()
+        start = time.perf_counter()
+        llm.eval(prefill)
+        prefill_best = max(prefill_best, len(prefill) / (time.perf_counter() - start))
+    print(json.dumps({"engine": name, "decode_tok_s": decode_best, "prefill_tok_s": prefill_best,
+                      "model_bytes": os.path.getsize(path)}), flush=True)
+    del llm
 """
 
 
@@ -74,6 +97,9 @@ def parse_args():
     p.add_argument("--json", type=Path, required=True)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--tokens", type=int, default=64)
+    p.add_argument("--prefill", type=int, default=512)
+    p.add_argument("--models", default="smollm2,llama")
+    p.add_argument("--dtypes", default="float32,bfloat16")
     p.add_argument("--venv", type=Path, help="a venv with llama-cpp-python (default: made in $BOA_CACHE/venvs)")
     return p.parse_args()
 
@@ -84,37 +110,127 @@ def llamacpp_python(folder: Path | None) -> Path:
     return side_venv(cache_dir("venvs", "llamacpp"), [REQUIREMENT], {**os.environ, "CMAKE_ARGS": "-DLLAVA_BUILD=OFF"})
 
 
+def load(name: str):
+    model, tokenizer, _ = boa.load_model("smollm2-135m")
+    if name == "smollm2":
+        return model, tokenizer
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    config = LlamaConfig(**{**LLAMA, "vocab_size": model.config.vocab_size, "bos_token_id": 1, "eos_token_id": 2})
+    return LlamaForCausalLM(config).eval(), tokenizer
+
+
 def model_bytes(model) -> int:
     return sum(t.numel() * t.element_size() for t in [*model.parameters(), *model.buffers()])
 
 
-def boa_rows(threads: int, tokens: int) -> list[dict]:
-    torch.set_num_threads(threads)
-    model, tokenizer, _ = boa.load_model("smollm2-135m")
+def best_of(run) -> float:
+    return max(run() for _ in range(RUNS))
 
-    def speed(m) -> float:
-        return max(generate(m, tokenizer, PROMPT, tokens, stop_at_eos=False).tok_s for _ in range(3))
 
-    rows = [{"engine": "transformers-fp32", "tok_s": speed(model), "model_bytes": model_bytes(model)}]
-    result = boa.quantize(copy.deepcopy(model), boa.RTN(bits=4, group_size=32), None, progress=False)
-    packed = pack_model(result.model, result.layers)
-    rows.append({"engine": "boa-w4g32-fp32", "tok_s": speed(packed), "model_bytes": model_bytes(packed)})
-    packed = packed.to(torch.bfloat16)
-    rows.append({"engine": "boa-w4g32-bf16", "tok_s": speed(packed), "model_bytes": model_bytes(packed)})
+@torch.inference_mode()
+def prefill_tok_s(model, ids: torch.Tensor, engine: str) -> float:
+    def once() -> float:
+        if engine == "boa":
+            decoder = decode.Decoder(model, ids.shape[1] + 1)
+            start = time.perf_counter()
+            decoder.step(ids)
+        else:
+            start = time.perf_counter()
+            model(ids, use_cache=True)
+        return ids.shape[1] / (time.perf_counter() - start)
+    return best_of(once)
+
+
+def boa_row(model, tokenizer, ids, engine: str, label: str, tokens: int) -> dict:
+    decode_speed = best_of(lambda: generate(model, tokenizer, PROMPT, tokens, stop_at_eos=False, engine=engine).tok_s)
+    row = {"engine": label, "decode_tok_s": decode_speed, "prefill_tok_s": prefill_tok_s(model, ids, engine),
+           "model_bytes": model_bytes(model)}
+    print(f"  {label}: {row['decode_tok_s']:.1f} decode tok/s, {row['prefill_tok_s']:.1f} prefill tok/s", flush=True)
+    return row
+
+
+def boa_rows(name: str, ids: torch.Tensor, dtypes: list[torch.dtype], tokens: int) -> list[dict]:
+    rows = []
+    model, tokenizer = load(name)
+    for dtype in dtypes:
+        short = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+        model = model.to(dtype)
+        rows.append(boa_row(model, tokenizer, ids, "transformers", f"transformers-{short}", tokens))
+        rows.append(boa_row(model, tokenizer, ids, "boa", f"boa-fp-{short}", tokens))
+    for bits in BITS:
+        model, tokenizer = load(name)
+        result = boa.quantize(model, boa.RTN(bits=bits, group_size=GROUP), None, progress=False)
+        packed = pack_model(result.model, result.layers)
+        for dtype in dtypes:
+            short = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
+            rows.append(boa_row(packed.to(dtype), tokenizer, ids, "boa", f"boa-w{bits}-{short}", tokens))
+    return rows
+
+
+def gguf_files(name: str, work: Path) -> tuple[list[list[str]], list[list[str]]]:
+    """llama.cpp's quantization jobs [source, out, type] and the models to time [label, path]: the F16 export for
+    llama.cpp to quantize, and boa's own export of every type."""
+    vocab = BUILTIN_MODELS["smollm2-135m"].gguf_path()
+    model, _ = load(name)
+    source = export_gguf(model, {}, work / f"{name}-f16.gguf", "F16", vocab_from=vocab)
+    quantize, models = [], []
+    for kind in GGUF_TYPES:
+        out = work / f"{name}-llamacpp-{kind}.gguf"
+        quantize.append([str(source), str(out), kind])
+        models.append([f"llama.cpp-{kind}", str(out)])
+    for kind in GGUF_TYPES:
+        model, _ = load(name)
+        result = boa.quantize(model, boa.RTN(gguf=kind), None, progress=False)
+        out = export_gguf(result.model, result.layers, work / f"{name}-boa-{kind}.gguf", kind, config=result.config,
+                          vocab_from=vocab)
+        models.append([f"boa-gguf-{kind}", str(out)])
+    return quantize, models
+
+
+def llamacpp_rows(python: Path, name: str, ids: torch.Tensor, threads: int, tokens: int) -> list[dict]:
+    with tempfile.TemporaryDirectory(prefix="peer-llamacpp-") as folder:
+        work = Path(folder)
+        quantize, models = gguf_files(name, work)
+        job = work / "job.json"
+        job.write_text(json.dumps({"threads": threads, "tokens": tokens, "prompt": PROMPT, "quantize": quantize,
+                                   "models": models, "prefill_ids": ids[0].tolist()}))
+        done = subprocess.run([str(python), "-c", WORKER, str(job)], capture_output=True, text=True)
+        if done.returncode:
+            raise RuntimeError(f"llama.cpp failed:\n{done.stderr[-3000:]}")
+    rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
+    for row in rows:
+        print(f"  {row['engine']}: {row['decode_tok_s']:.1f} decode tok/s, {row['prefill_tok_s']:.1f} prefill tok/s",
+              flush=True)
     return rows
 
 
 def main() -> None:
     args = parse_args()
-    gguf = BUILTIN_MODELS["smollm2-135m"].gguf_path()
-    out = subprocess.run([str(llamacpp_python(args.venv)), "-c", WORKER, str(gguf), str(args.threads),
-                          str(args.tokens), PROMPT], check=True, capture_output=True, text=True)
-    rows = [json.loads(line) for line in out.stdout.splitlines() if line.startswith("{")]
-    rows += boa_rows(args.threads, args.tokens)
-    for row in rows:
-        row.update(device="cpu", model="smollm2-135m", threads=args.threads)
-        print(f"{row['engine']:>20}: {row['tok_s']:6.1f} tok/s  {row['model_bytes'] / 2**20:7.1f} MiB")
-    write_json(args.json, {**machine(), "decode": rows, "tokens": args.tokens, "prompt": PROMPT})
+    torch.set_num_threads(args.threads)
+    python = llamacpp_python(args.venv)
+    dtypes = [getattr(torch, d) for d in args.dtypes.split(",")]
+    _, tokenizer = load("smollm2")
+    text = corpus_text("austen", "eval")[:20 * args.prefill]
+    ids = tokenizer(text, return_tensors="pt").input_ids[:, :args.prefill]
+    rows = []
+    for name in args.models.split(","):
+        print(f"{name}:", flush=True)
+        ours = llamacpp_rows(python, name, ids, args.threads, args.tokens) + boa_rows(name, ids, dtypes, args.tokens)
+        reference = next(r for r in ours if r["engine"] == "llama.cpp-Q4_0")
+        for row in ours:
+            row.update(model=name, threads=args.threads, vs_llamacpp_q4_0={
+                "decode": row["decode_tok_s"] / reference["decode_tok_s"],
+                "prefill": row["prefill_tok_s"] / reference["prefill_tok_s"]})
+        rows += ours
+    print(f"{'model':<8} {'engine':<22} {'decode tok/s':>12} {'× Q4_0':>7} {'prefill tok/s':>14} {'× Q4_0':>7} "
+          f"{'MiB':>8}")
+    for r in rows:
+        print(f"{r['model']:<8} {r['engine']:<22} {r['decode_tok_s']:12.1f} {r['vs_llamacpp_q4_0']['decode']:7.2f} "
+              f"{r['prefill_tok_s']:14.1f} {r['vs_llamacpp_q4_0']['prefill']:7.2f} {r['model_bytes'] / 2**20:8.1f}")
+    write_json(args.json, {**machine(), "torch": torch.__version__, "llama_cpp": REQUIREMENT, "tokens": args.tokens,
+                           "prefill": args.prefill, "prompt": PROMPT, "group_size": GROUP, "rows": rows})
 
 
 if __name__ == "__main__":

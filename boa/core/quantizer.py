@@ -60,11 +60,19 @@ def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq
 
 def _minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
     """(scale, zero) covering [xmin, xmax] (which always contains 0)."""
+    if spec.sym and spec.gguf:
+        # GGUF's symmetric grids hold codes −2^(b−1) … 2^(b−1) − 1 around their middle: like llama.cpp, put the weight
+        # of largest magnitude on the longer side, −2^(b−1) (a negative scale when that weight is positive), for a
+        # step of amax / 2^(b−1), finer than the 2·amax / (2^b − 1) that covers ±amax
+        signed_max = torch.where(xmax >= -xmin, xmax, xmin)
+        signed_max = torch.where(signed_max == 0, torch.ones_like(signed_max), signed_max)  # an all-zero group
+        half = (spec.maxq + 1) / 2
+        return -signed_max / half, torch.full_like(signed_max, half)
     if spec.sym:
         xmax = torch.maximum(xmin.abs(), xmax)
         # GPTQ's reference keeps xmin = 0 for a group without negative weights, whose grid then covers only half its
-        # range; the GGUF grids (blocks of 16-32 weights, often one-signed) cover it all
-        xmin = -xmax if spec.gguf else torch.where(xmin < 0, -xmax, xmin)
+        # range
+        xmin = torch.where(xmin < 0, -xmax, xmin)
     flat = (xmin == 0) & (xmax == 0)  # an all-zero row: any grid works, keep the scale finite
     xmin = torch.where(flat, -torch.ones_like(xmin), xmin)
     xmax = torch.where(flat, torch.ones_like(xmax), xmax)

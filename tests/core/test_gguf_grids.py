@@ -6,7 +6,7 @@ import torch
 
 import boa
 from boa.algorithms.rtn import rtn
-from boa.core.gguf_grids import GGUF_TYPES, encode_rows, gguf_type, snap_grid, units_of
+from boa.core.gguf_grids import GGUF_TYPES, _round_significant, encode_rows, gguf_type, snap_grid, units_of
 from boa.core.quantizer import QuantSpec
 
 gguf = pytest.importorskip("gguf")
@@ -44,6 +44,40 @@ def test_rtn_on_a_gguf_grid_is_read_back_by_gguf_exactly(name, search):
     q = rtn(W, spec)
     assert torch.equal(gguf_dequantized(kind, q), q.dequantize())
     assert (q.dequantize() - W).abs().max() <= 0.6 * q.scale.abs().max()  # a real grid, not a degenerate one
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+def test_rounding_to_significant_bits_matches_frexp(dtype):
+    """The bit-level rounding equals round(mantissa · 2^bits) / 2^bits on frexp's mantissa, exact ties included."""
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(50000, generator=g, dtype=dtype) * torch.exp(5 * torch.randn(50000, generator=g, dtype=dtype))
+    for bits in range(1, 12):
+        k = torch.randint(0, max(1, 2 ** (bits - 1)), (500,), generator=g).to(dtype)
+        ties = (1 + (2 * k + 1) / 2**bits) * 2.0 ** torch.randint(-20, 20, (500,), generator=g).to(dtype)
+        for values in (x, ties):
+            mantissa, exponent = torch.frexp(values)
+            expected = torch.ldexp(torch.round(mantissa * 2**bits) / 2**bits, exponent)
+            assert torch.equal(_round_significant(values, bits), expected)
+
+
+def test_q4_0_min_max_grid_is_llama_cpps():
+    """boa's min-max Q4_0 grid is llama.cpp's reference one (the `gguf` package's quantizer): d = the block's
+    largest-magnitude weight / −8, as a float16. Codes agree except where llama.cpp rounds against d before it is
+    made a float16; there boa's code is the nearer one on the grid the file holds."""
+    kind = gguf_type("Q4_0")
+    W = weights(seed=3)
+    q = rtn(W, QuantSpec(bits=4, sym=True, group_size=32, gguf="Q4_0"))
+    theirs = gguf.quants.quantize(W.numpy(), gguf.GGMLQuantizationType.Q4_0).reshape(W.shape[0], -1, 18)
+    ours = encode_rows(kind, q.codes, q.scale, q.zero).reshape(W.shape[0], -1, 18)
+    real = W.abs().amax(-1) > 1e-3  # rows whose d is a normal float16 (llama.cpp's 1/d of a subnormal overflows)
+    assert np.array_equal(ours[real, :, :2], theirs[real, :, :2])  # the same float16 d in every block
+    their_codes = torch.from_numpy(np.concatenate([theirs[..., 2:] & 15, theirs[..., 2:] >> 4], -1)
+                                   .reshape(W.shape).astype(np.float32))
+    differ = (their_codes != q.codes.float()) & real[:, None]
+    assert differ.float().mean() < 1e-3 and (their_codes - q.codes.float())[differ].abs().max() <= 1
+    scale = q.scale.repeat_interleave(32, dim=-1)
+    ours_err, their_err = (scale * (q.codes.float() - 8) - W).abs(), (scale * (their_codes - 8) - W).abs()
+    assert (ours_err[differ] <= their_err[differ]).all()
 
 
 @pytest.mark.parametrize("name", TYPES)
@@ -100,7 +134,7 @@ def test_q3_k_block_scales_share_one_float16_per_super_block():
     q = rtn(weights(), QuantSpec(bits=3, sym=True, group_size=16, gguf="Q3_K"))
     d = units_of(kind, q.scale.double())
     k = q.scale.double().unflatten(-1, (-1, 16)) / d[..., None]
-    assert torch.equal(k, k.round()) and k.min() >= 1 and k.max() <= 31
+    assert torch.equal(k, k.round()) and k.abs().min() >= 1 and k.min() >= -32 and k.max() <= 31
     assert torch.equal(d.half().double(), d)
 
 

@@ -166,7 +166,7 @@ print(json.dumps([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), 
 @pytest.mark.skipif(not LLAMACPP_PYTHON.exists(), reason="llama.cpp's venv (made by bench/peer_llamacpp.py) is absent")
 def test_llama_cpp_runs_the_export_and_agrees_with_boa(quantized_folder, tmp_path):
     """llama.cpp loads the file and computes boa's logits up to its own arithmetic (it rounds activations to 8 bits
-    for quantized matrices): every position's top token the same, the logits within 2% of their range."""
+    for quantized matrices): the logits within 2% of their range, the top tokens the same but for near-ties."""
     out = tmp_path / "m.gguf"
     assert main(["export", str(quantized_folder), "--format", "gguf", "--out", str(out)]) == 0
     ids = random_windows(1, 24, seed=5)[0].tolist()
@@ -176,5 +176,10 @@ def test_llama_cpp_runs_the_export_and_agrees_with_boa(quantized_folder, tmp_pat
     theirs = torch.tensor(json.loads(run.stdout.splitlines()[-1]))
     packed, _, _ = boa.load(quantized_folder)
     ours = logits(packed, torch.tensor([ids]))[0]
-    assert torch.equal(theirs.argmax(-1), ours.argmax(-1))
-    assert (theirs - ours).abs().max() <= 0.02 * (ours.max() - ours.min())
+    tolerance = 0.02 * (ours.max() - ours.min())
+    assert (theirs - ours).abs().max() <= tolerance
+    # every position's top token in llama.cpp is boa's, or one boa scores within the tolerance of its top (this tiny
+    # random model has near-ties, which the 8-bit activations may flip)
+    chosen = ours.gather(-1, theirs.argmax(-1, keepdim=True))[:, 0]
+    assert (chosen >= ours.max(-1).values - tolerance).all()
+    assert (theirs.argmax(-1) == ours.argmax(-1)).float().mean() >= 0.9
