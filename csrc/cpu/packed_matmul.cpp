@@ -421,7 +421,11 @@ void gemm(const PackedRows& w, const torch::Tensor& x, torch::ScalarType x_dtype
   const bool bf16 = x_dtype == torch::kBFloat16;
   const auto xm = bf16 ? x.to(torch::kBFloat16) : x;
   const int64_t out = y.size(1), block_rows = gemm_rows(w.in_pad), blocks = (out + block_rows - 1) / block_rows;
+  // the workers run torch ops on y: they need the caller's inference mode (a thread-local that OpenMP's threads do
+  // not inherit), else writing an inference-mode y is refused
+  const bool inference = c10::InferenceMode::is_enabled();
   at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
+    c10::InferenceMode mode(inference);
     std::vector<float> buffer(block_rows * w.in_pad);
     for (int64_t k = k0; k < k1; ++k) {
       const int64_t o0 = k * block_rows, rows = std::min(block_rows, out - o0);

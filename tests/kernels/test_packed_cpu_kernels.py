@@ -49,6 +49,14 @@ def test_cpp_kernel_matches_reference(bits, dtype):
             check_against_reference(load_cpu().packed_matmul, bits, case, batch, dtype)
 
 
+@pytest.mark.parametrize("batch", [1, 33], ids=["gemv", "blas"])
+def test_cpp_kernel_runs_under_inference_mode(batch):
+    """Generation runs under torch.inference_mode: the BLAS path's worker threads write its output there too (they
+    do not inherit the thread-local mode by themselves)."""
+    with torch.inference_mode():  # 2100 rows: several blocks of the BLAS path, so that worker threads take some
+        check_against_reference(load_cpu().packed_matmul, 4, (2100, 256, 128, False), batch, torch.float32)
+
+
 @pytest.mark.parametrize("march", ["x86-64-v3", "x86-64"], ids=["avx2", "portable"])
 def test_kernel_paths_for_other_instruction_sets(march):
     """The same source compiled for AVX2 and for plain x86-64 (the portable C++ of boa/packed_math.h)."""
