@@ -12,7 +12,10 @@ needs and nothing else:
                 x += down(silu(g) · u)
     logits = head(rmsnorm(x))
 
-Prefill runs the prompt the same way with a causal mask (the packed layers take their batched path). The layers are
+On a CPU with the model in float32 and every layer a packed one the C++ kernels take (or a float32 nn.Linear), a
+decode step runs each decoder layer as one C++ call (csrc/cpu/decode_layer.cpp: the same math, a layer per Python
+call instead of ~40 torch ops); `native=False` keeps the torch path, which is its reference. Prefill runs the prompt
+the same way with a causal mask on the torch path (the packed layers take their batched path). The layers are
 the model's own modules (QuantLinear or nn.Linear) or row-concatenations of them; the model is not changed and
 transformers' `generate` keeps working on it. Families: llama, mistral, qwen2 (q/k/v biases); a model with
 run-time transforms (rotations, quantized activations or KV cache) takes transformers' path.
@@ -27,6 +30,8 @@ from boa.core.errors import BoaError
 from boa.core.packed import PackedWeight
 from boa.models.adapter import adapter_for
 from boa.nn.quant_linear import QuantLinear
+from boa_kernels.loader import load_cpu
+from boa_kernels.packed_matmul import kernel_ready
 
 FAMILIES = ("llama", "mistral", "qwen2")
 
@@ -75,7 +80,7 @@ class _SideBySide(nn.Module):
 class Decoder:
     """Greedy/sampled decoding state for one sequence of at most `max_len` tokens (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, max_len: int):
+    def __init__(self, model: nn.Module, max_len: int, native: bool = True):
         if not supports(model):
             raise BoaError(f"boa's decode loop runs {', '.join(FAMILIES)} models without run-time transforms; use "
                            "transformers' generate for this one")
@@ -104,11 +109,37 @@ class Decoder:
         self.dtype, self.device = weight.dtype, weight.device
         positions = torch.arange(max_len, device=self.device)[None]
         cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
-        self.cos, self.sin = cos[0], sin[0]  # (max_len, head_dim), as the model's own rotary embedding gives them
+        # (max_len, head_dim), as the model's own rotary embedding gives them
+        self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
         self.keys = torch.zeros(shape, device=self.device, dtype=self.dtype)
         self.values = torch.zeros_like(self.keys)
         self.length = 0
+        self.native = self._native_layers(inner.layers) if native else None
+
+    def _native_layers(self, layers) -> list[tuple] | None:
+        """Each layer's arguments for the C++ step (csrc/cpu/decode_layer.cpp), or None where it cannot run."""
+        kernels = load_cpu()
+        if self.device.type != "cpu" or self.dtype != torch.float32 or not hasattr(kernels, "decode_layer_"):
+            return None
+        native = []
+        for layer, (attn_norm, qkv, o_proj, mlp_norm, gate_up, down) in zip(layers, self.blocks):
+            linears, norms = [qkv, o_proj, gate_up, down], [attn_norm, mlp_norm]
+            if not all(_native_norm(n) for n in norms) or not all(_native_linear(m) for m in linears):
+                return None
+            tensors, ints = [], []
+            for m in linears:
+                if isinstance(m, QuantLinear):
+                    p = m.packed
+                    tensors += [p.qweight, p.scales, p.zeros, p.perm, m.bias]
+                    ints += [p.bits, p.group_size]
+                else:
+                    tensors += [m.weight, None, None, None, m.bias]
+                    ints += [0, 0]
+            scale = getattr(layer.self_attn, "scaling", self.head_dim**-0.5)
+            native.append((norms[0].weight.detach(), norms[1].weight.detach(), norms[0].variance_epsilon, tensors,
+                           ints, float(scale)))
+        return native
 
     @property
     def nbytes(self) -> int:
@@ -132,6 +163,8 @@ class Decoder:
         if T > 1 and start > 0:
             raise BoaError("after the prompt the decoder takes one token per step")
         end = start + T
+        if T == 1 and self.native is not None:
+            return self._native_step(ids, start)
         x = self.embed(ids)
         q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, (attn_norm, qkv, o_proj, mlp_norm, gate_up, down) in enumerate(self.blocks):
@@ -148,3 +181,25 @@ class Decoder:
             x = x + down(F.silu(gate) * up)
         self.length = end
         return self.head(self.norm(x[:, -1:]))[0, -1]
+
+    def _native_step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        kernels = load_cpu()
+        x = self.embed(ids)[0, 0].contiguous()  # (hidden,), updated in place layer by layer
+        cos, sin = self.cos[start], self.sin[start]
+        for i, (attn_norm, mlp_norm, eps, tensors, ints, scale) in enumerate(self.native):
+            kernels.decode_layer_(x, attn_norm, mlp_norm, eps, tensors, ints, self.keys[i, 0], self.values[i, 0],
+                                  start, cos, sin, self.heads, self.kv_heads, scale)
+        self.length = start + 1
+        return self.head(self.norm(x[None, None]))[0, -1]
+
+
+def _native_norm(norm: nn.Module) -> bool:
+    """transformers' RMSNorm (x / rms · weight) in float32."""
+    return (type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
+            and norm.weight.dtype == torch.float32)
+
+
+def _native_linear(layer: nn.Module) -> bool:
+    if isinstance(layer, QuantLinear):
+        return kernel_ready(layer.packed) and not layer._forward_hooks and not layer._forward_pre_hooks
+    return type(layer) is nn.Linear and layer.weight.dtype == torch.float32

@@ -17,6 +17,8 @@ PYBIND11_MODULE(TORCH_EXTENSION_NAME, m) {
         py::arg("x"), py::arg("qweight"), py::arg("scales"), py::arg("zeros"), py::arg("perm"), py::arg("bias"),
         py::arg("bits"), py::arg("group_size"), py::arg("a_bits"), py::arg("clip_ratio"));
   m.def("int8_isa", &boa::int8_isa, "the instruction set the int8 kernel was compiled for");
+  m.def("decode_layer_", &boa::decode_layer_,
+        "one Llama-family decoder layer for one token, x and the KV cache in place (csrc/cpu/decode_layer.cpp)");
   m.def("hadamard_transform", &boa::hadamard_transform,
         "y = (x · diag(signs)) · (K ⊗ S) · scale along the last axis (csrc/cpu/hadamard.cpp)", py::arg("x"),
         py::arg("signs"), py::arg("core"), py::arg("scale"));

@@ -51,6 +51,24 @@ def test_packed_models_decode_the_greedy_tokens_of_transformers(build, calib, wo
     assert generate(packed, word_tokenizer, PROMPT, max_new_tokens=4, stop_at_eos=False).tokens == ours.tokens[:4]
 
 
+@pytest.mark.parametrize("build", FAMILIES.values(), ids=FAMILIES.keys())
+def test_the_cpp_layer_step_computes_the_torch_steps_logits(build, calib):
+    """csrc/cpu/decode_layer.cpp against the torch path (its reference) on a packed model: every step's logits and
+    the KV cache it fills; a bfloat16 model keeps the torch path."""
+    result = boa.quantize(build(), boa.GPTQ(bits=4, group_size=32), calib, progress=False)
+    packed = boa.nn.pack_model(result.model, result.layers)
+    ids = random_windows(1, 24, seed=4)
+    native, reference = Decoder(packed, max_len=24), Decoder(packed, max_len=24, native=False)
+    assert native.native is not None and reference.native is None
+    torch.testing.assert_close(native.step(ids[:, :6]), reference.step(ids[:, :6]), rtol=0, atol=0)  # both torch
+    for t in range(6, 24):
+        torch.testing.assert_close(native.step(ids[:, t:t + 1]), reference.step(ids[:, t:t + 1]), rtol=1e-5,
+                                   atol=1e-5)
+    torch.testing.assert_close(native.keys, reference.keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(native.values, reference.values, rtol=1e-5, atol=1e-5)
+    assert Decoder(packed.to(torch.bfloat16), max_len=8).native is None
+
+
 def test_concatenated_rows_compute_the_layers_side_by_side(calib, tmp_path, word_tokenizer):
     result = boa.quantize(build_llama(), boa.GPTQ(bits=4, group_size=32), calib, progress=False)
     packed, _, _ = boa.load(boa.save(result, tmp_path / "q", word_tokenizer))
