@@ -12,9 +12,10 @@ needs and nothing else:
                 x += down(silu(g) · u)
     logits = head(rmsnorm(x))
 
-On a CPU with the model in float32 and every layer a packed one the C++ kernels take (or a float32 nn.Linear), a
-decode step runs each decoder layer as one C++ call (csrc/cpu/decode_layer.cpp: the same math, a layer per Python
-call instead of ~40 torch ops); `native=False` keeps the torch path, which is its reference. Prefill runs the prompt
+On a CPU with the model in float32 or bfloat16 and every layer a packed one the C++ kernels take (or an nn.Linear),
+a decode step runs each decoder layer as one C++ call (csrc/cpu/decode_layer.cpp: the same math, a layer per Python
+call instead of ~40 torch ops; for a bfloat16 model the linears take bfloat16 x, the rest runs in float32, the KV
+cache too); `native=False` keeps the torch path, which is its reference. Prefill runs the prompt
 the same way with a causal mask on the torch path (the packed layers take their batched path). The layers are
 the model's own modules (QuantLinear or nn.Linear) or row-concatenations of them; the model is not changed and
 transformers' `generate` keeps working on it. Families: llama, mistral, qwen2 (q/k/v biases); a model with
@@ -111,21 +112,23 @@ class Decoder:
         cos, sin = inner.rotary_emb(torch.zeros(1, device=self.device, dtype=self.dtype), positions)
         # (max_len, head_dim), as the model's own rotary embedding gives them
         self.cos, self.sin = cos[0].contiguous(), sin[0].contiguous()
+        self.native = self._native_layers(inner.layers) if native else None
         shape = (len(self.blocks), 1, self.kv_heads, max_len, self.head_dim)
-        self.keys = torch.zeros(shape, device=self.device, dtype=self.dtype)
+        cache_dtype = torch.float32 if self.native is not None else self.dtype
+        self.keys = torch.zeros(shape, device=self.device, dtype=cache_dtype)
         self.values = torch.zeros_like(self.keys)
         self.length = 0
-        self.native = self._native_layers(inner.layers) if native else None
 
     def _native_layers(self, layers) -> list[tuple] | None:
         """Each layer's arguments for the C++ step (csrc/cpu/decode_layer.cpp), or None where it cannot run."""
         kernels = load_cpu()
-        if self.device.type != "cpu" or self.dtype != torch.float32 or not hasattr(kernels, "decode_layer_"):
+        if (self.device.type != "cpu" or self.dtype not in (torch.float32, torch.bfloat16)
+                or not hasattr(kernels, "decode_layer_")):
             return None
         native = []
         for layer, (attn_norm, qkv, o_proj, mlp_norm, gate_up, down) in zip(layers, self.blocks):
             linears, norms = [qkv, o_proj, gate_up, down], [attn_norm, mlp_norm]
-            if not all(_native_norm(n) for n in norms) or not all(_native_linear(m) for m in linears):
+            if not all(_native_norm(n) for n in norms) or not all(_native_linear(m, self.dtype) for m in linears):
                 return None
             tensors, ints = [], []
             for m in linears:
@@ -137,8 +140,8 @@ class Decoder:
                     tensors += [m.weight, None, None, None, m.bias]
                     ints += [0, 0]
             scale = getattr(layer.self_attn, "scaling", self.head_dim**-0.5)
-            native.append((norms[0].weight.detach(), norms[1].weight.detach(), norms[0].variance_epsilon, tensors,
-                           ints, float(scale)))
+            native.append((norms[0].weight.detach().float(), norms[1].weight.detach().float(),
+                           norms[0].variance_epsilon, tensors, ints, float(scale)))
         return native
 
     @property
@@ -174,7 +177,8 @@ class Decoder:
             k = self._rope(k.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2), start)
             self.keys[i, :, :, start:end] = k
             self.values[i, :, :, start:end] = v.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
-            attended = F.scaled_dot_product_attention(q, self.keys[i, :, :, :end], self.values[i, :, :, :end],
+            keys, values = self.keys[i, :, :, :end].to(q.dtype), self.values[i, :, :, :end].to(q.dtype)
+            attended = F.scaled_dot_product_attention(q, keys, values,
                                                       is_causal=T > 1, enable_gqa=self.kv_heads != self.heads)
             x = x + o_proj(attended.transpose(1, 2).reshape(1, T, q_rows))
             gate, up = gate_up(mlp_norm(x)).chunk(2, dim=-1)
@@ -184,22 +188,22 @@ class Decoder:
 
     def _native_step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         kernels = load_cpu()
-        x = self.embed(ids)[0, 0].contiguous()  # (hidden,), updated in place layer by layer
-        cos, sin = self.cos[start], self.sin[start]
+        x = self.embed(ids)[0, 0].float()  # (hidden,), updated in place layer by layer
+        cos, sin = self.cos[start].float(), self.sin[start].float()
+        bf16 = self.dtype == torch.bfloat16
         for i, (attn_norm, mlp_norm, eps, tensors, ints, scale) in enumerate(self.native):
             kernels.decode_layer_(x, attn_norm, mlp_norm, eps, tensors, ints, self.keys[i, 0], self.values[i, 0],
-                                  start, cos, sin, self.heads, self.kv_heads, scale)
+                                  start, cos, sin, self.heads, self.kv_heads, scale, bf16)
         self.length = start + 1
-        return self.head(self.norm(x[None, None]))[0, -1]
+        return self.head(self.norm(x[None, None].to(self.dtype)))[0, -1]
 
 
 def _native_norm(norm: nn.Module) -> bool:
-    """transformers' RMSNorm (x / rms · weight) in float32."""
-    return (type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
-            and norm.weight.dtype == torch.float32)
+    """transformers' RMSNorm (x / rms · weight)."""
+    return type(norm).__name__.endswith("RMSNorm") and hasattr(norm, "variance_epsilon")
 
 
-def _native_linear(layer: nn.Module) -> bool:
+def _native_linear(layer: nn.Module, dtype: torch.dtype) -> bool:
     if isinstance(layer, QuantLinear):
         return kernel_ready(layer.packed) and not layer._forward_hooks and not layer._forward_pre_hooks
-    return type(layer) is nn.Linear and layer.weight.dtype == torch.float32
+    return type(layer) is nn.Linear and layer.weight.dtype == dtype

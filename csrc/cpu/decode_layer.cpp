@@ -1,4 +1,4 @@
-// One decoder layer of a Llama-family model for one new token, float32, in one call (boa/decode.py's fast path):
+// One decoder layer of a Llama-family model for one new token in one call (boa/decode.py's fast path):
 //
 //   h = rmsnorm(x) · w_attn ; q | k | v = qkv(h)                 q (heads·d), k and v (kv_heads·d), d = head_dim
 //   q, k = rope(q, k at pos) ; keys[:, pos] = k ; values[:, pos] = v
@@ -7,9 +7,11 @@
 //
 // Sizes: x (hidden) float32, updated in place; norms (hidden) float32; keys/values (kv_heads, max_len, d) float32,
 // positions 0..pos−1 already filled; cos/sin (d) the rotary rows at pos. A linear is 5 optional tensors (weight or
-// packed qweight, scales, zeros, perm, bias) and 2 ints (bits: 0 for a dense float32 weight; group_size): packed ones
-// run boa::packed_matmul (its GEMV path), dense ones at::linear. transformers' per-op Python is what a decode step
-// of a small model spends most of its time in; here a layer is one Python call.
+// packed qweight, scales, zeros, perm, bias) and 2 ints (bits: 0 for a dense weight; group_size): packed ones run
+// boa::packed_matmul (its GEMV path), dense ones at::linear in the weight's dtype. bf16: a bfloat16 model; the linears
+// take x rounded to bfloat16 (the packed kernel's one-product path) and give bfloat16, the rest stays float32.
+// transformers' per-op Python is what a decode step of a small model spends most of its time in; here a layer is one
+// Python call.
 #include <ATen/Parallel.h>
 #include <torch/extension.h>
 
@@ -23,13 +25,17 @@ namespace {
 
 using Tensors = std::vector<c10::optional<torch::Tensor>>;
 
-torch::Tensor linear(const torch::Tensor& x, const Tensors& parts, const std::vector<int64_t>& ints, int index) {
+// y (1, out) float32, contiguous
+torch::Tensor linear(const torch::Tensor& x, const Tensors& parts, const std::vector<int64_t>& ints, int index,
+                     bool bf16) {
   const auto& w = *parts[5 * index];
   const auto& bias = parts[5 * index + 4];
   const int64_t bits = ints[2 * index], group_size = ints[2 * index + 1];
-  if (bits == 0) return at::linear(x, w, bias);
-  return boa::packed_matmul(x, w, *parts[5 * index + 1], *parts[5 * index + 2], parts[5 * index + 3], bias, bits,
-                            group_size);
+  if (bits == 0) return at::linear(x.to(w.scalar_type()), w, bias).to(torch::kFloat32).contiguous();
+  return boa::packed_matmul(bf16 ? x.to(torch::kBFloat16) : x, w, *parts[5 * index + 1], *parts[5 * index + 2],
+                            parts[5 * index + 3], bias, bits, group_size)
+      .to(torch::kFloat32)
+      .contiguous();
 }
 
 // out = x / sqrt(mean(x²) + eps) · weight, as transformers' RMSNorm in float32 ((x · r) first, then the weight)
@@ -55,7 +61,7 @@ void rope(float* v, const float* cos, const float* sin, int64_t d) {
 void boa::decode_layer_(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor mlp_norm, double eps,
                         std::vector<c10::optional<torch::Tensor>> linears, std::vector<int64_t> linear_ints,
                         torch::Tensor keys, torch::Tensor values, int64_t pos, torch::Tensor cos, torch::Tensor sin,
-                        int64_t heads, int64_t kv_heads, double scale) {
+                        int64_t heads, int64_t kv_heads, double scale, bool bf16) {
   const int64_t hidden = x.numel(), d = keys.size(2), max_len = keys.size(1);
   TORCH_CHECK(x.scalar_type() == torch::kFloat32 && x.is_contiguous() && keys.scalar_type() == torch::kFloat32 &&
                   keys.is_contiguous() && values.is_contiguous() && keys.sizes() == values.sizes() &&
@@ -66,7 +72,7 @@ void boa::decode_layer_(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor 
   auto h = torch::empty({1, hidden}, x.options());
 
   rms_norm(xp, attn_norm.data_ptr<float>(), hidden, eps, h.data_ptr<float>());
-  auto qkv = linear(h, linears, linear_ints, 0).contiguous();
+  auto qkv = linear(h, linears, linear_ints, 0, bf16);
   float* q = qkv.data_ptr<float>();
   float* k = q + heads * d;
   const float* v = k + kv_heads * d;
@@ -104,18 +110,18 @@ void boa::decode_layer_(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor 
       }
     }
   });
-  auto projected = linear(attended, linears, linear_ints, 1).contiguous();
+  auto projected = linear(attended, linears, linear_ints, 1, bf16);
   const float* yo = projected.data_ptr<float>();
   for (int64_t i = 0; i < hidden; ++i) xp[i] += yo[i];
 
   rms_norm(xp, mlp_norm.data_ptr<float>(), hidden, eps, h.data_ptr<float>());
-  auto gate_up = linear(h, linears, linear_ints, 2).contiguous();
+  auto gate_up = linear(h, linears, linear_ints, 2, bf16);
   const int64_t inter = gate_up.size(1) / 2;
   auto act = torch::empty({1, inter}, x.options());
   const float* gu = gate_up.data_ptr<float>();
   float* a = act.data_ptr<float>();
   for (int64_t i = 0; i < inter; ++i) a[i] = gu[i] / (1.0f + std::exp(-gu[i])) * gu[inter + i];
-  auto down = linear(act, linears, linear_ints, 3).contiguous();
+  auto down = linear(act, linears, linear_ints, 3, bf16);
   const float* yd = down.data_ptr<float>();
   for (int64_t i = 0; i < hidden; ++i) xp[i] += yd[i];
 }

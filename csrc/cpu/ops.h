@@ -34,10 +34,10 @@ std::string int8_isa();  // int8_matmul's instruction set: avx512-vnni[+amx], av
 torch::Tensor hadamard_transform(torch::Tensor x, c10::optional<torch::Tensor> signs, torch::Tensor core,
                                  double scale);
 
-// csrc/cpu/decode_layer.cpp: one Llama-family decoder layer for one token, float32, x and the KV cache in place
+// csrc/cpu/decode_layer.cpp: one Llama-family decoder layer for one token, x (float32) and the KV cache in place
 void decode_layer_(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor mlp_norm, double eps,
                    std::vector<c10::optional<torch::Tensor>> linears, std::vector<int64_t> linear_ints,
                    torch::Tensor keys, torch::Tensor values, int64_t pos, torch::Tensor cos, torch::Tensor sin,
-                   int64_t heads, int64_t kv_heads, double scale);
+                   int64_t heads, int64_t kv_heads, double scale, bool bf16);
 
 }  // namespace boa

@@ -54,7 +54,7 @@ def test_packed_models_decode_the_greedy_tokens_of_transformers(build, calib, wo
 @pytest.mark.parametrize("build", FAMILIES.values(), ids=FAMILIES.keys())
 def test_the_cpp_layer_step_computes_the_torch_steps_logits(build, calib):
     """csrc/cpu/decode_layer.cpp against the torch path (its reference) on a packed model: every step's logits and
-    the KV cache it fills; a bfloat16 model keeps the torch path."""
+    the KV cache it fills."""
     result = boa.quantize(build(), boa.GPTQ(bits=4, group_size=32), calib, progress=False)
     packed = boa.nn.pack_model(result.model, result.layers)
     ids = random_windows(1, 24, seed=4)
@@ -66,7 +66,22 @@ def test_the_cpp_layer_step_computes_the_torch_steps_logits(build, calib):
                                    atol=1e-5)
     torch.testing.assert_close(native.keys, reference.keys, rtol=1e-5, atol=1e-5)
     torch.testing.assert_close(native.values, reference.values, rtol=1e-5, atol=1e-5)
-    assert Decoder(packed.to(torch.bfloat16), max_len=8).native is None
+    assert Decoder(packed.to(torch.float16), max_len=8).native is None  # float16: the torch path only
+
+
+def test_the_cpp_layer_step_on_a_bfloat16_model(calib):
+    """A bfloat16 model: the C++ step's linears take bfloat16 x, its residual stream and attention stay float32; the
+    torch path rounds after every op. Their logits agree to bfloat16's precision, step after step."""
+    result = boa.quantize(build_llama(), boa.GPTQ(bits=4, group_size=32), calib, progress=False)
+    packed = boa.nn.pack_model(result.model, result.layers).to(torch.bfloat16)
+    ids = random_windows(1, 24, seed=6)
+    native, reference = Decoder(packed, max_len=24), Decoder(packed, max_len=24, native=False)
+    assert native.native is not None and native.keys.dtype == torch.float32
+    native.step(ids[:, :6]), reference.step(ids[:, :6])
+    for t in range(6, 24):
+        ours, theirs = native.step(ids[:, t:t + 1]).float(), reference.step(ids[:, t:t + 1]).float()
+        assert (ours - theirs).abs().max() <= 0.03 * (theirs.max() - theirs.min())
+        assert torch.nn.functional.cosine_similarity(ours, theirs, dim=0) > 0.999
 
 
 def test_concatenated_rows_compute_the_layers_side_by_side(calib, tmp_path, word_tokenizer):
