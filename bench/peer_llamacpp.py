@@ -12,7 +12,8 @@ llama.cpp (PyPI `llama-cpp-python`, built from its sdist: ~12 CPU-minutes, in it
                                on the method), to check that boa's files run as fast as llama.cpp's own
 boa runs the float model through transformers' forward (transformers-*) and through boa's decode loop (boa-fp-*),
 and RTN W4/W3/W2 with grids per 32 weights (asymmetric), packed, through boa's decode loop (boa-wN-*), the rest of
-the model in each of --dtypes.
+the model in each of --dtypes; boa-w4-*-head8 runs the output head packed at 8 bits (`head_bits=8`, as llama.cpp's
+files hold it at Q8_0: its logits are no longer exactly the model's).
 Each row: decode tok/s (a short prompt, --tokens greedy tokens, counted after the first, best of 3) and prefill tok/s
 (--prefill tokens of Austen text in one call on an empty cache, best of 3); `vs_llamacpp_q4_0` divides both by
 llama.cpp's own Q4_0 on the same model.
@@ -130,10 +131,10 @@ def best_of(run) -> float:
 
 
 @torch.inference_mode()
-def prefill_tok_s(model, ids: torch.Tensor, engine: str) -> float:
+def prefill_tok_s(model, ids: torch.Tensor, engine: str, head_bits: int | None) -> float:
     def once() -> float:
         if engine == "boa":
-            decoder = decode.Decoder(model, ids.shape[1] + 1)
+            decoder = decode.Decoder(model, ids.shape[1] + 1, head_bits=head_bits)
             start = time.perf_counter()
             decoder.step(ids)
         else:
@@ -143,9 +144,10 @@ def prefill_tok_s(model, ids: torch.Tensor, engine: str) -> float:
     return best_of(once)
 
 
-def boa_row(model, tokenizer, ids, engine: str, label: str, tokens: int) -> dict:
-    decode_speed = best_of(lambda: generate(model, tokenizer, PROMPT, tokens, stop_at_eos=False, engine=engine).tok_s)
-    row = {"engine": label, "decode_tok_s": decode_speed, "prefill_tok_s": prefill_tok_s(model, ids, engine),
+def boa_row(model, tokenizer, ids, engine: str, label: str, tokens: int, head_bits: int | None = None) -> dict:
+    decode_speed = best_of(lambda: generate(model, tokenizer, PROMPT, tokens, stop_at_eos=False, engine=engine,
+                                            head_bits=head_bits).tok_s)
+    row = {"engine": label, "decode_tok_s": decode_speed, "prefill_tok_s": prefill_tok_s(model, ids, engine, head_bits),
            "model_bytes": model_bytes(model)}
     print(f"  {label}: {row['decode_tok_s']:.1f} decode tok/s, {row['prefill_tok_s']:.1f} prefill tok/s", flush=True)
     return row
@@ -166,6 +168,8 @@ def boa_rows(name: str, ids: torch.Tensor, dtypes: list[torch.dtype], tokens: in
         for dtype in dtypes:
             short = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
             rows.append(boa_row(packed.to(dtype), tokenizer, ids, "boa", f"boa-w{bits}-{short}", tokens))
+            if bits == 4:
+                rows.append(boa_row(packed, tokenizer, ids, "boa", f"boa-w4-{short}-head8", tokens, head_bits=8))
     return rows
 
 

@@ -184,6 +184,9 @@ def _add_generate(sub) -> None:
     g.add_argument("--engine", choices=("auto", "boa", "transformers"), default="auto",
                    help="boa: boa's own decode loop (Llama, Mistral, Qwen2; static KV cache, q/k/v and gate/up one "
                         "call each); transformers: the model's own forward; auto: boa's where it runs the model")
+    g.add_argument("--head-bits", type=int, choices=(8, 4),
+                   help="boa's loop runs the output head rounded to these bits and packed (groups of 32), as llama.cpp "
+                        "files hold it: faster on small models, logits no longer exactly the model's")
     g.add_argument("--dtype", choices=("float32", "bfloat16", "float16"),
                    help="activations and unquantized weights (default: the model's; bfloat16 halves the "
                         "embedding/head traffic and takes the packed kernels' single-product bf16 path)")
@@ -457,7 +460,7 @@ def _generate(args, report) -> None:
 
     print(args.prompt, end="", flush=True)
     result = generate(model, tokenizer, args.prompt, args.max_new_tokens, args.temperature, args.top_p, args.seed,
-                      stream=stream, engine=args.engine)
+                      stream=stream, engine=args.engine, head_bits=args.head_bits)
     print()
     print(f"prompt {result.prompt_tokens} tokens in {result.prefill_seconds:.2f} s; {len(result.tokens)} new tokens, "
           f"decode {result.tok_s:.1f} tok/s ({args.device}, {torch.get_num_threads()} threads); KV cache "

@@ -65,10 +65,12 @@ ENGINES = ("auto", "boa", "transformers")
 
 @torch.inference_mode()
 def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperature: float = 0.0, top_p: float = 1.0,
-             seed: int = 0, stop_at_eos: bool = True, stream=None, engine: str = "auto") -> GenerationResult:
+             seed: int = 0, stop_at_eos: bool = True, stream=None, engine: str = "auto",
+             head_bits: int | None = None) -> GenerationResult:
     """Greedy (temperature 0) or sampled continuation of `prompt`; `stream(text_piece)` gets the text as it grows.
     engine: "boa" (boa.decode's loop), "transformers" (the model's own forward with a KV cache) or "auto" (boa's
-    where it runs the model)."""
+    where it runs the model). head_bits: boa's loop runs the output head packed at that many bits (boa.decode.Decoder;
+    faster, logits no longer exactly the model's)."""
     from boa import decode
 
     check_sampling(max_new_tokens, temperature, top_p)
@@ -80,8 +82,11 @@ def generate(model, tokenizer, prompt: str, max_new_tokens: int = 128, temperatu
         raise BoaError(f"the prompt {prompt!r} has no tokens; give some text to continue")
     generator = torch.Generator().manual_seed(seed) if temperature > 0 else None
     if engine == "boa" or (engine == "auto" and decode.supports(model)):
-        decoder = decode.Decoder(model, ids.shape[1] + max_new_tokens)
+        decoder = decode.Decoder(model, ids.shape[1] + max_new_tokens, head_bits=head_bits)
         forward, cache_object = lambda x: decoder.step(x), decoder
+    elif head_bits is not None:
+        raise BoaError("head_bits packs the head inside boa's decode loop, which does not run this model (or engine="
+                       "'transformers' was asked for); leave head_bits out")
     else:
         accepted = inspect.signature(model.forward).parameters
         keep_last = {"logits_to_keep": 1} if "logits_to_keep" in accepted else {}

@@ -111,3 +111,20 @@ def test_a_decoder_refuses_to_run_past_its_positions():
     decoder.step(random_windows(1, 8))
     with pytest.raises(boa.BoaError, match="past the decoder's 8 positions"):
         decoder.step(random_windows(1, 1))
+
+
+def test_a_packed_head_keeps_the_logits_close_and_is_refused_where_it_cannot_run(word_tokenizer):
+    """head_bits=8: the head rounded per 32 weights and packed; every step's logits stay within 1% of their range of
+    the float head's. Widths the kernels do not take, and transformers' path, are refused by name."""
+    model = build_llama()
+    ids = random_windows(1, 12, seed=7)
+    packed, exact = Decoder(model, max_len=12, head_bits=8), Decoder(model, max_len=12)
+    assert isinstance(packed.head, boa.nn.QuantLinear) and packed.head.packed.bits == 8
+    for t in range(12):
+        ours, theirs = packed.step(ids[:, t:t + 1]), exact.step(ids[:, t:t + 1])
+        assert not torch.equal(ours, theirs)
+        assert (ours - theirs).abs().max() <= 0.01 * (theirs.max() - theirs.min())
+    with pytest.raises(boa.BoaError, match="head_bits=5"):
+        Decoder(model, max_len=4, head_bits=5)
+    with pytest.raises(boa.BoaError, match="leave head_bits out"):
+        generate(model, word_tokenizer, PROMPT, max_new_tokens=2, engine="transformers", head_bits=8)
