@@ -40,7 +40,7 @@ from boa.models.loader import BUILTIN_MODELS
 from boa.nn import pack_model
 
 from _common import machine, side_venv
-from gemv import LLAMA
+from gemv import LLAMA, short
 
 PROMPT = "The history of the city of London begins"
 REQUIREMENT = "llama-cpp-python==0.3.36"
@@ -157,19 +157,19 @@ def boa_rows(name: str, ids: torch.Tensor, dtypes: list[torch.dtype], tokens: in
     rows = []
     model, tokenizer = load(name)
     for dtype in dtypes:
-        short = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
         model = model.to(dtype)
-        rows.append(boa_row(model, tokenizer, ids, "transformers", f"transformers-{short}", tokens))
-        rows.append(boa_row(model, tokenizer, ids, "boa", f"boa-fp-{short}", tokens))
+        rows.append(boa_row(model, tokenizer, ids, "transformers", f"transformers-{short(dtype)}", tokens))
+        rows.append(boa_row(model, tokenizer, ids, "boa", f"boa-fp-{short(dtype)}", tokens))
     for bits in BITS:
         model, tokenizer = load(name)
         result = boa.quantize(model, boa.RTN(bits=bits, group_size=GROUP), None, progress=False)
         packed = pack_model(result.model, result.layers)
         for dtype in dtypes:
-            short = {torch.float32: "fp32", torch.bfloat16: "bf16"}[dtype]
-            rows.append(boa_row(packed.to(dtype), tokenizer, ids, "boa", f"boa-w{bits}-{short}", tokens))
+            packed = packed.to(dtype)
+            rows.append(boa_row(packed, tokenizer, ids, "boa", f"boa-w{bits}-{short(dtype)}", tokens))
             if bits == 4:
-                rows.append(boa_row(packed, tokenizer, ids, "boa", f"boa-w4-{short}-head8", tokens, head_bits=8))
+                rows.append(boa_row(packed, tokenizer, ids, "boa", f"boa-w4-{short(dtype)}-head8", tokens,
+                                    head_bits=8))
     return rows
 
 
