@@ -2,15 +2,17 @@
 //
 // Sizes: x (batch, in) any float dtype; qweight uint8 (out, in_pad·bits/8), in_pad = in rounded up to 64;
 // scales float32 / zeros uint8 (out, groups); perm int32 (in,) or none; y (batch, out) in x's dtype.
-// batch ≤ 8 (decoding): a GEMV that streams each packed row once and multiplies every unpacked register of codes
-//   into all batch rows; per group acc += code · x, then y += scale · acc − scale · zero · Σ_group x, so the zero
-//   point leaves the inner loop. Two ways to multiply (chosen per call):
+// batch ≤ 8 (decoding): a GEMV that streams each packed row once (prefetching ahead of the hardware) and multiplies
+//   every unpacked register of codes into all batch rows; per group acc += code · x, then total += scale · acc.
+//   Group shapes fixed at compile time where they can be (32 or 64 columns, whole tiles, per-channel). Two ways to
+//   multiply (chosen per call):
 //   - float lanes (AVX-512: 16 codes per register, AVX2: 8, else portable C++ through boa/packed_math.h):
-//     codes widened to int32, converted, FMA with float32 x;
+//     codes widened to int32, converted, FMA with float32 x; the zero point leaves the inner loop as
+//     y −= scale · zero · Σ_group x;
 //   - bf16 pairs (CPUs with AVX512-BF16, 2/3/4 bits, groups of a multiple of 32): 32 codes per register, looked
-//     up (vpermw) in the group's table of bf16(c − zero) (exact: small integers), multiplied by vdpbf16ps with x
-//     split into two bf16 parts, x = hi + lo (+ |x|·2⁻¹⁷ at most): ~16 bits of x for half the float work, and no
-//     zero-point term to cancel.
+//     up (vpermw) in the group's table of bf16(c − zero) (exact: small integers), multiplied by vdpbf16ps with a
+//     bfloat16 x as it is, or a float32 x split into two bf16 parts, x = hi + lo (+ |x|·2⁻¹⁷ at most): ~16 bits of
+//     x for half the float work. No zero-point term to cancel.
 // batch > 8 (prefill): rows are dequantized a block at a time into a float32 buffer and multiplied by BLAS.
 // Rows are spread over threads (at::parallel_for: OpenMP, so this file is compiled with -fopenmp). The instruction
 // set is chosen at compile time (-march=native).
@@ -41,6 +43,7 @@ struct Vec {
   static void store(float* p, F v) { _mm512_storeu_ps(p, v); }
   static F fma(F a, F b, F c) { return _mm512_fmadd_ps(a, b, c); }
   static F sub(F a, F b) { return _mm512_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm512_add_ps(a, b); }
   static F mul(F a, F b) { return _mm512_mul_ps(a, b); }
   static float sum(F v) { return _mm512_reduce_add_ps(v); }
   static __m512i widen16(const uint8_t* p) {
@@ -84,6 +87,7 @@ struct Vec {
   static void store(float* p, F v) { _mm256_storeu_ps(p, v); }
   static F fma(F a, F b, F c) { return _mm256_fmadd_ps(a, b, c); }
   static F sub(F a, F b) { return _mm256_sub_ps(a, b); }
+  static F add(F a, F b) { return _mm256_add_ps(a, b); }
   static F mul(F a, F b) { return _mm256_mul_ps(a, b); }
   static float sum(F v) {
     __m128 s = _mm_add_ps(_mm256_castps256_ps128(v), _mm256_extractf128_ps(v, 1));
@@ -133,6 +137,7 @@ struct Vec {
   static void store(float* p, F v) { *p = v; }
   static F fma(F a, F b, F c) { return a * b + c; }
   static F sub(F a, F b) { return a - b; }
+  static F add(F a, F b) { return a + b; }
   static F mul(F a, F b) { return a * b; }
   static float sum(F v) { return v; }
 
@@ -175,29 +180,21 @@ const std::array<__m512i, 16> kCentreTables = centre_tables<BITS>();
 template <bool kSplit>
 struct Bf16Pairs {
   static constexpr int kCodes = 32;
-  // Split x: codes looked up as bf16(c − zero) (vpermw), no Σ x term to cancel against the hi + lo products.
-  // bf16 x: codes as bf16(128 + c), an OR into 0x4300 (cheaper than vpermw), and y −= scale·(zero + 128)·Σ x.
-  static constexpr bool kCentred = kSplit;
-  static constexpr float kCodeBias = kSplit ? 0.f : 128.f;
+  // Codes looked up as bf16(c − zero) (vpermw, one instruction per 32 codes): no Σ x term to cancel afterwards,
+  // which for groups of 32 would cost as much as the products (measured: a bf16(128 + c) OR-trick with that
+  // epilogue ran 1.35× slower).
+  static constexpr bool kCentred = true;
+  static constexpr float kCodeBias = 0.f;
   using X = uint16_t;
   using Codes = __m512i;
   using Centre = __m512i;  // the group's vpermw table (kCentreTables)
 
   template <int BITS>
-  static Centre centre_for(float zero) {
-    if constexpr (kSplit)
-      return kCentreTables<BITS>[static_cast<int>(zero)];
-    else
-      return _mm512_setzero_si512();  // biased codes need no table
-  }
-  static Codes centred(Codes c, Centre table) {
-    if constexpr (kSplit) return _mm512_permutexvar_epi16(c, table);
-    return c;
-  }
+  static Centre centre_for(float zero) { return kCentreTables<BITS>[static_cast<int>(zero)]; }
+  static Codes centred(Codes c, Centre table) { return _mm512_permutexvar_epi16(c, table); }
 
   template <int BITS>
   static void unpack(const uint8_t* t, Codes* c) {
-    if constexpr (!kSplit) return unpack_biased<BITS>(t, c);
     // Codes in the low bits of int16 lanes (higher bits: other codes, ignored by the periodic table).
     if constexpr (BITS == 4) {
       const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)));
@@ -212,30 +209,6 @@ struct Bf16Pairs {
         const __m512i mask = _mm512_set1_epi16(3);
         c[0] = _mm512_and_si512(c[0], mask);
         c[1] = _mm512_and_si512(c[1], mask);
-        uint64_t high;
-        std::memcpy(&high, t + 16, 8);
-        const __m512i four = _mm512_set1_epi16(4);
-        c[0] = _mm512_mask_add_epi16(c[0], static_cast<__mmask32>(high), c[0], four);
-        c[1] = _mm512_mask_add_epi16(c[1], static_cast<__mmask32>(high >> 32), c[1], four);
-      }
-    }
-  }
-
-  // bf16(128 + c) for the 64 codes: (v & mask) | 0x4300 in one vpternlogd (imm 0xEA: (a & b) | c).
-  template <int BITS>
-  static void unpack_biased(const uint8_t* t, Codes* c) {
-    const __m512i bf16_128 = _mm512_set1_epi16(0x4300);
-    if constexpr (BITS == 4) {
-      const __m512i v = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(t)));
-      c[0] = _mm512_ternarylogic_epi32(v, _mm512_set1_epi16(15), bf16_128, 0xEA);
-      c[1] = _mm512_or_si512(_mm512_srli_epi16(v, 4), bf16_128);
-    } else {
-      const __m256i w = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(t)));
-      const __m512i v = _mm512_inserti64x4(_mm512_castsi256_si512(w), _mm256_srli_epi16(w, 2), 1);
-      const __m512i mask = _mm512_set1_epi16(3);
-      c[0] = _mm512_ternarylogic_epi32(v, mask, bf16_128, 0xEA);
-      c[1] = _mm512_ternarylogic_epi32(_mm512_srli_epi16(v, 4), mask, bf16_128, 0xEA);
-      if constexpr (BITS == 3) {  // 128 + c + 4 stays within bf16's 7 mantissa bits
         uint64_t high;
         std::memcpy(&high, t + 16, 8);
         const __m512i four = _mm512_set1_epi16(4);
@@ -308,6 +281,8 @@ struct GroupWalk {
   }
 };
 
+constexpr int64_t kPrefetchBytes = 2048;
+
 struct PackedRows {
   const uint8_t* qweight;
   const float* scales;
@@ -317,51 +292,93 @@ struct PackedRows {
 
 // Rows o0..o1−1 of y (NB, out) for NB batch rows of x: bias + Σ_g scale_g · Σ_{j∈g} code_j · x_j, less
 // Σ_g scale_g·(zero_g + code bias)·Σ_{j∈g} x_j (xsum: (NB, groups)) for uncentred codes.
-template <class P, int BITS, int NB>
+// How a row's groups are walked is fixed at compile time where it can be, as loops the compiler unrolls:
+//   kGroup > 0   every group is kGroup ≤ 64 columns (a tile holds 64 / kGroup groups) and in_pad = groups · kGroup;
+//   kGroup = -1  every group is a whole number of tiles (group_size % 64 == 0, in_pad = groups · group_size;
+//                per-channel grids included);
+//   kGroup = 0   anything else (the last group owning several registers of padding): a GroupWalk per register.
+// A group's registers feed up to kChains independent accumulators per batch row (few batch rows would otherwise
+// leave one long chain of dependent multiply-adds); closing a group adds them up and multiply-adds the sum by the
+// group's scale into one of kTotals running totals, so that consecutive small groups do not wait on each other.
+template <class P, int BITS, int NB, int kGroup>
 void gemv_rows(const PackedRows& w, const typename P::X* x, const float* xsum, const float* bias, float* y,
                int64_t out, int64_t o0, int64_t o1) {
   constexpr int kRegs = boa::kTile / P::kCodes;
-  // Independent accumulators per batch row (register q feeds acc[b][q % kChains]): few batch rows would otherwise
-  // leave one long dependency chain of multiply-adds.
-  constexpr int kChains = NB >= kRegs ? 1 : kRegs / NB;
-  const int64_t stride = P::x_stride(w.in_pad);
+  constexpr int kGroupRegs = kGroup > 0 ? kGroup / P::kCodes : kRegs;  // registers per group (per tile for -1, 0)
+  constexpr int kLanesInFlight = NB >= 4 ? 1 : 4 / NB;
+  constexpr int kChains = kGroupRegs < kLanesInFlight ? kGroupRegs : kLanesInFlight;
+  constexpr int kTotals = kLanesInFlight;
+  const int64_t stride = P::x_stride(w.in_pad), tiles = w.in_pad / boa::kTile;
   for (int64_t o = o0; o < o1; ++o) {
     const uint8_t* row = w.qweight + o * w.row_bytes;
     const float* scale = w.scales + o * w.groups;
     const uint8_t* zero = w.zeros + o * w.groups;
-    Vec::F acc[NB][kChains], total[NB];
+    Vec::F acc[NB][kChains], total[NB][kTotals];
     for (int b = 0; b < NB; ++b) {
-      total[b] = Vec::zero();
+      for (int k = 0; k < kTotals; ++k) total[b][k] = Vec::zero();
       for (int k = 0; k < kChains; ++k) acc[b][k] = Vec::zero();
     }
-    auto close_group = [&](int64_t g) {
+    // into total k (a compile-time index, so that the totals stay in registers)
+    auto close_group = [&](int64_t g, int k) {
       const Vec::F s = Vec::set1(scale[g]);
       for (int b = 0; b < NB; ++b) {
-        for (int k = 0; k < kChains; ++k) {
-          total[b] = Vec::fma(acc[b][k], s, total[b]);
-          acc[b][k] = Vec::zero();
-        }
+        Vec::F sum = acc[b][0];
+        for (int c = 1; c < kChains; ++c) sum = Vec::add(sum, acc[b][c]);
+        total[b][k] = Vec::fma(sum, s, total[b][k]);
+        for (int c = 0; c < kChains; ++c) acc[b][c] = Vec::zero();
       }
     };
-    GroupWalk walk(w.group_size, w.groups, w.in_pad);
-    typename P::Centre centre = P::template centre_for<BITS>(zero[walk.group]);
-    for (int64_t t = 0; t < w.in_pad / boa::kTile; ++t) {
-      typename P::Codes c[kRegs];
+    auto tile = [&](int64_t t, typename P::Codes* c) {
+      // the hardware prefetchers alone leave the row stream waiting on memory (or on a large L3) half the time
+      _mm_prefetch(reinterpret_cast<const char*>(row + t * 8 * BITS + kPrefetchBytes), _MM_HINT_T0);
       P::template unpack<BITS>(row + t * 8 * BITS, c);
-      for (int q = 0; q < kRegs; ++q) {
-        const int64_t col = t * boa::kTile + q * P::kCodes;
-        if (walk.enters_next(col)) {
-          close_group(walk.group - 1);
-          centre = P::template centre_for<BITS>(zero[walk.group]);
+    };
+    auto mac = [&](typename P::Codes cq, int64_t col, int chain) {
+      for (int b = 0; b < NB; ++b) acc[b][chain] = P::mac(acc[b][chain], cq, x + b * stride, col, w.in_pad);
+    };
+    typename P::Codes c[kRegs];
+    if constexpr (kGroup > 0) {
+      constexpr int kGroupsPerTile = kRegs / kGroupRegs;
+      for (int64_t t = 0; t < tiles; ++t) {
+        tile(t, c);
+        for (int h = 0; h < kGroupsPerTile; ++h) {
+          const int64_t g = t * kGroupsPerTile + h;
+          const typename P::Centre centre = P::template centre_for<BITS>(zero[g]);
+          for (int r = 0; r < kGroupRegs; ++r)
+            mac(P::centred(c[h * kGroupRegs + r], centre), g * kGroup + r * P::kCodes, r % kChains);
+          close_group(g, h % kTotals);
         }
-        const typename P::Codes cq = P::centred(c[q], centre);
-        for (int b = 0; b < NB; ++b)
-          acc[b][q % kChains] = P::mac(acc[b][q % kChains], cq, x + b * stride, col, w.in_pad);
       }
+    } else if constexpr (kGroup < 0) {
+      const int64_t group_tiles = w.group_size / boa::kTile;
+      for (int64_t g = 0; g < w.groups; ++g) {
+        const typename P::Centre centre = P::template centre_for<BITS>(zero[g]);
+        for (int64_t t = g * group_tiles; t < (g + 1) * group_tiles; ++t) {
+          tile(t, c);
+          for (int q = 0; q < kRegs; ++q) mac(P::centred(c[q], centre), t * boa::kTile + q * P::kCodes, q % kChains);
+        }
+        close_group(g, 0);
+      }
+    } else {
+      GroupWalk walk(w.group_size, w.groups, w.in_pad);
+      typename P::Centre centre = P::template centre_for<BITS>(zero[walk.group]);
+      for (int64_t t = 0; t < tiles; ++t) {
+        tile(t, c);
+        for (int q = 0; q < kRegs; ++q) {
+          const int64_t col = t * boa::kTile + q * P::kCodes;
+          if (walk.enters_next(col)) {
+            close_group(walk.group - 1, q % kTotals);
+            centre = P::template centre_for<BITS>(zero[walk.group]);
+          }
+          mac(P::centred(c[q], centre), col, q % kChains);
+        }
+      }
+      close_group(walk.group, 0);
     }
-    close_group(walk.group);
     for (int b = 0; b < NB; ++b) {
-      float sum = Vec::sum(total[b]);
+      Vec::F all = total[b][0];
+      for (int k = 1; k < kTotals; ++k) all = Vec::add(all, total[b][k]);
+      float sum = Vec::sum(all);
       if constexpr (!P::kCentred)
         for (int64_t g = 0; g < w.groups; ++g)
           sum -= scale[g] * (static_cast<float>(zero[g]) + P::kCodeBias) * xsum[b * w.groups + g];
@@ -383,8 +400,15 @@ void gemv(const PackedRows& w, const torch::Tensor& xf, const float* bias, torch
         xsum[b * w.groups + boa::group_of_column(j, w.group_size, w.groups)] += xv[b * w.in_pad + j];
   float* out = y.data_ptr<float>();
   const int64_t rows = y.size(1);
+  const bool regular = w.in_pad == w.groups * w.group_size;
   at::parallel_for(0, rows, 16, [&](int64_t o0, int64_t o1) {
-    gemv_rows<P, BITS, NB>(w, x, xsum.data(), bias, out, rows, o0, o1);
+    const auto run = [&](auto shape) {
+      gemv_rows<P, BITS, NB, decltype(shape)::value>(w, x, xsum.data(), bias, out, rows, o0, o1);
+    };
+    if (regular && w.group_size == 32 && P::kCodes <= 32) return run(std::integral_constant<int, 32>());
+    if (regular && w.group_size == 64) return run(std::integral_constant<int, 64>());
+    if (regular && w.group_size % boa::kTile == 0) return run(std::integral_constant<int, -1>());
+    run(std::integral_constant<int, 0>());
   });
 }
 

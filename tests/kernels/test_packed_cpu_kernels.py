@@ -15,9 +15,10 @@ BITS = KERNEL_BITS
 
 
 CASES = [  # (out, in, group_size, act_order)
-    (40, 256, 128, False),
+    (40, 256, 128, False),    # whole tiles per group
+    (20, 192, 64, False),     # one tile per group
     (33, 576, 128, False),    # SmolLM2's width: a partial last group
-    (24, 100, 32, True),      # ragged width, act-order permutation
+    (24, 100, 32, True),      # ragged width, act-order permutation; two groups per tile
     (17, 64, -1, False),      # per-channel
     (16, 200, -1, True),      # per-channel, ragged, act-order (a single group: no permutation needed)
     (9, 48, 16, False),       # groups of 16: the float-lane path everywhere
