@@ -56,6 +56,38 @@ void rope(float* v, const float* cos, const float* sin, int64_t d) {
   }
 }
 
+// Σ a[i]·b[i] in 16 independent lanes (one AVX-512 register, two AVX2 ones): the compiler may not reorder a single
+// float sum, so a plain loop would be one serial chain of adds per key (most of a long context's attention time)
+float dot(const float* a, const float* b, int64_t n) {
+  constexpr int kLanes = 16;
+  float lanes[kLanes] = {};
+  int64_t i = 0;
+  for (; i + kLanes <= n; i += kLanes)
+    for (int j = 0; j < kLanes; ++j) lanes[j] += a[i + j] * b[i + j];
+  float sum = 0;
+  for (; i < n; ++i) sum += a[i] * b[i];
+  for (int j = 0; j < kLanes; ++j) sum += lanes[j];
+  return sum;
+}
+
+// out (d) = Σ_t p[t] · V[t] for V (length, d): 16 columns at a time summed in registers over all t (a loop over t
+// around one over all d columns would load and store the whole output row once per key)
+void weighted_rows(const float* p, const float* V, int64_t length, int64_t d, float* out) {
+  constexpr int kLanes = 16;
+  int64_t i = 0;
+  for (; i + kLanes <= d; i += kLanes) {
+    float lanes[kLanes] = {};
+    for (int64_t t = 0; t < length; ++t)
+      for (int j = 0; j < kLanes; ++j) lanes[j] += p[t] * V[t * d + i + j];
+    std::copy(lanes, lanes + kLanes, out + i);
+  }
+  for (; i < d; ++i) {
+    float sum = 0;
+    for (int64_t t = 0; t < length; ++t) sum += p[t] * V[t * d + i];
+    out[i] = sum;
+  }
+}
+
 }  // namespace
 
 void boa::decode_layer_(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor mlp_norm, double eps,
@@ -95,19 +127,13 @@ void boa::decode_layer_(torch::Tensor x, torch::Tensor attn_norm, torch::Tensor 
       const float* Vg = V + (head / group) * max_len * d;
       float top = -INFINITY;
       for (int64_t t = 0; t < length; ++t) {
-        float dot = 0;
-        for (int64_t i = 0; i < d; ++i) dot += qh[i] * Kg[t * d + i];
-        p[t] = dot * static_cast<float>(scale);
+        p[t] = dot(qh, Kg + t * d, d) * static_cast<float>(scale);
         top = std::max(top, p[t]);
       }
       float total = 0;
       for (int64_t t = 0; t < length; ++t) total += (p[t] = std::exp(p[t] - top));
-      float* o = out + head * d;
-      std::fill(o, o + d, 0.0f);
-      for (int64_t t = 0; t < length; ++t) {
-        const float w = p[t] / total;
-        for (int64_t i = 0; i < d; ++i) o[i] += w * Vg[t * d + i];
-      }
+      for (int64_t t = 0; t < length; ++t) p[t] /= total;
+      weighted_rows(p.data(), Vg, length, d, out + head * d);
     }
   });
   auto projected = linear(attended, linears, linear_ints, 1, bf16);
