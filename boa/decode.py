@@ -20,8 +20,15 @@ the same way with a causal mask on the torch path (the packed layers take their 
 the model's own modules (QuantLinear or nn.Linear) or row-concatenations of them; the model is not changed and
 transformers' `generate` keeps working on it. Families: llama, mistral, qwen2 (q/k/v biases); a model with
 run-time transforms (rotations, quantized activations or KV cache) takes transformers' path.
+
+On a GPU a decode step is a CUDA graph (`cuda_graph`, on by default there): the step is written with fixed shapes —
+the token and its position are tensors, the cache is written with index_copy_, attention runs over all max_len
+positions with the later ones masked — captured once and replayed per token, so that its ~200 kernel launches cost
+one. The same fixed-shape step runs on a CPU too (`_fixed_step`), where the tests hold it to the torch path.
 """
 from __future__ import annotations
+
+import warnings
 
 import torch
 import torch.nn.functional as F
@@ -95,11 +102,13 @@ class _SideBySide(nn.Module):
 class Decoder:
     """Greedy/sampled decoding state for one sequence of at most `max_len` tokens (see the module docstring)."""
 
-    def __init__(self, model: nn.Module, max_len: int, native: bool = True, head_bits: int | None = None):
+    def __init__(self, model: nn.Module, max_len: int, native: bool = True, head_bits: int | None = None,
+                 cuda_graph: bool | None = None):
         """head_bits: run the output head rounded to that many bits (RTN, asymmetric, groups of HEAD_GROUP) and
         packed, as llama.cpp's files hold it (Q8_0 or Q6_K): a small model's float head is most of what a decode step
         reads (SmolLM2: 113 MB in float32 against 60 MB of 4-bit layers), so this is faster, and the logits are no
-        longer exactly the model's. None: the model's own head."""
+        longer exactly the model's. None: the model's own head. cuda_graph: replay decode steps as a CUDA graph
+        (None: wherever the model is on a GPU; where capture fails, a notice and the plain step)."""
         if not supports(model):
             raise BoaError(f"boa's decode loop runs {', '.join(FAMILIES)} models without run-time transforms; use "
                            "transformers' generate for this one")
@@ -136,6 +145,15 @@ class Decoder:
         self.keys = torch.zeros(shape, device=self.device, dtype=cache_dtype)
         self.values = torch.zeros_like(self.keys)
         self.length = 0
+        # the fixed-shape step's inputs and output (a CUDA graph reads and writes these same tensors on every replay)
+        self.token = torch.zeros(1, 1, dtype=torch.long, device=self.device)
+        self.position = torch.zeros(1, dtype=torch.long, device=self.device)
+        self.positions = torch.arange(max_len, device=self.device)
+        self.graph, self.logits, self.capture_tried = None, None, False
+        # T = 1 steps take the fixed-shape step (captured on a GPU; op by op where capture fails, and on a CPU)
+        self.use_graph = self.device.type == "cuda" if cuda_graph is None else cuda_graph
+        if self.use_graph and self.device.type != "cuda":
+            raise BoaError("cuda_graph=True needs the model on a CUDA device")
 
     def _native_layers(self, layers) -> list[tuple] | None:
         """Each layer's arguments for the C++ step (csrc/cpu/decode_layer.cpp), or None where it cannot run."""
@@ -169,7 +187,10 @@ class Decoder:
     def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
         """x (1, heads, T, head_dim) rotated as transformers' rotate-half RoPE at positions start…start+T−1."""
         T = x.shape[2]
-        cos, sin = self.cos[start:start + T], self.sin[start:start + T]
+        return self._rotate(x, self.cos[start:start + T], self.sin[start:start + T])
+
+    @staticmethod
+    def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
@@ -186,6 +207,8 @@ class Decoder:
         end = start + T
         if T == 1 and self.native is not None:
             return self._native_step(ids, start)
+        if T == 1 and self.use_graph:
+            return self._graph_step(ids, start)
         x = self.embed(ids)
         q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
         for i, (attn_norm, qkv, o_proj, mlp_norm, gate_up, down) in enumerate(self.blocks):
@@ -203,6 +226,60 @@ class Decoder:
             x = x + down(F.silu(gate) * up)
         self.length = end
         return self.head(self.norm(x[:, -1:]))[0, -1]
+
+    def _fixed_step(self) -> torch.Tensor:
+        """One token (self.token at self.position) with shapes that never change from step to step, as a CUDA graph
+        needs: the cache written by index_copy_, attention over all max_len positions, those after the token masked.
+        Returns the logits (vocab,)."""
+        x = self.embed(self.token)
+        q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        cos, sin = self.cos.index_select(0, self.position), self.sin.index_select(0, self.position)
+        visible = (self.positions <= self.position)[None, None, None]  # (1, 1, 1, max_len)
+        for i, (attn_norm, qkv, o_proj, mlp_norm, gate_up, down) in enumerate(self.blocks):
+            q, k, v = qkv(attn_norm(x)).split((q_rows, kv_rows, kv_rows), dim=-1)
+            q = self._rotate(q.view(1, 1, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = self._rotate(k.view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            self.keys[i].index_copy_(2, self.position, k.to(self.keys.dtype))
+            self.values[i].index_copy_(2, self.position, v.view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
+                                       .to(self.values.dtype))
+            attended = F.scaled_dot_product_attention(q, self.keys[i].to(q.dtype), self.values[i].to(q.dtype),
+                                                      attn_mask=visible, enable_gqa=self.kv_heads != self.heads)
+            x = x + o_proj(attended.transpose(1, 2).reshape(1, 1, q_rows))
+            gate, up = gate_up(mlp_norm(x)).chunk(2, dim=-1)
+            x = x + down(F.silu(gate) * up)
+        return self.head(self.norm(x))[0, -1]
+
+    def _graph_step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
+        self.token.copy_(ids)
+        self.position.fill_(start)
+        if not self.capture_tried and self.device.type == "cuda":
+            self.capture_tried = True
+            self._capture()
+        if self.graph is None:  # the same fixed-shape step, launched op by op
+            logits = self._fixed_step()
+        else:
+            self.graph.replay()
+            logits = self.logits
+        self.length = start + 1
+        return logits.clone()
+
+    def _capture(self) -> None:
+        """Records _fixed_step as a CUDA graph (after warm-up calls on a side stream, as torch.cuda.graphs asks);
+        the warm-up steps rewrite the cache at the current position with the same values, so nothing is lost."""
+        try:
+            side = torch.cuda.Stream(self.device)
+            side.wait_stream(torch.cuda.current_stream(self.device))
+            with torch.cuda.stream(side):
+                for _ in range(2):
+                    self._fixed_step()
+            torch.cuda.current_stream(self.device).wait_stream(side)
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                self.logits = self._fixed_step()
+            self.graph = graph
+        except RuntimeError as err:
+            warnings.warn(f"could not capture boa's decode step as a CUDA graph ({str(err).splitlines()[0]}); "
+                          "running it op by op", RuntimeWarning, stacklevel=3)
 
     def _native_step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
         kernels = load_cpu()

@@ -69,6 +69,28 @@ def test_the_cpp_layer_step_computes_the_torch_steps_logits(build, calib):
     assert Decoder(packed.to(torch.float16), max_len=8).native is None  # float16: the torch path only
 
 
+@pytest.mark.parametrize("build", FAMILIES.values(), ids=FAMILIES.keys())
+def test_the_fixed_shape_step_computes_the_torch_steps_logits(build, calib):
+    """The step a GPU captures as a CUDA graph (token and position as tensors, the cache written by index_copy_,
+    attention over every position with the later ones masked), run op by op here, against the torch path: logits
+    and cache, on a packed model after a prompt. Without a GPU no graph is captured."""
+    result = boa.quantize(build(), boa.GPTQ(bits=4, group_size=32), calib, progress=False)
+    packed = boa.nn.pack_model(result.model, result.layers)
+    ids = random_windows(1, 16, seed=5)
+    fixed = Decoder(packed, max_len=20, native=False, cuda_graph=False)
+    reference = Decoder(packed, max_len=20, native=False)
+    fixed.use_graph = True  # the fixed-shape step without capture (a CPU decoder refuses cuda_graph=True)
+    torch.testing.assert_close(fixed.step(ids[:, :5]), reference.step(ids[:, :5]), rtol=0, atol=0)  # the prompt
+    for t in range(5, 16):
+        torch.testing.assert_close(fixed.step(ids[:, t:t + 1]), reference.step(ids[:, t:t + 1]), rtol=1e-5,
+                                   atol=1e-5)
+    assert fixed.graph is None and fixed.length == reference.length == 16
+    torch.testing.assert_close(fixed.keys, reference.keys, rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(fixed.values, reference.values, rtol=1e-5, atol=1e-5)
+    with pytest.raises(boa.BoaError, match="needs the model on a CUDA device"):
+        Decoder(packed, max_len=4, cuda_graph=True)
+
+
 def test_the_cpp_layer_step_on_a_bfloat16_model(calib):
     """A bfloat16 model: the C++ step's linears take bfloat16 x, its residual stream and attention stay float32; the
     torch path rounds after every op. Their logits agree to bfloat16's precision, step after step."""
