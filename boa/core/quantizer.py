@@ -16,10 +16,6 @@ from boa.core.gguf_grids import SUPER_BLOCK, GGUFType, gguf_type, snap_grid, sup
 
 # Clip-ratio search: candidates p = 1 − i/100 for i = 0..CLIP_STEPS−1 (ALGORITHMS.md §3).
 CLIP_STEPS = 100
-# On GGUF grids also p > 1 (i = −GGUF_GROW_STEPS…−1): a step a little coarser than the min-max one, as llama.cpp's own
-# scale search tries (its iscale −(nmax ± 0.1·k)/max, k ≤ 9, spans ±11%): the block's largest weight no longer sits
-# on a grid point exactly, the others may sit better.
-GGUF_GROW_STEPS = 12
 # The H-weighted search scores every COARSE-th clip ratio, then the ratios around each row's best (31 of 100).
 COARSE = 4
 # The "MMSE" grid search scores candidates by Σ|q − w|^NORM.
@@ -97,8 +93,7 @@ def find_grid(
 ) -> tuple[torch.Tensor, torch.Tensor]:
     """One (scale, zero) per row of w (..., rows, n), each shaped (..., rows, 1).
 
-    grid "minmax" covers each row's range; "mse" and "hessian" search clip ratios p = 1 − i/100 (GGUF grids: from
-    i = −GGUF_GROW_STEPS, steps coarser than the min-max one too; and, asymmetric,
+    grid "minmax" covers each row's range; "mse" and "hessian" search clip ratios p = 1 − i/100 (and, asymmetric,
     the zero point rounded down or up) for the lowest Σ|q − w|^2.4, or the lowest (q − w) H (q − w)ᵀ with H the
     (n × n) input-Hessian block of these columns. The H-weighted search, whose scores cost a matrix product each,
     is coarse-to-fine: every COARSE-th ratio, then the ratios between each row's best and its coarse neighbours.
@@ -166,13 +161,12 @@ def find_grid(
     def as_steps(values) -> torch.Tensor:
         return torch.as_tensor(values, device=w.device).reshape(-1, *[1] * xmin.dim())
 
-    grow = GGUF_GROW_STEPS if kind is not None else 0
     if spec.grid == "mse":
-        consider(as_steps([i for i in range(-grow, CLIP_STEPS) if i]))
+        consider(as_steps(range(1, CLIP_STEPS)))
     else:  # each H-weighted score is a (rows × n) @ (n × n) product: every COARSE-th ratio, then around each best
-        consider(as_steps([i for i in range(-grow, CLIP_STEPS, COARSE) if i]))
+        consider(as_steps(range(COARSE, CLIP_STEPS, COARSE)))
         offsets = as_steps([o for o in range(1 - COARSE, COARSE) if o])
-        consider((best_step + offsets).clamp(-grow, CLIP_STEPS - 1))
+        consider((best_step + offsets).clamp(0, CLIP_STEPS - 1))
     return best_scale, best_zero
 
 
