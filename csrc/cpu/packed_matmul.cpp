@@ -13,7 +13,8 @@
 //     up (vpermw) in the group's table of bf16(c − zero) (exact: small integers), multiplied by vdpbf16ps with a
 //     bfloat16 x as it is, or a float32 x split into two bf16 parts, x = hi + lo (+ |x|·2⁻¹⁷ at most): ~16 bits of
 //     x for half the float work. No zero-point term to cancel.
-// batch > 8 (prefill): rows are dequantized a block at a time into a float32 buffer and multiplied by BLAS.
+// batch > 8 (prefill): rows are dequantized a chunk at a time (float32, or bfloat16 for a bfloat16 x) by all threads,
+// then multiplied by one BLAS call per chunk.
 // Rows are spread over threads (at::parallel_for: OpenMP, so this file is compiled with -fopenmp). The instruction
 // set is chosen at compile time (-march=native).
 #include <torch/extension.h>
@@ -412,9 +413,22 @@ void gemv(const PackedRows& w, const torch::Tensor& xf, const float* bias, torch
   });
 }
 
-// Row o of W as float32 (in_pad,), for the BLAS path.
-template <int BITS>
-void dequant_row(const PackedRows& w, int64_t o, float* dst) {
+// Row o of W (in_pad,) as float32, or as bfloat16 (rounded to nearest even) for a bfloat16 BLAS call.
+#if defined(__AVX512BF16__)
+inline void store_row(uint16_t* dst, __m512 v) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(dst), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(v)));
+}
+#else
+inline void store_row(uint16_t* dst, Vec::F v) {
+  float lanes[Vec::kLanes];
+  Vec::store(lanes, v);
+  for (int i = 0; i < Vec::kLanes; ++i) dst[i] = c10::BFloat16(lanes[i]).x;
+}
+#endif
+inline void store_row(float* dst, Vec::F v) { Vec::store(dst, v); }
+
+template <int BITS, typename Out>
+void dequant_row(const PackedRows& w, int64_t o, Out* dst) {
   const uint8_t* row = w.qweight + o * w.row_bytes;
   const float* scale = w.scales + o * w.groups;
   const uint8_t* zero = w.zeros + o * w.groups;
@@ -429,37 +443,37 @@ void dequant_row(const PackedRows& w, int64_t o, float* dst) {
         s = Vec::set1(scale[walk.group]);
         z = Vec::set1(zero[walk.group]);
       }
-      Vec::store(dst + col, Vec::mul(Vec::sub(c[q], z), s));
+      store_row(dst + col, Vec::mul(Vec::sub(c[q], z), s));
     }
   }
 }
 
-// Rows dequantized per BLAS call: a block of about 1 MiB of float32 (at least 64 rows), small enough for L2 and large
-// enough that narrow layers do not pay the per-call overhead many times.
-int64_t gemm_rows(int64_t in_pad) { return std::max<int64_t>(64, (int64_t{1} << 18) / in_pad); }
+// Rows dequantized per BLAS call: about 4 MiB of float32 (at least 64 rows) — dequantized by all threads, then one
+// BLAS call, itself threaded, on the whole chunk (many small calls, one per thread, ran at a fraction of the rate).
+int64_t gemm_rows(int64_t in_pad) { return std::max<int64_t>(64, (int64_t{1} << 20) / in_pad); }
 
-// x_dtype: the caller's; a bfloat16 x is multiplied by bfloat16 blocks (twice the BLAS rate of float32 here).
+// x_dtype: the caller's; a bfloat16 x is multiplied by bfloat16 rows (twice the BLAS rate of float32 or more: AMX).
 template <int BITS>
 void gemm(const PackedRows& w, const torch::Tensor& x, torch::ScalarType x_dtype, const float* bias,
           torch::Tensor& y) {
   const bool bf16 = x_dtype == torch::kBFloat16;
   const auto xm = bf16 ? x.to(torch::kBFloat16) : x;
-  const int64_t out = y.size(1), block_rows = gemm_rows(w.in_pad), blocks = (out + block_rows - 1) / block_rows;
-  // the workers run torch ops on y: they need the caller's inference mode (a thread-local that OpenMP's threads do
-  // not inherit), else writing an inference-mode y is refused
-  const bool inference = c10::InferenceMode::is_enabled();
-  at::parallel_for(0, blocks, 1, [&](int64_t k0, int64_t k1) {
-    c10::InferenceMode mode(inference);
-    std::vector<float> buffer(block_rows * w.in_pad);
-    for (int64_t k = k0; k < k1; ++k) {
-      const int64_t o0 = k * block_rows, rows = std::min(block_rows, out - o0);
-      for (int64_t r = 0; r < rows; ++r) dequant_row<BITS>(w, o0 + r, buffer.data() + r * w.in_pad);
-      const auto block = torch::from_blob(buffer.data(), {rows, w.in_pad}, torch::kFloat32);
-      auto part = bf16 ? at::mm(xm, block.to(torch::kBFloat16).t()).to(torch::kFloat32) : at::mm(xm, block.t());
-      if (bias) part.add_(torch::from_blob(const_cast<float*>(bias) + o0, {rows}, torch::kFloat32));
-      y.narrow(1, o0, rows).copy_(part);
-    }
-  });
+  const int64_t out = y.size(1), chunk = std::min(out, gemm_rows(w.in_pad));
+  auto buffer = torch::empty({chunk, w.in_pad}, x.options().dtype(bf16 ? torch::kBFloat16 : torch::kFloat32));
+  for (int64_t o0 = 0; o0 < out; o0 += chunk) {
+    const int64_t rows = std::min(chunk, out - o0);
+    at::parallel_for(0, rows, 16, [&](int64_t r0, int64_t r1) {
+      for (int64_t r = r0; r < r1; ++r) {
+        if (bf16)
+          dequant_row<BITS>(w, o0 + r, reinterpret_cast<uint16_t*>(buffer.data_ptr<at::BFloat16>()) + r * w.in_pad);
+        else
+          dequant_row<BITS>(w, o0 + r, buffer.data_ptr<float>() + r * w.in_pad);
+      }
+    });
+    auto part = at::mm(xm, buffer.narrow(0, 0, rows).t());
+    if (bias) part = part.to(torch::kFloat32).add_(torch::from_blob(const_cast<float*>(bias) + o0, {rows}, torch::kFloat32));
+    y.narrow(1, o0, rows).copy_(part);
+  }
 }
 
 template <class P, int BITS>
