@@ -9,7 +9,9 @@ llama.cpp (PyPI `llama-cpp-python`, built from its sdist: ~12 CPU-minutes, in it
 `--venv` reuses another; a subprocess) runs
     llama.cpp-Q4_0/Q4_1/Q8_0   its own quantization of the model's F16 GGUF (written by boa's export)
     boa-gguf-Q4_0/Q4_1/Q8_0    boa's export of the model quantized on that type's grids (RTN: speed does not depend
-                               on the method), to check that boa's files run as fast as llama.cpp's own
+                               on the method), the embedding and head as Q8_0 (`float_type="q8_0"`; llama.cpp's own
+                               quantization keeps a head at 6–8 bits too), to check that boa's files run as fast
+                               as llama.cpp's own
 boa runs the float model through transformers' forward (transformers-*) and through boa's decode loop (boa-fp-*),
 and RTN W4/W3/W2 with grids per 32 weights (asymmetric), packed, through boa's decode loop (boa-wN-*), the rest of
 the model in each of --dtypes; boa-w4-*-head8 runs the output head packed at 8 bits (`head_bits=8`, as llama.cpp's
@@ -188,7 +190,7 @@ def gguf_files(name: str, work: Path) -> tuple[list[list[str]], list[list[str]]]
         model, _ = load(name)
         result = boa.quantize(model, boa.RTN(gguf=kind), None, progress=False)
         out = export_gguf(result.model, result.layers, work / f"{name}-boa-{kind}.gguf", kind, config=result.config,
-                          vocab_from=vocab)
+                          vocab_from=vocab, float_type="q8_0")
         models.append([f"boa-gguf-{kind}", str(out)])
     return quantize, models
 

@@ -139,8 +139,9 @@ def _add_eval_commands(sub) -> None:
                    help="gguf: the GGUF type (default: the one the model was quantized for)")
     x.add_argument("--vocab-from", help="gguf: a GGUF file (or built-in model name) whose tokenizer to copy; default: "
                                         "built from the model's BPE tokenizer")
-    x.add_argument("--float-type", choices=("f16", "f32"), default="f16",
-                   help="gguf: how the matrices left unquantized (embeddings, an untied head) are stored")
+    x.add_argument("--float-type", choices=("f16", "f32", "q8_0"), default="f16",
+                   help="gguf: how the matrices left unquantized (embeddings, an untied head) are stored; q8_0 rounds "
+                        "them as llama.cpp's own files hold them (faster there; no longer exactly boa's)")
     x.add_argument("--max-shard-size", default="5GB",
                    help="the largest weight file (e.g. 5GB, 500MB); past it, shards with the Hugging Face index")
 

@@ -4,7 +4,9 @@ written as that type's blocks, so llama.cpp runs exactly the weights boa evaluat
 One file, written with the `gguf` package (the format's own library): the architecture's metadata (llama.cpp's key
 names), the tokenizer (copied from a GGUF that has it — `vocab_from`, e.g. the built-in model's own file — or built
 from the Hugging Face tokenizer's BPE vocabulary and merges), and the tensors under llama.cpp's names: the quantized
-layers in the type's blocks, norms in F32, other matrices (embeddings, an untied head) in F16 (or F32). llama.cpp's
+layers in the type's blocks, norms in F32, other matrices (embeddings, an untied head) in F16 (or F32, or Q8_0 —
+rounded as llama.cpp rounds them, so no longer exactly the matrices boa evaluated, and half F16's bytes: llama.cpp's own
+files hold them so, and with a tied head the embedding is what every decode step reads most). llama.cpp's
 llama architecture rotates q and k in interleaved pairs where transformers rotates halves: their rows are permuted
 as llama.cpp's own converter does (a row permutation of the codes and grids, exact).
 
@@ -32,6 +34,7 @@ BLOCK_NAMES = {
     "self_attn.o_proj": "attn_output", "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up",
     "mlp.down_proj": "ffn_down",
 }
+FLOAT_TYPES = ("f16", "f32", "q8_0")  # how the matrices left unquantized are written
 TOP_NAMES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 
 
@@ -157,13 +160,13 @@ def export_gguf(model: nn.Module, layers: dict[str, QuantizedWeight], out_file, 
                 config=None, vocab_from: str | Path | None = None, float_type: str = "f16") -> Path:
     """Writes `model` (fake-quantized, or loaded by boa.load) with its quantized `layers` {module name:
     QuantizedWeight}, chosen on `kind_name`'s grids, to the GGUF file `out_file` (atomically). `config`: the boa
-    QuantConfig (checked to be that type's); vocab_from: a GGUF whose tokenizer is copied; float_type: f16 or f32
-    for the matrices left unquantized. kind_name F16 or F32: the unquantized model (`layers` unused), e.g. for
+    QuantConfig (checked to be that type's); vocab_from: a GGUF whose tokenizer is copied; float_type: f16, f32 or
+    q8_0 for the matrices left unquantized (q8_0: rounded by the `gguf` package, llama.cpp's Q8_0). kind_name F16 or F32: the unquantized model (`layers` unused), e.g. for
     llama.cpp's own quantizer."""
     import gguf
 
-    if float_type not in ("f16", "f32"):
-        raise BoaError(f"float_type={float_type!r}: use f16 or f32")
+    if float_type not in FLOAT_TYPES:
+        raise BoaError(f"float_type={float_type!r}: use one of {', '.join(FLOAT_TYPES)}")
     unquantized = kind_name.upper() in ("F16", "F32")  # the float model, for llama.cpp to quantize itself
     if unquantized:
         float_type, kind, layers = kind_name.lower(), None, {}
@@ -207,7 +210,13 @@ def export_gguf(model: nn.Module, layers: dict[str, QuantizedWeight], out_file, 
         if role in heads:
             tensor = tensor[interleaved_rows(tensor.shape[0], heads[role])]
         array = tensor.detach().float().cpu().numpy()
-        writer.add_tensor(target, array if array.ndim == 1 or float_type == "f32" else array.astype(np.float16))
+        if array.ndim == 1 or float_type == "f32":
+            writer.add_tensor(target, array)
+        elif float_type == "q8_0" and array.shape[-1] % 32 == 0:
+            q8_0 = gguf.GGMLQuantizationType.Q8_0
+            writer.add_tensor(target, gguf.quants.quantize(array, q8_0), raw_dtype=q8_0)
+        else:  # f16, and q8_0's fallback for rows that are not whole blocks of 32
+            writer.add_tensor(target, array.astype(np.float16))
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
     writer.write_tensors_to_file()

@@ -90,6 +90,31 @@ def test_the_float_model_exports_for_llama_cpp_to_quantize(tmp_path):
     assert torch.equal(logits(loaded, ids), logits(model, ids))
 
 
+@pytest.mark.parametrize("tied", [False, True], ids=["untied", "tied"])
+def test_float_matrices_as_q8_0_are_llama_cpps_rounding_of_them(tied, tmp_path):
+    """float_type q8_0: the embedding (and an untied head) written as Q8_0 blocks, byte for byte what the `gguf`
+    package's (llama.cpp's) quantizer makes of the float matrix, within about half a Q8_0 step of it (d is a
+    float16); the quantized layers stay exactly boa's; f16/f32/q8_0 only."""
+    model = wide_llama(tied)
+    result = boa.quantize(model, boa.RTN(gguf="Q4_0"), progress=False)
+    out = export_gguf(model, result.layers, tmp_path / "m.gguf", "Q4_0", config=result.config, float_type="q8_0")
+    tensors = {t.name: t for t in gguf.GGUFReader(str(out)).tensors}
+    floats = {"token_embd.weight": model.model.embed_tokens.weight}
+    if not tied:
+        floats["output.weight"] = model.lm_head.weight
+    for name, weight in floats.items():
+        t, w = tensors[name], weight.detach().float().numpy()
+        assert t.tensor_type.name == "Q8_0"
+        q8_0 = gguf.GGMLQuantizationType.Q8_0
+        assert np.array_equal(np.asarray(t.data).reshape(-1), gguf.quants.quantize(w, q8_0).reshape(-1))
+        got = gguf.quants.dequantize(t.data, t.tensor_type).reshape(w.shape)
+        step = np.abs(w.reshape(w.shape[0], -1, 32)).max(-1, keepdims=True) / 127
+        assert (np.abs(got.reshape(step.shape[0], -1, 32) - w.reshape(step.shape[0], -1, 32)) <= 0.6 * step).all()
+    assert tensors["blk.0.ffn_down.weight"].tensor_type.name == "Q4_0"
+    with pytest.raises(boa.BoaError, match="float_type='q4_0': use one of f16, f32, q8_0"):
+        export_gguf(model, result.layers, tmp_path / "n.gguf", "Q4_0", config=result.config, float_type="q4_0")
+
+
 def test_what_gguf_cannot_hold_is_refused(tmp_path):
     model = wide_llama()
     plain = boa.quantize(model, boa.RTN(bits=4, group_size=32, sym=True), progress=False)
