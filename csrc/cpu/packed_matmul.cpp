@@ -185,7 +185,6 @@ struct Bf16Pairs {
   // which for groups of 32 would cost as much as the products (measured: a bf16(128 + c) OR-trick with that
   // epilogue ran 1.35× slower).
   static constexpr bool kCentred = true;
-  static constexpr float kCodeBias = 0.f;
   using X = uint16_t;
   using Codes = __m512i;
   using Centre = __m512i;  // the group's vpermw table (kCentreTables)
@@ -253,7 +252,6 @@ struct Bf16Pairs {
 struct FloatLanes {
   static constexpr int kCodes = Vec::kLanes;
   static constexpr bool kCentred = false;  // y −= scale · zero · Σ_group x instead
-  static constexpr float kCodeBias = 0.f;
   using X = float;
   using Codes = Vec::F;
   using Centre = int;
@@ -292,7 +290,7 @@ struct PackedRows {
 };
 
 // Rows o0..o1−1 of y (NB, out) for NB batch rows of x: bias + Σ_g scale_g · Σ_{j∈g} code_j · x_j, less
-// Σ_g scale_g·(zero_g + code bias)·Σ_{j∈g} x_j (xsum: (NB, groups)) for uncentred codes.
+// Σ_g scale_g·zero_g·Σ_{j∈g} x_j (xsum: (NB, groups)) for uncentred codes.
 // How a row's groups are walked is fixed at compile time where it can be, as loops the compiler unrolls:
 //   kGroup > 0   every group is kGroup ≤ 64 columns (a tile holds 64 / kGroup groups) and in_pad = groups · kGroup;
 //   kGroup = -1  every group is a whole number of tiles (group_size % 64 == 0, in_pad = groups · group_size;
@@ -382,7 +380,7 @@ void gemv_rows(const PackedRows& w, const typename P::X* x, const float* xsum, c
       float sum = Vec::sum(all);
       if constexpr (!P::kCentred)
         for (int64_t g = 0; g < w.groups; ++g)
-          sum -= scale[g] * (static_cast<float>(zero[g]) + P::kCodeBias) * xsum[b * w.groups + g];
+          sum -= scale[g] * static_cast<float>(zero[g]) * xsum[b * w.groups + g];
       y[b * out + o] = sum + (bias ? bias[o] : 0.f);
     }
   }
