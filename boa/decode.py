@@ -108,7 +108,7 @@ class Decoder:
         packed, as llama.cpp's files hold it (Q8_0 or Q6_K): a small model's float head is most of what a decode step
         reads (SmolLM2: 113 MB in float32 against 60 MB of 4-bit layers), so this is faster, and the logits are no
         longer exactly the model's. None: the model's own head. cuda_graph: replay decode steps as a CUDA graph
-        (None: wherever the model is on a GPU; where capture fails, a notice and the plain step)."""
+        (None: wherever the model is on a GPU; where capture fails, a warning and the same step op by op)."""
         if not supports(model):
             raise BoaError(f"boa's decode loop runs {', '.join(FAMILIES)} models without run-time transforms; use "
                            "transformers' generate for this one")

@@ -161,8 +161,8 @@ def export_gguf(model: nn.Module, layers: dict[str, QuantizedWeight], out_file, 
     """Writes `model` (fake-quantized, or loaded by boa.load) with its quantized `layers` {module name:
     QuantizedWeight}, chosen on `kind_name`'s grids, to the GGUF file `out_file` (atomically). `config`: the boa
     QuantConfig (checked to be that type's); vocab_from: a GGUF whose tokenizer is copied; float_type: f16, f32 or
-    q8_0 for the matrices left unquantized (q8_0: rounded by the `gguf` package, llama.cpp's Q8_0). kind_name F16 or F32: the unquantized model (`layers` unused), e.g. for
-    llama.cpp's own quantizer."""
+    q8_0 for the matrices left unquantized (q8_0: rounded by the `gguf` package, llama.cpp's Q8_0). kind_name F16
+    or F32: the unquantized model (`layers` unused), e.g. for llama.cpp's own quantizer."""
     import gguf
 
     if float_type not in FLOAT_TYPES:

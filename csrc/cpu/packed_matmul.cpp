@@ -404,7 +404,7 @@ void gemv(const PackedRows& w, const torch::Tensor& xf, const float* bias, torch
     const auto run = [&](auto shape) {
       gemv_rows<P, BITS, NB, decltype(shape)::value>(w, x, xsum.data(), bias, out, rows, o0, o1);
     };
-    if (regular && w.group_size == 32 && P::kCodes <= 32) return run(std::integral_constant<int, 32>());
+    if (regular && w.group_size == 32) return run(std::integral_constant<int, 32>());
     if (regular && w.group_size == 64) return run(std::integral_constant<int, 64>());
     if (regular && w.group_size % boa::kTile == 0) return run(std::integral_constant<int, -1>());
     run(std::integral_constant<int, 0>());
@@ -469,7 +469,8 @@ void gemm(const PackedRows& w, const torch::Tensor& x, torch::ScalarType x_dtype
       }
     });
     auto part = at::mm(xm, buffer.narrow(0, 0, rows).t());
-    if (bias) part = part.to(torch::kFloat32).add_(torch::from_blob(const_cast<float*>(bias) + o0, {rows}, torch::kFloat32));
+    if (bias)
+      part = part.to(torch::kFloat32).add_(torch::from_blob(const_cast<float*>(bias) + o0, {rows}, torch::kFloat32));
     y.narrow(1, o0, rows).copy_(part);
   }
 }
