@@ -147,7 +147,7 @@ def kernel_pass(W: torch.Tensor, U: torch.Tensor, U_out: torch.Tensor, spec: Qua
     for r1 in range(0, d, rows_per_step):
         r2 = min(r1 + rows_per_step, d)
         W_B = W[:, r1:r2]
-        scale, zero = find_grid(W_B, spec)
+        scale, zero, _ = find_grid(W_B, spec)
         flat = (1, heads * (r2 - r1))
         Q = W_B.reshape(*flat, cols).clone()
         scale, zero = scale.reshape(*flat, 1).contiguous(), zero.reshape(*flat, 1).contiguous()
@@ -178,7 +178,7 @@ def column_loop(W: torch.Tensor, U: torch.Tensor, U_out: torch.Tensor, spec: Qua
         r2 = min(r1 + rows_per_step, d)
         W_B = W[:, r1:r2]
         Q_B = W_B.clone()
-        scale, zero = (x[..., 0] for x in find_grid(Q_B, spec))
+        scale, zero = (x[..., 0] for x in find_grid(Q_B, spec)[:2])
         for j in range(cols):
             w = Q_B[..., j]
             c = quantize(w, scale, zero, spec.maxq)

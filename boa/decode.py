@@ -62,8 +62,8 @@ def concat_rows(layers: list[nn.Module]) -> nn.Module:
     if all(isinstance(layer, QuantLinear) for layer in layers):
         packed = [layer.packed for layer in layers]
         if any(p.bits != packed[0].bits or p.group_size != packed[0].group_size or p.perm is not None
-               for p in packed):
-            return _SideBySide(layers)  # act-order or mixed widths: one call each
+               or p.offsets is not None for p in packed):
+            return _SideBySide(layers)  # act-order, mixed widths or block minimums: one call each
         joined = PackedWeight(torch.cat([p.qweight for p in packed]), torch.cat([p.scales for p in packed]),
                               torch.cat([p.zeros for p in packed]), None, packed[0].bits, packed[0].in_features,
                               packed[0].group_size)

@@ -28,7 +28,8 @@ def packed_matmul_torch(x: torch.Tensor, w, bias: torch.Tensor | None = None) ->
 
 def kernel_ready(w) -> bool:
     """Whether the packed kernels take this weight's width and groups."""
-    return w.bits in KERNEL_BITS and (w.scales.shape[1] == 1 or w.group_size % 16 == 0)
+    return (w.bits in KERNEL_BITS and (w.scales.shape[1] == 1 or w.group_size % 16 == 0)
+            and getattr(w, "offsets", None) is None)  # block minimums (GGUF K types): torch
 
 
 def packed_matmul(x: torch.Tensor, w, bias: torch.Tensor | None = None) -> torch.Tensor:

@@ -135,6 +135,10 @@ class Aespa(Method):
     def validate(self) -> None:
         if self.init.name not in INITS:
             raise BoaError(f"init={self.init.name!r} is not supported; aespa starts from one of {', '.join(INITS)}")
+        kind = self.init.spec.gguf_type
+        if kind is not None and kind.minimums:
+            raise BoaError(f"aespa does not learn rounding on {kind.name}'s grids with block minimums yet; use "
+                           "--method turboboa (or a GGUF type without minimums: Q3_K, Q4_1, Q5_1, Q6_K)")
         check_positive_int(self, "rounding_iters")
         for name in ("rounding_lr", "round_weight", "round_weight_qkv"):
             check_number(self, name, 0)

@@ -18,11 +18,12 @@ def rtn(W: torch.Tensor, spec: QuantSpec, H: torch.Tensor | None = None, heads: 
     W = W.float().reshape(heads, -1, cols)
     if H is not None:
         H = H.to(W.dtype).reshape(-1, cols, cols)
-    scale, zero = grids_by_group(W, spec, H)
+    scale, zero, offset = grids_by_group(W, spec, H)
     g_idx = torch.arange(cols, device=W.device) // spec.group_width(cols)
-    codes = quantize(W, scale[..., g_idx], zero[..., g_idx], spec.maxq)
+    codes = quantize(W, scale[..., g_idx], zero[..., g_idx], spec.maxq, None if offset is None else offset[..., g_idx])
     return QuantizedWeight(codes.reshape(rows, cols).to(torch.uint8), scale.reshape(rows, -1),
-                           zero.reshape(rows, -1), g_idx.to(torch.int32), spec.bits)
+                           zero.reshape(rows, -1), g_idx.to(torch.int32), spec.bits,
+                           None if offset is None else offset.reshape(rows, -1))
 
 
 @register

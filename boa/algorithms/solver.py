@@ -85,10 +85,13 @@ class _ColumnPass:
         self._U_blocks = [self.U[:, i1:i2, i1:i2].contiguous() for i1, i2 in self._blocks]
 
     def run(self, W: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
-            compensated: torch.Tensor | None = None, units: torch.Tensor | None = None) -> torch.Tensor:
+            compensated: torch.Tensor | None = None, units: torch.Tensor | None = None,
+            offset: torch.Tensor | None = None) -> torch.Tensor:
         """Quantizes W in place (left holding the quantized values); returns the codes. `compensated`, if given,
         receives each column as it was just before rounding (all earlier errors compensated): q_j + e_j U_jj.
-        `units` (batch, rows, cols / 256): GGUF K types' super-block scales, which dynamic grids are multiples of."""
+        `units` (batch, rows, cols / 256, 2): GGUF K types' super-block (d, dmin), which dynamic grids are multiples
+        of. `offset` (like scale): GGUF's block minimums, w = s·c − o; the kernel rounds w + o on s·c (zero 0), the
+        errors it spreads are the same."""
         width = self.spec.group_width(W.shape[-1])
         codes = torch.empty_like(W)
         for (i1, i2), U1 in zip(self._blocks, self._U_blocks):
@@ -101,10 +104,17 @@ class _ColumnPass:
                 if not self.static:  # the group's grid, from its columns as compensated so far
                     g = a // width
                     H_g = self.H[:, a : a + width, a : a + width]
-                    unit = None if units is None else units[..., a // SUPER_BLOCK, None]
-                    scale[..., g : g + 1], zero[..., g : g + 1] = find_grid(W1[..., a - i1 : a - i1 + width],
-                                                                            self.spec, H_g, unit)
+                    unit = None if units is None else units[..., a // SUPER_BLOCK, :]
+                    grid = find_grid(W1[..., a - i1 : a - i1 + width], self.spec, H_g, unit)
+                    scale[..., g : g + 1], zero[..., g : g + 1] = grid.scale, grid.zero
+                    if offset is not None:
+                        offset[..., g : g + 1] = grid.offset
+                shift = None if offset is None else offset[..., groups[a - i1 : b - i1]]
+                if shift is not None:
+                    W1[..., a - i1 : b - i1] += shift
                 compensate_block_(W1, E1, C1, U1, scale, zero, groups, self.spec.maxq, a - i1, b - i1)
+                if shift is not None:
+                    W1[..., a - i1 : b - i1] -= shift
             if compensated is not None:
                 compensated[..., i1:i2] = W1 + E1 * torch.diagonal(U1, dim1=-2, dim2=-1).unsqueeze(-2)
             W[..., i1:i2] = W1
@@ -241,7 +251,8 @@ class _Order:
 
 
 def _solve_rows(W, scale, zero, column_pass: _ColumnPass, step: int, H, U_out, per_channel_adaptive: bool,
-                keep_state: bool, units: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
+                keep_state: bool, units: torch.Tensor | None = None,
+                offset: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor | None]:
     """The row pass, in processing order: `step` rows of every head at a time run the column pass (W left holding
     their quantized values), then the later rows take the closed-form row update (U_out; None without a row
     factor, when step covers every row). Returns the codes and, with keep_state, each weight as it was rounded."""
@@ -255,21 +266,25 @@ def _solve_rows(W, scale, zero, column_pass: _ColumnPass, step: int, H, U_out, p
         W_B = W[:, r1:r2]
         s_B, z_B = scale[:, r1:r2].contiguous(), zero[:, r1:r2].contiguous()
         u_B = None if units is None else units[:, r1:r2].contiguous()
+        o_B = None if offset is None else offset[:, r1:r2].contiguous()
         if per_channel_adaptive:
-            s_B, z_B = find_grid(W_B, spec, H)
+            s_B, z_B, _ = find_grid(W_B, spec, H)
         Q_B = W_B.clone()
         if shared:  # one U for every head: run all heads' rows as one matrix
             flat = (1, heads * (r2 - r1))
             C_B = None if compensated is None else torch.empty_like(Q_B).reshape(*flat, cols)
             c = column_pass.run(Q_B.reshape(*flat, cols), s_B.reshape(*flat, -1), z_B.reshape(*flat, -1), C_B,
-                                None if u_B is None else u_B.reshape(*flat, -1))
+                                None if u_B is None else u_B.reshape(*flat, *u_B.shape[-2:]),
+                                None if o_B is None else o_B.view(*flat, -1))
             codes[:, r1:r2] = c.reshape(heads, r2 - r1, cols)
             if compensated is not None:
                 compensated[:, r1:r2] = C_B.reshape(heads, r2 - r1, cols)
         else:
             C_B = None if compensated is None else compensated[:, r1:r2]
-            codes[:, r1:r2] = column_pass.run(Q_B, s_B, z_B, C_B, u_B)
+            codes[:, r1:r2] = column_pass.run(Q_B, s_B, z_B, C_B, u_B, o_B)
         scale[:, r1:r2], zero[:, r1:r2] = s_B, z_B
+        if offset is not None:
+            offset[:, r1:r2] = o_B
         if r2 < d:
             W[:, r2:] += row_update(U_out, r1, r2, Q_B - W_B)
     return codes, compensated
@@ -339,19 +354,21 @@ def obs_solve(
     # GGUF K types: the super-blocks' d, from the target (original column order) before any update
     units = super_units(W[..., inverse], kind) if kind is not None and kind.super_blocks else None
     if static_groups:  # from the target in original column order
-        scale, zero = grids_by_group(W[..., inverse], spec, H[:, inverse][:, :, inverse], units)
+        scale, zero, offset = grids_by_group(W[..., inverse], spec, H[:, inverse][:, :, inverse], units)
     else:
         scale = torch.empty(heads, d, n_groups, dtype=W.dtype, device=W.device)
         zero = torch.empty_like(scale)
+        offset = torch.zeros_like(scale) if kind is not None and kind.minimums else None
     per_channel_adaptive = not static_groups and spec.group_size == -1
     column_pass = _ColumnPass(spec, H, U, group_of, static_groups or per_channel_adaptive, block_size)
 
     codes, compensated = _solve_rows(W, scale, zero, column_pass, step, H, U_out, per_channel_adaptive, keep_state,
-                                     units)
+                                     units, offset)
 
-    if refine_iters:
+    if refine_iters:  # Q = s·W_int − o: the offsets stay, so the scales fit T + o
         W_int = codes - zero[..., group_of]
-        refined = refine_scales(W_int, scale, group_of, T, H, H_out, refine_iters)
+        target = T if offset is None else T + offset[..., group_of]
+        refined = refine_scales(W_int, scale, group_of, target, H, H_out, refine_iters)
         scale = refined if kind is None else representable_scales(kind, refined, zero, scale)
 
     g_idx = torch.empty_like(group_of)
@@ -362,6 +379,7 @@ def obs_solve(
         order.original(zero, columns=False).reshape(rows, n_groups),
         g_idx.to(torch.int32),
         spec.bits,
+        None if offset is None else order.original(offset, columns=False).reshape(rows, n_groups),
     )
     if not keep_state:
         return q

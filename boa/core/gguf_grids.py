@@ -13,6 +13,10 @@ Each type holds a row in blocks of `block` weights with a grid of its own, w = s
                       k ∈ [−32, 31] per 16 (6 bits)
     Q6_K    6    16   (d · k) · (c − 32), d fp16 per 256 weights,     sym, scale d·k
                       k ∈ [−128, 127] per 16 (int8)
+    Q2_K    2    16   (d · k) · c − dmin · m, d and dmin fp16 per     zero 0, scale d·k, offset dmin·m
+                      256 weights, k, m ∈ [0, 15] per 16 (4 bits)
+    Q4_K    4    32   likewise, k, m ∈ [0, 63] per 32 (6 bits)        likewise
+    Q5_K    5    32   likewise, k, m ∈ [0, 63] per 32 (6 bits)        likewise
 
 Q4_1's m = −z·d must itself be a float16 for d·c + m to equal d·(c − z) (both are then exact in float32): d keeps as
 many significant bits as that allows (z ≤ 15 needs at most 4, so d keeps at least 7; Q5_1 at least 6). The K types'
@@ -20,7 +24,9 @@ many significant bits as that allows (z ≤ 15 needs at most 4, so d keeps at le
 largest block scale over k_max) and each block's scale is then a multiple k·d, 1 ≤ k ≤ k_max; every product here is
 exact in float32, so boa's dequantized weights and GGUF's are the same floats.
 
-Not here yet: Q2_K/Q4_K/Q5_K, whose block minimums (d_min · m) are not integer zero points of the block scale.
+Q2_K/Q4_K/Q5_K's block minimums dmin · m are no integer zero point of the block scale: boa holds them as an `offset`
+o, w = s · c − o (boa.core.quantizer), with both units, d and dmin, fixed per super-block before the solve like the
+other K types' d. s · c and o are then exact in float32 and their difference rounds once, as GGUF's does.
 """
 from __future__ import annotations
 
@@ -43,6 +49,7 @@ class GGUFType:
     block: int                # weights per grid, along a row
     asymmetric: bool = False  # a zero point per block (else the fixed middle one, 2^(bits−1))
     k_max: int = 0            # K types: a block's scale is k·d, 1 ≤ k ≤ k_max, d one fp16 per SUPER_BLOCK weights
+    minimums: bool = False    # K types with block minimums dmin·m, 0 ≤ m ≤ k_max (an offset; the zero point is 0)
 
     @property
     def super_blocks(self) -> bool:
@@ -62,16 +69,17 @@ GGUF_TYPES = {t.name: t for t in (
     GGUFType("Q8_0", 8, 32),
     GGUFType("Q3_K", 3, 16, k_max=31),
     GGUFType("Q6_K", 6, 16, k_max=127),
+    GGUFType("Q2_K", 2, 16, asymmetric=True, k_max=15, minimums=True),
+    GGUFType("Q4_K", 4, 32, asymmetric=True, k_max=63, minimums=True),
+    GGUFType("Q5_K", 5, 32, asymmetric=True, k_max=63, minimums=True),
 )}
-PLANNED = ("Q2_K", "Q4_K", "Q5_K")
 
 
 def gguf_type(name: str) -> GGUFType:
     key = name.upper()
     if key in GGUF_TYPES:
         return GGUF_TYPES[key]
-    later = f" ({key} is not supported yet)" if key in PLANNED else ""
-    raise BoaError(f"GGUF type {name!r} is not one boa quantizes to{later}; choose one of {', '.join(GGUF_TYPES)}")
+    raise BoaError(f"GGUF type {name!r} is not one boa quantizes to; choose one of {', '.join(GGUF_TYPES)}")
 
 
 def _float16(x: torch.Tensor) -> torch.Tensor:
@@ -117,66 +125,113 @@ def _asymmetric_scale(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
 def snap_grid(kind: GGUFType, scale: torch.Tensor, zero: torch.Tensor,
               unit: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The representable grid nearest (scale, zero) (…, rows, 1): the zero point is kept (an integer; fixed for the
-    symmetric types), the scale snapped. K types: `unit` (…, rows, 1) is the super-block's d."""
+    symmetric types), the scale snapped. K types: `unit` (…, rows, 2) holds the super-block's d (and dmin)."""
     if kind.super_blocks:  # k ≠ 0 (a zero scale loses the block); refined scales may be negative: k ≥ −k_max − 1
-        k = torch.round(scale / unit)
-        k = torch.where(k == 0, torch.where(scale < 0, -1.0, 1.0).to(k.dtype), k).clamp(-kind.k_max - 1, kind.k_max)
-        return unit * k, zero
+        d = unit[..., :1]
+        k = torch.round(scale / d)
+        low = 1 if kind.minimums else -kind.k_max - 1
+        k = torch.where(k == 0, torch.where(scale < 0, -1.0, 1.0).to(k.dtype), k).clamp(low, kind.k_max)
+        return d * k, zero
     if kind.asymmetric:
         return _asymmetric_scale(scale, zero), zero
     return _float16(scale), zero
 
 
+def offset_candidates(kind: GGUFType, offset: torch.Tensor, unit: torch.Tensor) -> torch.Tensor:
+    """Types with block minimums: the representable offsets dmin·m next below and above each of `offset` (…, rows, 1),
+    stacked (2, …, rows, 1); 0 ≤ m ≤ k_max, dmin = unit[..., 1:] (0 where it is 0)."""
+    dmin = unit[..., 1:]
+    ratio = torch.where(dmin > 0, offset / dmin.where(dmin > 0, 1), 0)
+    return dmin * torch.stack([ratio.floor(), ratio.ceil()]).clamp(0, kind.k_max)
+
+
 def super_units(w: torch.Tensor, kind: GGUFType) -> torch.Tensor:
-    """K types: each row's d per SUPER_BLOCK columns of w (…, rows, cols), (…, rows, cols // SUPER_BLOCK): the
-    largest min-max block scale magnitude of the super-block over k_max, as a float16."""
+    """K types: each row's (d, dmin) per SUPER_BLOCK columns of w (…, rows, cols), (…, rows, cols // SUPER_BLOCK, 2):
+    the largest min-max block scale magnitude of the super-block over k_max, as a float16; dmin (types with block
+    minimums; else 0) likewise from the blocks' offsets −min(0, block minimum)."""
     blocks = w.unflatten(-1, (-1, kind.block))
-    amax = blocks.abs().amax(-1)
-    # the symmetric GGUF min-max grid (boa.core.quantizer): |scale| amax / 2^(b−1) (an all-zero block: any scale)
+    per_super = (-1, SUPER_BLOCK // kind.block)
+    if kind.minimums:  # boa's asymmetric min-max grid (boa.core.quantizer): its range always holds 0
+        low, high = blocks.amin(-1).clamp(max=0), blocks.amax(-1).clamp(min=0)
+        scale = torch.where(high > low, (high - low) / (2**kind.bits - 1), torch.ones_like(low))
+        # rounded up, so that k_max units still reach the largest (in float16's subnormal range a unit may round
+        # to half of what it should be)
+        d, dmin = (_float16_at_least(x.unflatten(-1, per_super).amax(-1) / kind.k_max) for x in (scale, -low))
+        return torch.stack([d, dmin], -1)
+    amax = blocks.abs().amax(-1)  # the symmetric GGUF min-max grid: |scale| amax / 2^(b−1) (all-zero block: any)
     scale = torch.where(amax > 0, amax / 2 ** (kind.bits - 1), torch.ones_like(amax))
-    per_super = scale.unflatten(-1, (-1, SUPER_BLOCK // kind.block)).amax(-1)
-    return _float16(per_super / kind.k_max)
+    d = _float16(scale.unflatten(-1, per_super).amax(-1) / kind.k_max)
+    return torch.stack([d, torch.zeros_like(d)], -1)
+
+
+def _float16_at_least(x: torch.Tensor) -> torch.Tensor:
+    """The smallest float16 ≥ x ≥ 0 (at least the smallest positive one), held as x's dtype."""
+    h = _float16(x)
+    up = torch.nextafter(h.half(), torch.full_like(h, float("inf")).half()).to(x.dtype)
+    return torch.where(h < x, up, h)
+
+
+def _common_unit(values: torch.Tensor, low: int, high: int, what: str, kind: GGUFType) -> torch.Tensor:
+    """The largest float16 u per super-block of values (…, rows, blocks) with every value k·u, low ≤ k ≤ high (the
+    largest value over k = 1, 2, …); 0 where every value is 0 (offsets only: low = 0)."""
+    blocks = values.unflatten(-1, (-1, SUPER_BLOCK // kind.block))
+    top = blocks.abs().amax(-1, keepdim=True)
+    found = torch.zeros_like(top)
+    for k in range(1, max(high, -low) + 1):  # the smallest k first: the largest u
+        u = top / k
+        ratio = blocks / u
+        fits = ((u.half().to(u.dtype) == u) & (ratio == ratio.round()).all(-1, keepdim=True)
+                & ((ratio >= low) & (ratio <= high)).all(-1, keepdim=True) & (found == 0) & (u > 0))
+        found = torch.where(fits, u, found)
+    if bool(((found == 0) & ((top > 0) | (low > 0))).any()):
+        raise BoaError(f"these block {what} are not multiples of one float16 per super-block, as {kind.name} needs; "
+                       f"quantize with --grid gguf:{kind.name}")
+    return found.squeeze(-1)
 
 
 def units_of(kind: GGUFType, scale: torch.Tensor) -> torch.Tensor:
     """K types: a d per super-block (…, rows, groups / 16) of which every block scale (…, rows, groups) of it is a
-    multiple k·d, −k_max − 1 ≤ k ≤ k_max, d a float16: the largest such d (the largest scale over k = 1, 2, …)."""
-    blocks = scale.unflatten(-1, (-1, SUPER_BLOCK // kind.block))
-    top = blocks.abs().amax(-1, keepdim=True)
-    found = torch.zeros_like(top)
-    for k in range(1, kind.k_max + 2):  # the smallest k first: the largest d
-        d = top / k
-        ratio = blocks / d
-        fits = ((d.half().to(d.dtype) == d) & (ratio == ratio.round()).all(-1, keepdim=True)
-                & ((ratio >= -kind.k_max - 1) & (ratio <= kind.k_max)).all(-1, keepdim=True) & (found == 0) & (d > 0))
-        found = torch.where(fits, d, found)
-    if bool((found == 0).any()):
-        raise BoaError(f"these block scales are not multiples of one float16 per super-block, as {kind.name} needs; "
-                       f"quantize with --grid gguf:{kind.name}")
-    return found.squeeze(-1)
+    multiple k·d (1 ≤ k ≤ k_max with block minimums, else −k_max − 1 ≤ k ≤ k_max, k ≠ 0), d a float16."""
+    return _common_unit(scale, 1 if kind.minimums else -kind.k_max - 1, kind.k_max, "scales", kind)
+
+
+def minimum_units_of(kind: GGUFType, offset: torch.Tensor) -> torch.Tensor:
+    """Types with block minimums: a dmin per super-block of which every block offset is a multiple m·dmin,
+    0 ≤ m ≤ k_max, dmin a float16 (0 where every offset is)."""
+    return _common_unit(offset, 0, kind.k_max, "minimums", kind)
 
 
 def representable_scales(kind: GGUFType, scale: torch.Tensor, zero: torch.Tensor,
                          before: torch.Tensor) -> torch.Tensor:
     """Scales (…, rows, groups) that moved after the codes were chosen (boa's scale refinement), put back on
     representable grids; `before` are the representable scales they started from (K types keep their d)."""
-    unit = None
-    if kind.super_blocks:
-        unit = units_of(kind, before).repeat_interleave(SUPER_BLOCK // kind.block, dim=-1)
-    return snap_grid(kind, scale, zero, unit)[0]
+    if not kind.super_blocks:
+        return snap_grid(kind, scale, zero)[0]
+    d = units_of(kind, before).repeat_interleave(SUPER_BLOCK // kind.block, dim=-1)
+    unit = torch.stack([d, torch.zeros_like(d)], -1)  # (…, rows, groups, 2): one grid per (row, group)
+    return snap_grid(kind, scale.unsqueeze(-1), zero.unsqueeze(-1), unit)[0].squeeze(-1)
 
 
 # GGUF blocks --------------------------------------------------------------------------------------------------------
 
 
-def encode_rows(kind: GGUFType, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> np.ndarray:
+def encode_rows(kind: GGUFType, codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+                offset: torch.Tensor | None = None) -> np.ndarray:
     """The GGUF bytes (rows, blocks of the type in a row × its block's bytes) uint8 of a weight whose codes (rows,
-    cols) sit on representable grids: scale, zero (rows, cols / block) per block, in column order. Raises if a grid
-    is not representable (boa's solver never makes one)."""
+    cols) sit on representable grids: scale, zero, offset (rows, cols / block) per block, in column order (offsets:
+    the types with block minimums). Raises if a grid is not representable (boa's solver never makes one)."""
     rows, cols = codes.shape
     if cols % kind.row_multiple:
         raise BoaError(f"rows of {cols} weights do not split into {kind.name}'s blocks of {kind.row_multiple}")
+    if (offset is not None) != kind.minimums:
+        raise BoaError(f"{kind.name} grids {'need' if kind.minimums else 'have no'} block minimums (offsets); "
+                       f"quantize with --grid gguf:{kind.name}")
     c = codes.to(torch.int64).numpy().astype(np.uint8)
+    if kind.minimums:
+        if bool((zero != 0).any()):
+            raise BoaError(f"{kind.name} grids have zero points 0 (their minimums are offsets)")
+        blocks = _encode_with_minimums(kind, c.reshape(rows, -1, SUPER_BLOCK), scale.double(), offset.double())
+        return np.ascontiguousarray(blocks.reshape(rows, -1))
     s = scale.double().numpy()
     z = zero.double().numpy()
     if not np.array_equal(z, np.round(z)):
@@ -210,12 +265,16 @@ def _exact_half(values: np.ndarray, kind: GGUFType, what: str = "scale") -> np.n
     return half
 
 
-def _block_multiples(kind: GGUFType, s: np.ndarray, unit: np.ndarray, rows: int) -> np.ndarray:
-    """Each block's k (rows, super-blocks, 16) with scale = k·d, checked to be an integer in the type's range."""
-    k = s.reshape(rows, unit.shape[1], 16) / unit[..., None]
-    if not np.array_equal(k, np.round(k)) or (k < -kind.k_max - 1).any() or (k > kind.k_max).any():
-        raise BoaError(f"a {kind.name} block scale is not a multiple k·d (−{kind.k_max + 1} ≤ k ≤ {kind.k_max}) of its "
-                       f"super-block's d; quantize with --grid gguf:{kind.name}")
+def _block_multiples(kind: GGUFType, s: np.ndarray, unit: np.ndarray, rows: int, low: int | None = None,
+                     what: str = "scale") -> np.ndarray:
+    """Each block's k (rows, super-blocks, blocks per super-block) with s = k·unit, checked to be an integer in
+    [low, k_max] (low: −k_max − 1 unless given)."""
+    low = -kind.k_max - 1 if low is None else low
+    unit = unit[..., None]
+    k = s.reshape(rows, unit.shape[1], SUPER_BLOCK // kind.block) / np.where(unit > 0, unit, 1)
+    if not np.array_equal(k, np.round(k)) or (k < low).any() or (k > kind.k_max).any():
+        raise BoaError(f"a {kind.name} block {what} is not a multiple k·d ({low} ≤ k ≤ {kind.k_max}) of its "
+                       f"super-block's unit; quantize with --grid gguf:{kind.name}")
     return k.astype(np.int16)
 
 
@@ -270,3 +329,48 @@ def _encode_q3_k(blocks: np.ndarray, s: np.ndarray, unit: np.ndarray, rows: int)
         sel = j // 4 == shift
         scales[..., 8 + j[sel] % 4] |= (u[..., sel] >> 4) << (2 * shift)
     return np.concatenate([hmask, qs, scales, d.reshape(rows, n_super, 1).view(np.uint8)], axis=-1)
+
+
+def _k_scale_bytes(sc: np.ndarray, m: np.ndarray) -> np.ndarray:
+    """Q4_K/Q5_K's 12 bytes of 8 six-bit block scales sc and minimums m (…, 8): bytes 0–3 sc[0:4] and 4–7 m[0:4] in
+    their low 6 bits with the top 2 bits of sc[4:8] (resp. m[4:8]) above; bytes 8–11 the low nibbles of sc[4:8] and,
+    above them, of m[4:8]."""
+    low, high = slice(0, 4), slice(4, 8)
+    return np.concatenate([sc[..., low] | ((sc[..., high] >> 4) << 6), m[..., low] | ((m[..., high] >> 4) << 6),
+                           (sc[..., high] & 0xF) | ((m[..., high] & 0xF) << 4)], axis=-1).astype(np.uint8)
+
+
+def _encode_with_minimums(kind: GGUFType, c: np.ndarray, scale: torch.Tensor, offset: torch.Tensor) -> np.ndarray:
+    """Q2_K / Q4_K / Q5_K super-blocks of the codes c (rows, super-blocks, 256), w = (d·k)·c − dmin·m per block:
+        Q2_K (84 bytes):  scales (16: k | m << 4) | qs (64) | d | dmin; weight v (h = v // 128, r = v % 128) in qs
+                          byte 32·h + r % 32 at bits 2·(r // 32)
+        Q4_K (144 bytes): d | dmin | scales (12, _k_scale_bytes) | qs (128): weight v in byte 32·(v // 64) + v % 32,
+                          low nibble for v % 64 < 32, high above
+        Q5_K (176 bytes): d | dmin | scales (12) | qh (32) | qs (128, Q4_K's, of the low 4 bits): bit 4 of weight v
+                          in qh byte v % 32 at bit v // 32"""
+    rows, n_super = c.shape[:2]
+    d, dmin = units_of(kind, scale).numpy(), minimum_units_of(kind, offset).numpy()
+    k = _block_multiples(kind, scale.numpy(), d, rows, low=1).astype(np.uint8)
+    m = _block_multiples(kind, offset.numpy(), dmin, rows, low=0, what="minimum").astype(np.uint8)
+    halves = [_exact_half(x, kind, "super-block unit").reshape(rows, n_super, 1).view(np.uint8) for x in (d, dmin)]
+    v = np.arange(SUPER_BLOCK)
+    if kind.name == "Q2_K":
+        qs = np.zeros((rows, n_super, 64), dtype=np.uint8)
+        h, r = v // 128, v % 128
+        for shift in range(4):
+            sel = r // 32 == shift
+            qs[..., 32 * h[sel] + r[sel] % 32] |= c[..., sel] << (2 * shift)
+        scales = (k | (m << 4)).astype(np.uint8)
+        return np.concatenate([scales, qs, *halves], axis=-1)
+    qs = np.zeros((rows, n_super, 128), dtype=np.uint8)
+    for nibble in range(2):
+        sel = (v % 64) // 32 == nibble
+        qs[..., 32 * (v[sel] // 64) + v[sel] % 32] |= (c[..., sel] & 0xF) << (4 * nibble)
+    fields = [*halves, _k_scale_bytes(k, m)]
+    if kind.name == "Q5_K":
+        qh = np.zeros((rows, n_super, 32), dtype=np.uint8)
+        for bit in range(8):
+            sel = v // 32 == bit
+            qh[..., v[sel] % 32] |= (c[..., sel] >> 4) << bit
+        fields.append(qh)
+    return np.concatenate([*fields, qs], axis=-1)

@@ -9,8 +9,11 @@ A layer W (out × in) quantized at b ∈ {2, 3, 4, 5, 6, 8} bits, with grids for
     zeros    uint8   (out, G)           partial and also owns the padding; per-channel grids: G = 1, g = in
     perm     int32   (in,) or None      packed column j holds input column perm[j]. None when every group is already a
                                         run of consecutive columns; set under act-order, whose groups are scattered
+    offsets  float32 (out, G) or None   GGUF's block minimums (Q2_K, Q4_K, Q5_K; zeros are then 0), subtracted:
 
-    W[o, perm[j]] = scales[o, j // g] · (code[o, j] − zeros[o, j // g])
+    W[o, perm[j]] = scales[o, j // g] · (code[o, j] − zeros[o, j // g]) − offsets[o, j // g]
+
+The packed kernels do not read offsets: a layer that has them runs dequantized (torch), at its export's grids.
 
 A tile of 64 codes c_0 … c_63 takes 8·b bytes: bit planes, low bits first (b = 3: a 2-bit plane, then a 1-bit plane
 holding each code's bit 2):
@@ -51,6 +54,7 @@ class PackedWeight:
     bits: int
     in_features: int
     group_size: int
+    offsets: torch.Tensor | None = None
 
     @property
     def out_features(self) -> int:
@@ -77,7 +81,8 @@ class PackedWeight:
             perm = self.perm.long()
             codes = torch.empty_like(codes).index_copy_(1, perm, codes)
             g_idx = torch.empty_like(g_idx).index_copy_(0, perm, g_idx)
-        return QuantizedWeight(codes, self.scales.to(dtype), self.zeros.to(dtype), g_idx, self.bits)
+        return QuantizedWeight(codes, self.scales.to(dtype), self.zeros.to(dtype), g_idx, self.bits,
+                               None if self.offsets is None else self.offsets.to(dtype))
 
     def check(self, name: str, out_features: int, in_features: int) -> None:
         """That this is a consistent packed weight for a layer (out_features × in_features): widths, shapes and
@@ -100,6 +105,8 @@ class PackedWeight:
                     "zeros": ((out_features, groups), torch.uint8)}
         if self.perm is not None:
             expected["perm"] = ((in_features,), torch.int32)
+        if self.offsets is not None:
+            expected["offsets"] = ((out_features, groups), torch.float32)
         for key, (shape, dtype) in expected.items():
             tensor = getattr(self, key)
             if tuple(tensor.shape) != shape or tensor.dtype != dtype:
@@ -107,6 +114,8 @@ class PackedWeight:
                      f"inputs in groups of {self.group_size} take {shape} {dtype}")
         if not torch.isfinite(self.scales).all():
             fail("its scales hold NaN or Inf")
+        if self.offsets is not None and not torch.isfinite(self.offsets).all():
+            fail("its offsets hold NaN or Inf")
         if int(self.zeros.max()) > 2**self.bits - 1:
             fail(f"a zero point exceeds {2**self.bits - 1}, the largest {self.bits}-bit code")
         if self.perm is not None and not torch.equal(torch.sort(self.perm.long()).values,
@@ -115,7 +124,8 @@ class PackedWeight:
 
     def tensors(self) -> dict[str, torch.Tensor]:
         out = {"qweight": self.qweight, "scales": self.scales, "zeros": self.zeros}
-        return out if self.perm is None else {**out, "perm": self.perm}
+        optional = {"perm": self.perm, "offsets": self.offsets}
+        return {**out, **{k: v for k, v in optional.items() if v is not None}}
 
     def nbytes(self) -> int:
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
@@ -150,7 +160,7 @@ def pack(q: QuantizedWeight) -> PackedWeight:
         qweight=pack_codes(padded, q.bits), scales=q.scale.float().contiguous(),
         zeros=q.zero.round().to(torch.uint8).contiguous(),
         perm=None if perm is None else perm.to(torch.int32), bits=q.bits, in_features=n,
-        group_size=n if n_groups == 1 else width,
+        group_size=n if n_groups == 1 else width, offsets=None if q.offset is None else q.offset.float().contiguous(),
     )
 
 

@@ -8,11 +8,12 @@ the n columns it covers (a whole row per-channel, or one group of columns).
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import torch
 
 from boa.core.errors import BoaError
-from boa.core.gguf_grids import SUPER_BLOCK, GGUFType, gguf_type, snap_grid, super_units
+from boa.core.gguf_grids import SUPER_BLOCK, GGUFType, gguf_type, offset_candidates, snap_grid, super_units
 
 # Clip-ratio search: candidates p = 1 − i/100 for i = 0..CLIP_STEPS−1 (ALGORITHMS.md §3).
 CLIP_STEPS = 100
@@ -45,17 +46,32 @@ class QuantSpec:
         return cols if self.group_size == -1 else self.group_size
 
 
-def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
+class Grid(NamedTuple):
+    """Grids (..., rows, groups): w ≈ scale · (c − zero) − offset. `offset` holds GGUF's block minimums (Q2_K, Q4_K,
+    Q5_K: zero is then 0); None for every other grid, whose zero points are integers."""
+
+    scale: torch.Tensor
+    zero: torch.Tensor
+    offset: torch.Tensor | None = None
+
+
+def quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+             offset: torch.Tensor | None = None) -> torch.Tensor:
     """Integer codes in [0, maxq], as floats of w's dtype."""
+    if offset is not None:
+        w = w + offset
     return torch.clamp(torch.round(w / scale) + zero, 0, maxq)
 
 
-def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
-    return scale * (codes - zero)
+def dequantize(codes: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor,
+               offset: torch.Tensor | None = None) -> torch.Tensor:
+    q = scale * (codes - zero)
+    return q if offset is None else q - offset
 
 
-def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int) -> torch.Tensor:
-    return dequantize(quantize(w, scale, zero, maxq), scale, zero)
+def fake_quantize(w: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor, maxq: int,
+                  offset: torch.Tensor | None = None) -> torch.Tensor:
+    return dequantize(quantize(w, scale, zero, maxq, offset), scale, zero, offset)
 
 
 def _minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tuple[torch.Tensor, torch.Tensor]:
@@ -88,10 +104,9 @@ def _minmax_grid(xmin: torch.Tensor, xmax: torch.Tensor, spec: QuantSpec) -> tup
 SEARCH_CHUNK = 1 << 20
 
 
-def find_grid(
-    w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None, unit: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """One (scale, zero) per row of w (..., rows, n), each shaped (..., rows, 1).
+def find_grid(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None,
+              unit: torch.Tensor | None = None) -> Grid:
+    """One grid per row of w (..., rows, n), each tensor shaped (..., rows, 1).
 
     grid "minmax" covers each row's range; "mse" and "hessian" search clip ratios p = 1 − i/100 (and, asymmetric,
     the zero point rounded down or up) for the lowest Σ|q − w|^2.4, or the lowest (q − w) H (q − w)ᵀ with H the
@@ -99,35 +114,51 @@ def find_grid(
     is coarse-to-fine: every COARSE-th ratio, then the ratios between each row's best and its coarse neighbours.
     Candidates are scored many at a time (one batched product per chunk); ties go to the earlier candidate, the
     min-max grid first. With spec.gguf every candidate is first put on the nearest grid the GGUF type can hold
-    (K types: a multiple of `unit` (..., rows, 1), the super-block's d).
+    (K types: `unit` (..., rows, 2) holds the super-block's d and dmin; the types with block minimums take the
+    offsets dmin·m below and above the range's low end, as the others take zero points).
     """
     xmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
     xmax = w.amax(dim=-1, keepdim=True).clamp(min=0)
     kind = spec.gguf_type
+    minimums = kind is not None and kind.minimums
 
     def representable(scale, zero):
         return (scale, zero) if kind is None else snap_grid(kind, scale, zero, unit)
 
+    def minmax() -> Grid:
+        scale, zero = representable(*_minmax_grid(xmin, xmax, spec))
+        if not minimums:
+            return Grid(scale, zero)
+        below, above = offset_candidates(kind, -xmin, unit)
+        offset = torch.where((above + xmin).abs() < (below + xmin).abs(), above, below)  # the nearer (ties: below)
+        return Grid(scale, torch.zeros_like(scale), offset)
+
     if spec.grid == "minmax":
-        return representable(*_minmax_grid(xmin, xmax, spec))
+        return minmax()
     if spec.grid == "hessian" and hessian is None:
         raise BoaError("grid='hessian' needs the layer's input Hessian; use grid='mse' or 'minmax' for RTN")
 
-    def candidates(steps: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Grids for clip steps (K, ..., rows, 1), each with its zero point(s): (scale, zero, step), K·Z of them."""
+    def candidates(steps: torch.Tensor) -> tuple[Grid, torch.Tensor]:
+        """Grids for clip steps (K, ..., rows, 1), each with its zero points (offsets) below and above: the grids
+        (K·Z, ..., rows, 1) and their steps."""
         p = (1 - steps.double() / 100).to(w.dtype)  # as 1 − i/100 in Python floats, then w's dtype
         scale, zero = _minmax_grid(p * xmin, p * xmax, spec)
         if spec.sym:
-            return (*representable(scale, zero), steps)
+            return Grid(*representable(scale, zero)), steps
+        if minimums:
+            offsets = offset_candidates(kind, -p * xmin, unit).transpose(0, 1)  # (K, 2, ...)
+            scale = representable(scale, zero)[0].unsqueeze(1).expand_as(offsets).flatten(0, 1)
+            grid = Grid(scale, torch.zeros_like(scale), offsets.flatten(0, 1))
+            return grid, steps.unsqueeze(1).expand_as(offsets).flatten(0, 1)
         # (K, 2, ...); clamped: for a row with no positive weight, -p·xmin/scale is maxq up to rounding, and its
         # ceiling maxq + 1 is no b-bit zero point (nothing packs or exports it)
         zeros = torch.stack([torch.floor(-p * xmin / scale), torch.ceil(-p * xmin / scale)], 1).clamp(0, spec.maxq)
         scale, zero = representable(scale.unsqueeze(1).expand_as(zeros).flatten(0, 1), zeros.flatten(0, 1))
-        return scale, zero, steps.unsqueeze(1).expand_as(zeros).flatten(0, 1)
+        return Grid(scale, zero), steps.unsqueeze(1).expand_as(zeros).flatten(0, 1)
 
-    def score(scale: torch.Tensor, zero: torch.Tensor) -> torch.Tensor:
+    def score(grid: Grid) -> torch.Tensor:
         """Scores of K candidate grids (K, ..., rows, 1)."""
-        err = fake_quantize(w, scale, zero, spec.maxq) - w
+        err = fake_quantize(w, *grid[:2], spec.maxq, grid.offset) - w
         if spec.grid == "mse":
             return err.abs().pow(MSE_NORM).sum(-1, keepdim=True)
         # The candidates join the rows, (..., K·rows, n) @ (..., n, n): a per-head H is then never broadcast
@@ -136,27 +167,26 @@ def find_grid(
         HE = (stacked.reshape(*stacked.shape[:-3], -1, w.shape[-1]) @ hessian).reshape(stacked.shape)
         return (HE.movedim(-3, 0) * err).sum(-1, keepdim=True)
 
-    best_scale, best_zero = representable(*_minmax_grid(xmin, xmax, spec))
-    best = score(best_scale[None], best_zero[None])[0]
+    best_grid = minmax()
+    best = score(Grid(*(None if x is None else x[None] for x in best_grid)))[0]
     best_step = torch.zeros_like(best, dtype=torch.long)
 
     def consider(steps: torch.Tensor) -> None:
         """Keeps, per row, the first strictly better of the candidates for these steps (K, ..., rows, 1)."""
-        nonlocal best, best_scale, best_zero, best_step
-        scale, zero, step = candidates(steps)
+        nonlocal best, best_grid, best_step
+        grid, step = candidates(steps)
         chunk = max(1, SEARCH_CHUNK // max(1, w.numel()))
-        for c0 in range(0, scale.shape[0], chunk):
-            s, z, k = scale[c0 : c0 + chunk], zero[c0 : c0 + chunk], step[c0 : c0 + chunk]
-            err, i = score(s, z).min(0)  # the first minimum: the earliest candidate on a tie
+        for c0 in range(0, step.shape[0], chunk):
+            part = Grid(*(None if x is None else x[c0 : c0 + chunk] for x in grid))
+            err, i = score(part).min(0)  # the first minimum: the earliest candidate on a tie
             better = err < best
 
-            def pick(x):  # each row's chosen candidate
-                return torch.gather(x.expand(-1, *err.shape), 0, i[None])[0]
+            def pick(x, kept):  # each row's chosen candidate, where it beats the best so far
+                return torch.where(better, torch.gather(x.expand(-1, *err.shape), 0, i[None])[0], kept)
 
             best = torch.where(better, err, best)
-            best_scale = torch.where(better, pick(s), best_scale)
-            best_zero = torch.where(better, pick(z), best_zero)
-            best_step = torch.where(better, pick(k), best_step)
+            best_grid = Grid(*(None if x is None else pick(x, kept) for x, kept in zip(part, best_grid)))
+            best_step = pick(step[c0 : c0 + chunk], best_step)
 
     def as_steps(values) -> torch.Tensor:
         return torch.as_tensor(values, device=w.device).reshape(-1, *[1] * xmin.dim())
@@ -167,36 +197,35 @@ def find_grid(
         consider(as_steps(range(COARSE, CLIP_STEPS, COARSE)))
         offsets = as_steps([o for o in range(1 - COARSE, COARSE) if o])
         consider((best_step + offsets).clamp(0, CLIP_STEPS - 1))
-    return best_scale, best_zero
+    return best_grid
 
 
-def grids_by_group(
-    w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None, units: torch.Tensor | None = None
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """(scale, zero), each (..., rows, n_groups): one grid per row and run of group_size columns of w (..., rows, cols)
+def grids_by_group(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = None,
+                   units: torch.Tensor | None = None) -> Grid:
+    """Grids, each tensor (..., rows, n_groups): one per row and run of group_size columns of w (..., rows, cols)
     (the last group may be narrower). The Hessian-weighted search uses each group's diagonal block of H. GGUF K types:
-    `units` (..., rows, cols / 256) are the super-blocks' d (default: boa.core.gguf_grids.super_units of w)."""
+    `units` (..., rows, cols / 256, 2) are the super-blocks' (d, dmin) (default: boa.core.gguf_grids.super_units of
+    w)."""
     cols = w.shape[-1]
     width = spec.group_width(cols)
     kind = spec.gguf_type
     if kind is not None and kind.super_blocks and units is None:
         units = super_units(w, kind)
-    scales, zeros = [], []
+    grids = []
     for c0 in range(0, cols, width):
         block = None if hessian is None else hessian[..., c0 : c0 + width, c0 : c0 + width]
-        unit = None if units is None else units[..., c0 // SUPER_BLOCK, None]
-        scale, zero = find_grid(w[..., c0 : c0 + width], spec, block, unit)
-        scales.append(scale)
-        zeros.append(zero)
-    return torch.cat(scales, dim=-1), torch.cat(zeros, dim=-1)
+        unit = None if units is None else units[..., c0 // SUPER_BLOCK, :]
+        grids.append(find_grid(w[..., c0 : c0 + width], spec, block, unit))
+    return Grid(*(None if parts[0] is None else torch.cat(parts, dim=-1) for parts in zip(*grids)))
 
 
 @dataclass
 class QuantizedWeight:
-    """A quantized weight: W ≈ scale[:, g_idx] · (codes − zero[:, g_idx]).
+    """A quantized weight: W ≈ scale[:, g_idx] · (codes − zero[:, g_idx]) (− offset[:, g_idx]).
 
     codes (rows, cols) uint8; scale, zero (rows, n_groups) in the weight's dtype; g_idx (cols,) int32 maps each
-    input column to its group (under act-order a group is a run of the *processing* order, so g_idx is stored).
+    input column to its group (under act-order a group is a run of the *processing* order, so g_idx is stored);
+    offset (rows, n_groups) only for GGUF grids with block minimums (Grid).
     """
 
     codes: torch.Tensor
@@ -204,7 +233,25 @@ class QuantizedWeight:
     zero: torch.Tensor
     g_idx: torch.Tensor
     bits: int
+    offset: torch.Tensor | None = None
+
+    GRID_PARTS = ("codes", "scale", "zero", "g_idx")  # the tensors every one has; offset where it is not None
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        """Its tensors by part name (offset only where there is one), for storage."""
+        parts = {k: getattr(self, k) for k in self.GRID_PARTS}
+        return parts if self.offset is None else {**parts, "offset": self.offset}
+
+    @classmethod
+    def from_tensors(cls, tensors: dict[str, torch.Tensor], bits: int) -> QuantizedWeight:
+        return cls(*(tensors[k] for k in cls.GRID_PARTS), bits, tensors.get("offset"))
+
+    def take_rows(self, index: torch.Tensor) -> QuantizedWeight:
+        """The rows `index` (every row's tensors alike; g_idx is shared)."""
+        return QuantizedWeight(self.codes[index], self.scale[index], self.zero[index], self.g_idx, self.bits,
+                               None if self.offset is None else self.offset[index])
 
     def dequantize(self) -> torch.Tensor:
         g = self.g_idx.long()
-        return dequantize(self.codes.to(self.scale.dtype), self.scale[:, g], self.zero[:, g])
+        return dequantize(self.codes.to(self.scale.dtype), self.scale[:, g], self.zero[:, g],
+                          None if self.offset is None else self.offset[:, g])

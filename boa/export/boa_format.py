@@ -7,7 +7,8 @@
     model.safetensors                 every tensor that is not quantized (embeddings, norms, biases, lm_head) under
                                       its state-dict name, and per quantized layer NAME its packed weight
                                       (boa/core/packed.py): NAME.qweight uint8, NAME.scales float32, NAME.zeros
-                                      uint8, NAME.perm int32 (act-order only); its bits, group_size and in_features
+                                      uint8, NAME.perm int32 (act-order only), NAME.offsets float32 (GGUF's
+                                      block minimums only); its bits, group_size and in_features
                                       are in quantization.json's "layers". Past max_shard_size (5 GB) the same
                                       tensors go into model-0000K-of-0000N.safetensors shards with
                                       model.safetensors.index.json (boa/core/shards.py), every shard's header
@@ -219,11 +220,11 @@ def _check_companions(folder: Path, manifest: dict) -> None:
 
 def _read_layer(tensors: dict, name: str, info: dict, version: int) -> QuantizedWeight | PackedWeight:
     if version == 1:
-        return QuantizedWeight(*(tensors.pop(f"{name}.{k}") for k in ("codes", "scale", "zero", "g_idx")), info["bits"])
+        return QuantizedWeight(*(tensors.pop(f"{name}.{k}") for k in QuantizedWeight.GRID_PARTS), info["bits"])
     return PackedWeight(
         qweight=tensors.pop(f"{name}.qweight"), scales=tensors.pop(f"{name}.scales"), zeros=tensors.pop(f"{name}.zeros"),
         perm=tensors.pop(f"{name}.perm", None), bits=info["bits"], in_features=info["in_features"],
-        group_size=info["group_size"],
+        group_size=info["group_size"], offsets=tensors.pop(f"{name}.offsets", None),
     )
 
 

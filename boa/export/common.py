@@ -53,6 +53,15 @@ def has_plain_groups(q: QuantizedWeight) -> bool:
     return torch.equal(q.g_idx.long(), torch.arange(cols, device=q.g_idx.device) // group_width(q))
 
 
+def check_integer_zero_points(layers: dict[str, QuantizedWeight], format_name: str) -> None:
+    """That every layer's grid is scale · (code − zero) with an integer zero point: GGUF's block minimums (an
+    offset) have no place in `format_name`."""
+    for name, q in layers.items():
+        if q.offset is not None:
+            raise BoaError(f"{name} sits on GGUF grids with block minimums (Q2_K/Q4_K/Q5_K), which {format_name} "
+                           "cannot hold; export it with --format gguf, or quantize on another grid")
+
+
 def is_symmetric(q: QuantizedWeight) -> bool:
     return bool((q.zero == 2 ** (q.bits - 1)).all())
 

@@ -41,7 +41,7 @@ from torch import nn
 from boa.core.errors import BoaError
 from boa.core.shards import DEFAULT_MAX_SHARD_BYTES
 from boa.export.common import (
-    group_width, has_plain_groups, is_symmetric, model_dtype, pack_int32, plain_tensors,
+    check_integer_zero_points, group_width, has_plain_groups, is_symmetric, model_dtype, pack_int32, plain_tensors,
     write_export,
 )
 from boa.core.quantizer import QuantizedWeight
@@ -96,6 +96,7 @@ def export_compressed_tensors(model: nn.Module, layers: dict[str, QuantizedWeigh
     max_shard_size (e.g. "5GB"); `config` is the boa QuantConfig recorded in the export manifest."""
     if not layers:
         raise BoaError("the model has no quantized layers to export; quantize it first with `boa quantize`")
+    check_integer_zero_points(layers, "compressed-tensors")
     input_activations = _input_activations(model)
     dtype = model_dtype(model)
     tensors = plain_tensors(model, layers)

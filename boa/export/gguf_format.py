@@ -54,10 +54,6 @@ def interleaved_rows(rows: int, heads: int) -> torch.Tensor:
     return torch.arange(rows).reshape(heads, 2, rows // heads // 2).transpose(1, 2).reshape(-1)
 
 
-def _take_rows(q: QuantizedWeight, index: torch.Tensor) -> QuantizedWeight:
-    return QuantizedWeight(q.codes[index], q.scale[index], q.zero[index], q.g_idx, q.bits)
-
-
 def check_exportable(model: nn.Module, layers: dict[str, QuantizedWeight], kind_name: str | None, config) -> None:
     """That the model's architecture and `layers` (their grids: `kind_name`'s, None for a float export) fit."""
     model_type = model.config.model_type
@@ -106,7 +102,8 @@ def _add_metadata(writer, config, kind_name: str) -> None:
     writer.add_layer_norm_rms_eps(config.rms_norm_eps)
     writer.add_vocab_size(config.vocab_size)
     # llama.cpp's name of a file mostly in one type (Q3_K_S: every matrix Q3_K)
-    file_type = {"Q3_K": "MOSTLY_Q3_K_S", "F32": "ALL_F32"}.get(kind_name, f"MOSTLY_{kind_name}")  # Q6_K: MOSTLY_Q6_K
+    small = {name: f"MOSTLY_{name}_S" for name in ("Q3_K", "Q4_K", "Q5_K")}  # every matrix of the type: its _S mix
+    file_type = {**small, "F32": "ALL_F32"}.get(kind_name, f"MOSTLY_{kind_name}")  # Q2_K, Q6_K: MOSTLY_Q2_K, …
     writer.add_file_type(getattr(gguf.LlamaFileType, file_type))
     writer.add_quantization_version(gguf.GGML_QUANT_VERSION)
     writer.add_key_value("boa.grid", kind_name, gguf.GGUFValueType.STRING)
@@ -200,8 +197,8 @@ def export_gguf(model: nn.Module, layers: dict[str, QuantizedWeight], out_file, 
         if module in layers:  # its fake-quantized weight, or a packed layer's buffers: written from its codes
             q = layers[module]
             if role in heads:
-                q = _take_rows(q, interleaved_rows(q.codes.shape[0], heads[role]))
-            writer.add_tensor(gguf_name(module), encode_rows(kind, q.codes, q.scale, q.zero), raw_dtype=qtype)
+                q = q.take_rows(interleaved_rows(q.codes.shape[0], heads[role]))
+            writer.add_tensor(gguf_name(module), encode_rows(kind, q.codes, q.scale, q.zero, q.offset), raw_dtype=qtype)
             written.add(module)
             continue
         if leaf != "weight":

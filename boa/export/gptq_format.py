@@ -42,7 +42,7 @@ from torch import nn
 from boa.core.errors import BoaError
 from boa.core.shards import DEFAULT_MAX_SHARD_BYTES
 from boa.export.common import (
-    check_no_transforms, group_width, has_plain_groups, is_symmetric, pack_int32,
+    check_integer_zero_points, check_no_transforms, group_width, has_plain_groups, is_symmetric, pack_int32,
     plain_tensors, write_export,
 )
 from boa.core.quantizer import QuantizedWeight
@@ -106,6 +106,7 @@ def export_gptq(model: nn.Module, layers: dict[str, QuantizedWeight], out_dir, t
     if not layers:
         raise BoaError("the model has no quantized layers to export; quantize it first with `boa quantize`")
     check_no_transforms(model, "GPTQ")
+    check_integer_zero_points(layers, "the GPTQ format")
     bits = next(iter(layers.values())).bits
     for name, q in layers.items():
         _check(name, q, bits)

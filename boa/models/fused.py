@@ -99,8 +99,13 @@ def stack_rows(parts: list[QuantizedWeight], name: str) -> QuantizedWeight:
         if q.bits != first.bits or not torch.equal(q.g_idx, first.g_idx):
             raise BoaError(f"the parts of the fused layer {name} were quantized with different bits or column groups "
                            "and cannot be stored as one matrix")
+    offsets = [q.offset for q in parts]
+    if any((o is None) != (offsets[0] is None) for o in offsets):
+        raise BoaError(f"the parts of the fused layer {name} were quantized on grids with and without block minimums "
+                       "and cannot be stored as one matrix")
     return QuantizedWeight(torch.cat([q.codes for q in parts]), torch.cat([q.scale for q in parts]),
-                           torch.cat([q.zero for q in parts]), first.g_idx, first.bits)
+                           torch.cat([q.zero for q in parts]), first.g_idx, first.bits,
+                           None if offsets[0] is None else torch.cat(offsets))
 
 
 def join_split(model: nn.Module, adapter, layers: dict[str, QuantizedWeight] | None = None) -> None:

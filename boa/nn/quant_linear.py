@@ -31,6 +31,8 @@ class QuantLinear(nn.Module):
             self.register_buffer(name, tensor)
         if weight.perm is None:
             self.perm = None
+        if weight.offsets is None:
+            self.offsets = None
         self.bias = None if bias is None else nn.Parameter(bias, requires_grad=False)
         self.activations: tuple[int, float] | None = None  # (bits, clip ratio): inputs quantized per token
         self._refresh()
@@ -38,7 +40,7 @@ class QuantLinear(nn.Module):
     def _refresh(self) -> None:
         """The PackedWeight view of the buffers, made once (not per forward: decoding calls this layer per token)."""
         self.packed = PackedWeight(self.qweight, self.scales, self.zeros, self.perm, self.bits, self.in_features,
-                                   self.group_size)
+                                   self.group_size, self.offsets)
 
     def quantized_weight(self) -> QuantizedWeight:
         """Codes, grids and g_idx in input column order (unpacked: a copy, for export and inspection)."""
@@ -47,6 +49,9 @@ class QuantLinear(nn.Module):
     def quantize_inputs(self, bits: int | None, clip_ratio: float = 1.0) -> None:
         """From now on the input is quantized per token to `bits` and multiplied in integers (the int8 kernels:
         boa_kernels.int8_matmul; 4-bit codes widened); None: float inputs again."""
+        if bits is not None and self.offsets is not None:
+            raise BoaError("a layer on GGUF grids with block minimums (Q2_K/Q4_K/Q5_K) cannot take quantized inputs; "
+                           "quantize its weights on another grid")
         self.activations = None if bits is None else (bits, clip_ratio)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,6 +65,8 @@ class QuantLinear(nn.Module):
         super()._apply(fn, recurse)
         if self.scales.dtype != torch.float32:
             self.scales = self.scales.float()
+        if self.offsets is not None and self.offsets.dtype != torch.float32:
+            self.offsets = self.offsets.float()
         self._refresh()
         return self
 

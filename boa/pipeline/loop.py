@@ -120,7 +120,7 @@ def _write_back(layer: nn.Linear, q: QuantizedWeight, method: Method) -> None:
     weight is their float32 dequantization in the model's dtype)."""
     dtype = layer.weight.dtype
     if method.spec.gguf is None:
-        q.scale, q.zero = q.scale.to(dtype), q.zero.to(dtype)
+        q.scale, q.zero = q.scale.to(dtype), q.zero.to(dtype)  # (only GGUF grids have offsets)
     layer.weight.data = q.dequantize().to(dtype).to(layer.weight.device)
 
 
@@ -128,16 +128,15 @@ def _save_block(checkpoint: Checkpoint, index: int, layers: dict[str, QuantizedW
                 inputs: BlockInputs | None) -> None:
     tensors = {}
     for name, q in layers.items():
-        tensors.update({f"{name}.codes": q.codes, f"{name}.scale": q.scale, f"{name}.zero": q.zero,
-                        f"{name}.g_idx": q.g_idx})
+        tensors.update({f"{name}.{part}": t for part, t in q.tensors().items()})
     meta = {"losses": losses, "bits": {n: q.bits for n, q in layers.items()}}
     checkpoint.save(index, tensors, meta, carry=None if inputs is None else inputs.state())
 
 
 def _load_block(checkpoint: Checkpoint, index: int) -> tuple[dict[str, QuantizedWeight], dict[str, float]]:
     tensors, meta = checkpoint.load(index)
-    layers = {name: QuantizedWeight(tensors[f"{name}.codes"], tensors[f"{name}.scale"], tensors[f"{name}.zero"],
-                                    tensors[f"{name}.g_idx"], bits)
+    layers = {name: QuantizedWeight.from_tensors({k[len(name) + 1:]: t for k, t in tensors.items()
+                                                  if k.startswith(f"{name}.")}, bits)
               for name, bits in meta["bits"].items()}
     return layers, meta["losses"]
 
@@ -173,19 +172,21 @@ _DTYPES = (torch.float32, torch.float64, torch.float16, torch.bfloat16)
 def _share_layer(q: QuantizedWeight | None, owner: int, ranks: Ranks, shape: tuple[int, int],
                  device: torch.device) -> QuantizedWeight:
     """The owner rank's solve of a (rows, cols) layer, on every rank."""
-    meta = torch.zeros(4, dtype=torch.int64, device=device)  # groups, scale dtype, zero dtype, bits
+    meta = torch.zeros(5, dtype=torch.int64, device=device)  # groups, scale dtype, zero dtype, bits, has offsets
     if q is not None:
         meta.copy_(torch.tensor([q.scale.shape[1], _DTYPES.index(q.scale.dtype), _DTYPES.index(q.zero.dtype),
-                                 q.bits]))
-    groups, scale_dtype, zero_dtype, bits = ranks.broadcast_(meta, owner, "a layer's grid shape").tolist()
+                                 q.bits, int(q.offset is not None)]))
+    groups, scale_dtype, zero_dtype, bits, offsets = ranks.broadcast_(meta, owner, "a layer's grid shape").tolist()
     rows, cols = shape
     if q is None:
+        grid = {"dtype": _DTYPES[scale_dtype], "device": device}
         q = QuantizedWeight(torch.empty(rows, cols, dtype=torch.uint8, device=device),
-                            torch.empty(rows, groups, dtype=_DTYPES[scale_dtype], device=device),
+                            torch.empty(rows, groups, **grid),
                             torch.empty(rows, groups, dtype=_DTYPES[zero_dtype], device=device),
-                            torch.empty(cols, dtype=torch.int32, device=device), bits)
-    for part in ("codes", "scale", "zero", "g_idx"):
-        ranks.broadcast_(getattr(q, part), owner, "a solved layer's codes")
+                            torch.empty(cols, dtype=torch.int32, device=device), bits,
+                            torch.empty(rows, groups, **grid) if offsets else None)
+    for tensor in q.tensors().values():
+        ranks.broadcast_(tensor, owner, "a solved layer's codes")
     return q
 
 

@@ -37,7 +37,7 @@ class LearnedWeightQuantizer(nn.Module):
         self.bits = bits
         self.maxq = 2**bits - 1
         w = weight.detach().reshape(weight.shape[0], -1).float()
-        scale, zero = find_grid(w, QuantSpec(bits, grid="mse"))
+        scale, zero, _ = find_grid(w, QuantSpec(bits, grid="mse"))
         self.register_buffer("scale0", scale)
         self.register_buffer("zero", zero)
         self.scale = nn.Parameter(scale.clone())

@@ -6,15 +6,16 @@ import torch
 
 from boa.algorithms import obs_solve, rtn
 from boa.core.hessian import layer_loss
+from boa.core.gguf_grids import SUPER_BLOCK, gguf_type, super_units
 from boa.core.quantizer import QuantSpec, dequantize, find_grid, quantize
 
 from problems import correlated_problem
 
 
-def dense_obs(W, H, spec, order, percdamp=0.01):
+def dense_obs(W, H, spec, order, percdamp=0.01, units=None):
     """Optimal Brain Surgeon, one weight column at a time, on the explicit inverse of the remaining block of H
     (no Cholesky, no lazy batching). Grids per group are chosen when the group's first column is reached
-    (in processing order), from the compensated weights."""
+    (in processing order), from the compensated weights (GGUF K types: on the super-blocks' `units`)."""
     W = W.clone()
     H = H + percdamp * torch.diagonal(H).mean() * torch.eye(H.shape[0], dtype=H.dtype)
     cols = W.shape[1]
@@ -24,11 +25,12 @@ def dense_obs(W, H, spec, order, percdamp=0.01):
     for pos, j in enumerate(order):
         if pos % width == 0:
             group = order[pos : pos + width]
-            scale, zero = find_grid(W[:, group], spec)
+            unit = None if units is None else units[:, j // SUPER_BLOCK]
+            grid = find_grid(W[:, group], spec, unit=unit)
         Hinv = torch.linalg.inv(H[remaining][:, remaining])
-        c = quantize(W[:, j : j + 1], scale, zero, spec.maxq)
+        c = quantize(W[:, j : j + 1], grid.scale, grid.zero, spec.maxq, grid.offset)
         codes[:, j : j + 1] = c
-        err = W[:, j] - dequantize(c, scale, zero)[:, 0]
+        err = W[:, j] - dequantize(c, grid.scale, grid.zero, grid.offset)[:, 0]
         W[:, remaining] -= err[:, None] * Hinv[0][None, :] / Hinv[0, 0]
         remaining.pop(0)
     return codes
@@ -43,6 +45,20 @@ def test_gptq_equals_dense_obs(group_size, act_order):
     order = torch.argsort(torch.diagonal(H), descending=True, stable=True) if act_order else torch.arange(12)
     expected = dense_obs(W, H, spec, order.tolist())
     assert torch.equal(got.codes.double(), expected)
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q4_K"])
+def test_gptq_on_grids_with_block_minimums_equals_dense_obs(name):
+    """GGUF's block minimums, w = s·c − o: the column pass rounds w + o on s·c (and spreads the same errors); the
+    dense solve quantizes with the offset itself. The super-blocks' (d, dmin) come from the weights before any
+    update."""
+    kind = gguf_type(name)
+    W, H = correlated_problem(6, 512, seed=5)
+    spec = QuantSpec(bits=kind.bits, group_size=kind.block, gguf=name)
+    got = obs_solve(W, H, spec, block_size=64)
+    expected = dense_obs(W, H, spec, list(range(512)), units=super_units(W, kind))
+    assert torch.equal(got.codes.double(), expected)
+    assert bool((got.offset > 0).any()) and bool((got.zero == 0).all())
 
 
 @pytest.mark.parametrize("group_size", [-1, 32, 48])

@@ -28,7 +28,7 @@ def dense_kron_obs(W, H_out, H_in, spec):
     remaining = list(range(d * cols))
     for k in range(d * cols):
         if k % cols == 0:
-            scale, zero = find_grid(w[k : k + cols][None], spec)
+            scale, zero, _ = find_grid(w[k : k + cols][None], spec)
         Hinv = torch.linalg.inv(Hfull[remaining][:, remaining])
         c = quantize(w[k], scale[0, 0], zero[0, 0], spec.maxq)
         codes[k] = c
@@ -137,7 +137,7 @@ def test_dx_correction_is_the_exact_sequential_minimiser(seed):
         rhs = (W @ D)[:, free] - (Q[:, fixed] - W[:, fixed]) @ Hd[fixed, free]
         optimum = W[:, free] + torch.linalg.solve(Hd[free, free], rhs.T).T
         if c == 0:
-            scale, zero = find_grid(optimum, spec)
+            scale, zero, _ = find_grid(optimum, spec)
         Q[:, c] = dequantize(quantize(optimum[:, 0], scale[:, 0], zero[:, 0], spec.maxq), scale[:, 0], zero[:, 0])
     torch.testing.assert_close(got.dequantize(), Q)
 
@@ -152,7 +152,7 @@ def test_dx_fold_beats_the_incremental_gptaq_term():
         fold.append(dx_objective(obs_solve(W, H, spec, D=D).dequantize(), W, H, D))
         U = inverse_cholesky_upper(H, 0.01)
         P = torch.triu(D @ U.T, 1) @ U
-        scale, zero = find_grid(W, spec)
+        scale, zero, _ = find_grid(W, spec)
         Wc, Q = W.clone(), torch.zeros_like(W)
         for c in range(W.shape[1]):
             w = Wc[:, c].clone()

@@ -6,7 +6,9 @@ import torch
 
 import boa
 from boa.algorithms.rtn import rtn
-from boa.core.gguf_grids import GGUF_TYPES, _round_significant, encode_rows, gguf_type, snap_grid, units_of
+from boa.core.gguf_grids import (
+    GGUF_TYPES, _round_significant, encode_rows, gguf_type, minimum_units_of, snap_grid, units_of,
+)
 from boa.core.quantizer import QuantSpec
 
 gguf = pytest.importorskip("gguf")
@@ -29,7 +31,7 @@ def weights(rows: int = 24, cols: int = 512, seed: int = 0) -> torch.Tensor:
 
 
 def gguf_dequantized(kind, q: boa.core.quantizer.QuantizedWeight) -> torch.Tensor:
-    data = encode_rows(kind, q.codes, q.scale, q.zero)
+    data = encode_rows(kind, q.codes, q.scale, q.zero, q.offset)
     qtype = gguf.GGMLQuantizationType[kind.name]
     assert data.shape[1] == q.codes.shape[1] // kind.row_multiple * gguf.GGML_QUANT_SIZES[qtype][1]
     return torch.from_numpy(gguf.quants.dequantize(data, qtype).astype(np.float32))
@@ -106,8 +108,8 @@ def test_act_order_without_static_groups_is_refused_for_gguf():
 def test_a_gguf_type_sets_bits_block_and_symmetry():
     assert boa.GPTQ(gguf="q4_1").spec == QuantSpec(bits=4, sym=False, group_size=32, gguf="Q4_1")
     assert boa.TurboBoA(gguf="Q3_K", bits=2).spec.bits == 3
-    with pytest.raises(boa.BoaError, match="Q4_K is not supported yet"):
-        boa.GPTQ(gguf="Q4_K")
+    assert boa.GPTQ(gguf="Q4_K").spec == QuantSpec(bits=4, sym=False, group_size=32, gguf="Q4_K")
+    assert boa.RTN(gguf="q2_k").spec == QuantSpec(bits=2, sym=False, group_size=16, gguf="Q2_K")
     with pytest.raises(boa.BoaError, match="choose one of Q4_0"):
         boa.GPTQ(gguf="Q9")
 
@@ -136,6 +138,41 @@ def test_q3_k_block_scales_share_one_float16_per_super_block():
     k = q.scale.double().unflatten(-1, (-1, 16)) / d[..., None]
     assert torch.equal(k, k.round()) and k.abs().min() >= 1 and k.min() >= -32 and k.max() <= 31
     assert torch.equal(d.half().double(), d)
+
+
+@pytest.mark.parametrize("name", ["Q2_K", "Q4_K", "Q5_K"])
+def test_block_minimums_are_multiples_of_one_float16_per_super_block(name):
+    """w = (d·k)·c − dmin·m: k in [1, k_max], m in [0, k_max], d and dmin float16 per 256 weights, zero points 0; the
+    min-max offsets are the representable ones nearest the blocks' minimums."""
+    kind = gguf_type(name)
+    W = weights()
+    q = rtn(W, QuantSpec(bits=kind.bits, sym=False, group_size=kind.block, gguf=name))
+    assert bool((q.zero == 0).all())
+    for values, unit, low in ((q.scale.double(), units_of(kind, q.scale.double()), 1),
+                              (q.offset.double(), minimum_units_of(kind, q.offset.double()), 0)):
+        assert torch.equal(unit.half().double(), unit)
+        k = values.unflatten(-1, (-1, 256 // kind.block)) / unit.where(unit > 0, 1)[..., None]
+        assert torch.equal(k, k.round()) and k.min() >= low and k.max() <= kind.k_max
+    block_min = W.unflatten(-1, (-1, kind.block)).amin(-1).clamp(max=0)
+    dmin = minimum_units_of(kind, q.offset.double()).repeat_interleave(256 // kind.block, -1).float()
+    assert ((q.offset + block_min).abs() <= 0.51 * dmin.clamp(min=2.0**-24)).all()  # float16 holds no finer step
+
+
+def test_encoding_needs_offsets_exactly_for_the_types_with_block_minimums():
+    W = weights(rows=8)
+    q4k = rtn(W, QuantSpec(bits=4, sym=False, group_size=32, gguf="Q4_K"))
+    q41 = rtn(W, QuantSpec(bits=4, sym=False, group_size=32, gguf="Q4_1"))
+    with pytest.raises(boa.BoaError, match="Q4_K grids need block minimums"):
+        encode_rows(gguf_type("Q4_K"), q41.codes, q41.scale, q41.zero)
+    with pytest.raises(boa.BoaError, match="Q4_1 grids have no block minimums"):
+        encode_rows(gguf_type("Q4_1"), q4k.codes, q4k.scale, q4k.zero, q4k.offset)
+    with pytest.raises(boa.BoaError, match="block minimums are not multiples of one float16"):
+        encode_rows(gguf_type("Q4_K"), q4k.codes, q4k.scale, q4k.zero, q4k.offset * 1.001)
+
+
+def test_aespa_refuses_block_minimums():
+    with pytest.raises(boa.BoaError, match="aespa does not learn rounding on Q4_K"):
+        boa.Aespa(init=boa.TurboBoA(gguf="Q4_K"))
 
 
 def test_rows_that_do_not_split_into_blocks_are_refused():

@@ -78,3 +78,28 @@ def test_zero_points_off_the_code_range_are_refused():
     q = QuantizedWeight(codes, torch.ones(4, 1), torch.full((4, 1), 16.0), torch.zeros(64, dtype=torch.int32), 4)
     with pytest.raises(BoaError, match=r"zero points span \[16.0, 16.0\], outside the 4-bit codes \[0, 15\]"):
         pack(q)
+
+
+def test_block_minimums_pack_as_float_offsets_and_run_dequantized():
+    """GGUF's Q4_K grids (w = s·c − o): the offsets are packed beside the grids, come back exactly, are checked on
+    load, and such a layer runs on torch's dequantize-then-matmul (the kernels read integer zero points only)."""
+    from boa.algorithms.rtn import rtn
+    from boa.core.quantizer import QuantSpec
+    from boa_kernels.packed_matmul import kernel_ready, packed_matmul
+
+    W = torch.randn(24, 512, generator=torch.Generator().manual_seed(0)) * 0.02
+    q = rtn(W, QuantSpec(bits=4, group_size=32, gguf="Q4_K"))
+    packed = pack(q)
+    assert packed.offsets.dtype == torch.float32 and "offsets" in packed.tensors()
+    back = packed.to_quantized()
+    assert torch.equal(back.offset, q.offset) and torch.equal(back.dequantize(), q.dequantize())
+    packed.check("layer", 24, 512)
+    assert not kernel_ready(packed)
+    x = torch.randn(3, 512)
+    assert torch.equal(packed_matmul(x, packed), x @ q.dequantize().T)
+    packed.offsets = packed.offsets[:, :-1]
+    with pytest.raises(BoaError, match="offsets is \\(24, 15\\)"):
+        packed.check("layer", 24, 512)
+    packed.offsets = torch.full((24, 16), float("nan"))
+    with pytest.raises(BoaError, match="offsets hold NaN"):
+        packed.check("layer", 24, 512)

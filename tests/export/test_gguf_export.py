@@ -17,6 +17,7 @@ from boa.cli import main
 from boa.core.gguf_grids import GGUF_TYPES
 from boa.export import export_gguf
 from boa.export.gguf_format import gguf_name, interleaved_rows
+from boa.generate import generate
 from conftest import build_llama, random_windows
 
 gguf = pytest.importorskip("gguf")
@@ -135,34 +136,56 @@ def test_what_gguf_cannot_hold_is_refused(tmp_path):
     assert not list(tmp_path.glob("*.gguf*"))
 
 
-@pytest.fixture
-def quantized_folder(tmp_path, calib_txt):
-    """`boa quantize` of a wide Llama folder with a byte-level BPE tokenizer, on Q8_0's grids, saved packed."""
+def quantize_folder(tmp_path, calib_txt, kind: str = "Q8_0"):
+    """`boa quantize` of a wide Llama folder with a byte-level BPE tokenizer, on `kind`'s grids, saved packed."""
     folder = tmp_path / "llama"
     wide_llama().save_pretrained(folder)
     byte_tokenizer().save_pretrained(folder)
     out = tmp_path / "q"
-    assert main(["quantize", str(folder), "--method", "gptq", "--grid", "gguf:Q8_0", "--calib", str(calib_txt),
+    assert main(["quantize", str(folder), "--method", "gptq", "--grid", f"gguf:{kind}", "--calib", str(calib_txt),
                  "--nsamples", "4", "--seqlen", "32", "--corpora", "", "--out", str(out)]) == 0
     return out
 
 
-def test_cli_exports_a_saved_model_with_its_tokenizer(quantized_folder, tmp_path):
+@pytest.fixture
+def quantized_folder(tmp_path, calib_txt):
+    return quantize_folder(tmp_path, calib_txt)
+
+
+@pytest.mark.parametrize("kind", ["Q8_0", "Q4_K"])
+def test_cli_exports_a_saved_model_with_its_tokenizer(kind, tmp_path, calib_txt):
     """`boa export --format gguf` reads the packed folder (the type from its manifest) and writes the tokenizer
-    llama.cpp needs; transformers reads the file as the packed model's weights."""
+    llama.cpp needs; transformers reads the file as the packed model's weights (Q4_K: its block minimums saved
+    and loaded as offsets)."""
+    quantized_folder = quantize_folder(tmp_path, calib_txt, kind)
     out = tmp_path / "m.gguf"
     assert main(["export", str(quantized_folder), "--format", "gguf", "--out", str(out), "--float-type", "f32"]) == 0
     reader = gguf.GGUFReader(str(out))
     assert reader.fields["tokenizer.ggml.model"].contents() == "gpt2"
     assert len(reader.fields["tokenizer.ggml.tokens"].contents()) == 256
     assert {t.tensor_type.name for t in reader.tensors if t.name.startswith("blk.") and t.name.endswith("proj")} <= {
-        "Q8_0"}
-    packed, _, _ = boa.load(quantized_folder)
+        kind}
+    packed, tokenizer, _ = boa.load(quantized_folder)
     loaded = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, gguf_file=out.name, dtype=torch.float32)
     modules = dict(loaded.named_modules())
-    for name, layer in packed.named_modules():
-        if isinstance(layer, boa.nn.QuantLinear):
-            assert torch.equal(modules[name].weight, layer.quantized_weight().dequantize()), name
+    quantized = [(name, layer) for name, layer in packed.named_modules() if isinstance(layer, boa.nn.QuantLinear)]
+    assert quantized and all((layer.offsets is not None) == (kind == "Q4_K") for _, layer in quantized)
+    for name, layer in quantized:
+        assert torch.equal(modules[name].weight, layer.quantized_weight().dequantize()), name
+    ids = random_windows(2, 16, seed=1)
+    assert torch.equal(logits(loaded, ids), logits(packed, ids))  # the packed layers run what the file holds
+    ours, theirs = (generate(packed, tokenizer, "abab", max_new_tokens=8, stop_at_eos=False, engine=engine).tokens
+                    for engine in ("boa", "transformers"))  # boa's decode loop (offsets: torch layers) too
+    assert ours == theirs
+
+
+def test_block_minimums_are_refused_by_the_integer_zero_point_formats(tmp_path):
+    model = wide_llama()
+    result = boa.quantize(model, boa.RTN(gguf="Q4_K"), progress=False)
+    for fmt, export in (("GPTQ format", boa.export.export_gptq),
+                        ("compressed-tensors", boa.export.export_compressed_tensors)):
+        with pytest.raises(boa.BoaError, match=f"block minimums.*which (the )?{fmt} cannot hold.*--format gguf"):
+            export(model, result.layers, tmp_path / fmt, config=result.config)
 
 
 LLAMACPP_LOGITS = r"""
@@ -189,9 +212,11 @@ print(json.dumps([np.ctypeslib.as_array(llama_cpp.llama_get_logits_ith(ctx, i), 
 
 
 @pytest.mark.skipif(not LLAMACPP_PYTHON.exists(), reason="llama.cpp's venv (made by bench/peer_llamacpp.py) is absent")
-def test_llama_cpp_runs_the_export_and_agrees_with_boa(quantized_folder, tmp_path):
+@pytest.mark.parametrize("kind", ["Q8_0", "Q3_K", "Q2_K", "Q4_K"])
+def test_llama_cpp_runs_the_export_and_agrees_with_boa(kind, tmp_path, calib_txt):
     """llama.cpp loads the file and computes boa's logits up to its own arithmetic (it rounds activations to 8 bits
     for quantized matrices): the logits within 2% of their range, the top tokens the same but for near-ties."""
+    quantized_folder = quantize_folder(tmp_path, calib_txt, kind)
     out = tmp_path / "m.gguf"
     assert main(["export", str(quantized_folder), "--format", "gguf", "--out", str(out)]) == 0
     ids = random_windows(1, 24, seed=5)[0].tolist()

@@ -40,7 +40,7 @@ def test_rtn_weights_are_round_to_nearest(tiny_cnn):
     for name, layer in result.layers.items():
         q = layer.weight
         w = float_layers[name].weight.detach().reshape(len(q.codes), -1)
-        scale, zero = find_grid(w, QuantSpec(q.bits, grid="mse"))
+        scale, zero, _ = find_grid(w, QuantSpec(q.bits, grid="mse"))
         assert torch.equal(q.codes.float(), torch.clamp(torch.round(w / scale) + zero, 0, 2**q.bits - 1))
 
 
