@@ -7,11 +7,14 @@ Models: the packaged SmolLM2-135M, and a Llama-shaped model with random weights 
 MLP 5632, 16 query / 4 KV heads, 6 blocks) with SmolLM2's 49152-token vocabulary so that one tokenizer serves both.
 llama.cpp (PyPI `llama-cpp-python`, built from its sdist: ~12 CPU-minutes, in its own venv $BOA_CACHE/venvs/llamacpp,
 `--venv` reuses another; a subprocess) runs
-    llama.cpp-Q4_0/Q4_1/Q8_0   its own quantization of the model's F16 GGUF (written by boa's export)
-    boa-gguf-Q4_0/Q4_1/Q8_0    boa's export of the model quantized on that type's grids (RTN: speed does not depend
+    llama.cpp-Q4_0/Q4_1/Q8_0   its own quantization of the model's F16 GGUF (written by boa's export); the Llama
+                               (rows of 2048 and 5632 = 22 · 256) also Q2_K/Q3_K/Q4_K (SmolLM2's 576 do not split
+                               into the K types' 256)
+    boa-gguf-TYPE              boa's export of the model quantized on that type's grids (RTN: speed does not depend
                                on the method), the embedding and head as Q8_0 (`float_type="q8_0"`; llama.cpp's own
                                quantization keeps a head at 6–8 bits too), to check that boa's files run as fast
-                               as llama.cpp's own
+                               as llama.cpp's own; `weights_exact`: every quantized tensor of the file, read back by
+                               the `gguf` package, is boa's dequantized weight bit for bit
 boa runs the float model through transformers' forward (transformers-*) and through boa's decode loop (boa-fp-*),
 and RTN W4/W3/W2 with grids per 32 weights (asymmetric), packed, through boa's decode loop (boa-wN-*), the rest of
 the model in each of --dtypes; boa-w4-*-head8 runs the output head packed at 8 bits (`head_bits=8`, as llama.cpp's
@@ -36,7 +39,9 @@ import boa
 from boa import decode
 from boa.core.io import cache_dir, write_json
 from boa.data import corpus_text
+from boa.core.gguf_grids import SUPER_BLOCK
 from boa.export import export_gguf
+from boa.export.gguf_format import gguf_name, interleaved_rows
 from boa.generate import generate
 from boa.models.loader import BUILTIN_MODELS
 from boa.nn import pack_model
@@ -47,6 +52,7 @@ from gemv import LLAMA, short
 PROMPT = "The history of the city of London begins"
 REQUIREMENT = "llama-cpp-python==0.3.36"
 GGUF_TYPES = ("Q4_0", "Q4_1", "Q8_0")
+K_TYPES = ("Q2_K", "Q3_K", "Q4_K")  # where every row splits into 256
 GROUP = 32
 BITS = (4, 3, 2)
 RUNS = 3
@@ -181,24 +187,49 @@ def gguf_files(name: str, work: Path) -> tuple[list[list[str]], list[list[str]]]
     vocab = BUILTIN_MODELS["smollm2-135m"].gguf_path()
     model, _ = load(name)
     source = export_gguf(model, {}, work / f"{name}-f16.gguf", "F16", vocab_from=vocab)
-    quantize, models = [], []
-    for kind in GGUF_TYPES:
+    widths = {m.in_features for m in model.modules() if isinstance(m, torch.nn.Linear)}
+    kinds = GGUF_TYPES + (K_TYPES if all(w % SUPER_BLOCK == 0 for w in widths) else ())
+    quantize, models, exact = [], [], {}
+    for kind in kinds:
         out = work / f"{name}-llamacpp-{kind}.gguf"
-        quantize.append([str(source), str(out), kind])
+        quantize.append([str(source), str(out), kind + ("_S" if kind in ("Q3_K", "Q4_K") else "")])
         models.append([f"llama.cpp-{kind}", str(out)])
-    for kind in GGUF_TYPES:
+    for kind in kinds:
         model, _ = load(name)
         result = boa.quantize(model, boa.RTN(gguf=kind), None, progress=False)
         out = export_gguf(result.model, result.layers, work / f"{name}-boa-{kind}.gguf", kind, config=result.config,
                           vocab_from=vocab, float_type="q8_0")
         models.append([f"boa-gguf-{kind}", str(out)])
-    return quantize, models
+        exact[f"boa-gguf-{kind}"] = weights_exact(out, result.layers)
+    return quantize, models, exact
+
+
+def weights_exact(path: Path, layers: dict) -> bool:
+    """Whether every quantized tensor of the GGUF file, dequantized by the `gguf` package, is boa's weight (q and k
+    in llama.cpp's interleaved row order)."""
+    import gguf
+    import numpy as np
+
+    reader = gguf.GGUFReader(str(path))
+    tensors = {t.name: t for t in reader.tensors}
+    heads = {role: reader.fields[f"llama.attention.{key}"].contents()
+             for role, key in (("q_proj", "head_count"), ("k_proj", "head_count_kv"))}
+    for module, q in layers.items():
+        t = tensors[gguf_name(module)]
+        got = torch.from_numpy(gguf.quants.dequantize(t.data, t.tensor_type).astype(np.float32))
+        expected = q.dequantize().float()
+        role = module.rsplit(".", 1)[-1]
+        if role in heads:
+            expected = expected[interleaved_rows(expected.shape[0], heads[role])]
+        if not torch.equal(got.reshape(expected.shape), expected):
+            return False
+    return True
 
 
 def llamacpp_rows(python: Path, name: str, ids: torch.Tensor, threads: int, tokens: int) -> list[dict]:
     with tempfile.TemporaryDirectory(prefix="peer-llamacpp-") as folder:
         work = Path(folder)
-        quantize, models = gguf_files(name, work)
+        quantize, models, exact = gguf_files(name, work)
         job = work / "job.json"
         job.write_text(json.dumps({"threads": threads, "tokens": tokens, "prompt": PROMPT, "quantize": quantize,
                                    "models": models, "prefill_ids": ids[0].tolist()}))
@@ -207,6 +238,8 @@ def llamacpp_rows(python: Path, name: str, ids: torch.Tensor, threads: int, toke
             raise RuntimeError(f"llama.cpp failed:\n{done.stderr[-3000:]}")
     rows = [json.loads(line) for line in done.stdout.splitlines() if line.startswith("{")]
     for row in rows:
+        if row["engine"] in exact:
+            row["weights_exact"] = exact[row["engine"]]
         print(f"  {row['engine']}: {row['decode_tok_s']:.1f} decode tok/s, {row['prefill_tok_s']:.1f} prefill tok/s",
               flush=True)
     return rows
