@@ -184,16 +184,27 @@ class Decoder:
     def nbytes(self) -> int:
         return self.keys.nbytes + self.values.nbytes
 
-    def _rope(self, x: torch.Tensor, start: int) -> torch.Tensor:
-        """x (1, heads, T, head_dim) rotated as transformers' rotate-half RoPE at positions start…start+T−1."""
-        T = x.shape[2]
-        return self._rotate(x, self.cos[start:start + T], self.sin[start:start + T])
-
     @staticmethod
     def _rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+        """x (1, heads, T, head_dim) rotated as transformers' rotate-half RoPE by cos, sin (T, head_dim)."""
         half = x.shape[-1] // 2
         rotated = torch.cat((-x[..., half:], x[..., :half]), dim=-1)
         return x * cos + rotated * sin
+
+    def _run_blocks(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, store, attend) -> torch.Tensor:
+        """The decoder layers on x (1, T, hidden) at RoPE's cos, sin (T, head_dim): store(i, k, v) puts layer i's
+        keys and values (1, kv_heads, T, head_dim) in the cache, attend(i, q) attends q over it."""
+        T = x.shape[1]
+        q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
+        for i, (attn_norm, qkv, o_proj, mlp_norm, gate_up, down) in enumerate(self.blocks):
+            q, k, v = qkv(attn_norm(x)).split((q_rows, kv_rows, kv_rows), dim=-1)
+            q = self._rotate(q.view(1, T, self.heads, self.head_dim).transpose(1, 2), cos, sin)
+            k = self._rotate(k.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+            store(i, k, v.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2))
+            x = x + o_proj(attend(i, q).transpose(1, 2).reshape(1, T, q_rows))
+            gate, up = gate_up(mlp_norm(x)).chunk(2, dim=-1)
+            x = x + down(F.silu(gate) * up)
+        return x
 
     @torch.inference_mode()
     def step(self, ids: torch.Tensor) -> torch.Tensor:
@@ -209,21 +220,17 @@ class Decoder:
             return self._native_step(ids, start)
         if T == 1 and self.use_graph:
             return self._graph_step(ids, start)
-        x = self.embed(ids)
-        q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        for i, (attn_norm, qkv, o_proj, mlp_norm, gate_up, down) in enumerate(self.blocks):
-            h = attn_norm(x)
-            q, k, v = qkv(h).split((q_rows, kv_rows, kv_rows), dim=-1)
-            q = self._rope(q.view(1, T, self.heads, self.head_dim).transpose(1, 2), start)
-            k = self._rope(k.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2), start)
+
+        def store(i, k, v):
             self.keys[i, :, :, start:end] = k
-            self.values[i, :, :, start:end] = v.view(1, T, self.kv_heads, self.head_dim).transpose(1, 2)
+            self.values[i, :, :, start:end] = v
+
+        def attend(i, q):
             keys, values = self.keys[i, :, :, :end].to(q.dtype), self.values[i, :, :, :end].to(q.dtype)
-            attended = F.scaled_dot_product_attention(q, keys, values,
-                                                      is_causal=T > 1, enable_gqa=self.kv_heads != self.heads)
-            x = x + o_proj(attended.transpose(1, 2).reshape(1, T, q_rows))
-            gate, up = gate_up(mlp_norm(x)).chunk(2, dim=-1)
-            x = x + down(F.silu(gate) * up)
+            return F.scaled_dot_product_attention(q, keys, values, is_causal=T > 1,
+                                                  enable_gqa=self.kv_heads != self.heads)
+
+        x = self._run_blocks(self.embed(ids), self.cos[start:end], self.sin[start:end], store, attend)
         self.length = end
         return self.head(self.norm(x[:, -1:]))[0, -1]
 
@@ -231,22 +238,18 @@ class Decoder:
         """One token (self.token at self.position) with shapes that never change from step to step, as a CUDA graph
         needs: the cache written by index_copy_, attention over all max_len positions, those after the token masked.
         Returns the logits (vocab,)."""
-        x = self.embed(self.token)
-        q_rows, kv_rows = self.heads * self.head_dim, self.kv_heads * self.head_dim
-        cos, sin = self.cos.index_select(0, self.position), self.sin.index_select(0, self.position)
         visible = (self.positions <= self.position)[None, None, None]  # (1, 1, 1, max_len)
-        for i, (attn_norm, qkv, o_proj, mlp_norm, gate_up, down) in enumerate(self.blocks):
-            q, k, v = qkv(attn_norm(x)).split((q_rows, kv_rows, kv_rows), dim=-1)
-            q = self._rotate(q.view(1, 1, self.heads, self.head_dim).transpose(1, 2), cos, sin)
-            k = self._rotate(k.view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2), cos, sin)
+
+        def store(i, k, v):
             self.keys[i].index_copy_(2, self.position, k.to(self.keys.dtype))
-            self.values[i].index_copy_(2, self.position, v.view(1, 1, self.kv_heads, self.head_dim).transpose(1, 2)
-                                       .to(self.values.dtype))
-            attended = F.scaled_dot_product_attention(q, self.keys[i].to(q.dtype), self.values[i].to(q.dtype),
-                                                      attn_mask=visible, enable_gqa=self.kv_heads != self.heads)
-            x = x + o_proj(attended.transpose(1, 2).reshape(1, 1, q_rows))
-            gate, up = gate_up(mlp_norm(x)).chunk(2, dim=-1)
-            x = x + down(F.silu(gate) * up)
+            self.values[i].index_copy_(2, self.position, v.to(self.values.dtype))
+
+        def attend(i, q):
+            return F.scaled_dot_product_attention(q, self.keys[i].to(q.dtype), self.values[i].to(q.dtype),
+                                                  attn_mask=visible, enable_gqa=self.kv_heads != self.heads)
+
+        cos, sin = self.cos.index_select(0, self.position), self.sin.index_select(0, self.position)
+        x = self._run_blocks(self.embed(self.token), cos, sin, store, attend)
         return self.head(self.norm(x))[0, -1]
 
     def _graph_step(self, ids: torch.Tensor, start: int) -> torch.Tensor:
