@@ -12,6 +12,10 @@ from pathlib import Path
 import boa
 
 FP = "fp"
+# The strongest GPTQ a GPTQModel user can configure (issue 23's honest baseline): act-order and the H-weighted grid,
+# with static groups when the setting is grouped (the dynamic act-order groups cannot be exported in column blocks)
+STRONG_GPTQ = "gptq-strong"
+STRONG_GPTQ_FIELDS = {"act_order": True, "grid": "hessian"}
 # Set by the run itself (--settings, --nsamples, --seqlen, the method name), so not overridable per method.
 RESERVED = ("method", "bits", "group_size", "nsamples", "seqlen")
 # Run settings an entry may set beside its method's fields (boa.QuantConfig's other fields; its transforms come from
@@ -74,6 +78,7 @@ class MethodEntry:
     entry: str        # as given, e.g. "turboboa:rows_per_step=4"; the row's "method" in the JSON
     method: str       # "turboboa"
     overrides: dict   # {"rows_per_step": 4}
+    static_when_grouped: bool = False  # gptq-strong: static groups at grouped settings
 
     def config(self, setting: Setting) -> boa.QuantConfig:
         """The run's config at one setting: the method built by boa.algorithms.method_from_dict from its name, the
@@ -82,6 +87,8 @@ class MethodEntry:
         from boa.algorithms import method_from_dict
 
         fields = {k: v for k, v in self.overrides.items() if k not in (*RUN_OPTIONS, ROTATE, A_CALIBRATE)}
+        if self.static_when_grouped and setting.group_size != -1:
+            fields.setdefault("static_groups", True)
         options = {k: v for k, v in self.overrides.items() if k in RUN_OPTIONS}
         try:
             method = method_from_dict({"method": self.method, "bits": setting.bits,
@@ -90,6 +97,14 @@ class MethodEntry:
             return boa.QuantConfig(method, transforms=transforms, **options)
         except (boa.BoaError, TypeError) as e:
             raise SystemExit(f"method entry {self.entry!r} at {setting.label}: {e}") from None
+
+
+def excess_ratio(row: dict, reference: dict | None, fp: dict | None, corpus: str) -> float | None:
+    """row's perplexity excess over FP divided by the reference row's (e.g. gptq-strong's): < 1 is better."""
+    if reference is None or fp is None:
+        return None
+    base = reference[f"ppl_{corpus}"] - fp[f"ppl_{corpus}"]
+    return (row[f"ppl_{corpus}"] - fp[f"ppl_{corpus}"]) / base if base > 0 else None
 
 
 def parse_value(text: str):
@@ -119,17 +134,19 @@ def method_fields(method: str, overrides: dict) -> set[str]:
 
 
 def parse_methods(text: str) -> list[MethodEntry]:
-    """"fp,rtn,turboboa:rows_per_step=4" -> entries; override keys are checked against the method class's fields
-    (aespa: its own and its init's) and the run options (boa.QuantConfig's hessian_dtype, cache_dtype,
-    true_sequential)."""
+    """"fp,rtn,gptq-strong,turboboa:rows_per_step=4" -> entries (gptq-strong: STRONG_GPTQ); override keys are
+    checked against the method class's fields (aespa: its own and its init's) and the run options
+    (boa.QuantConfig's hessian_dtype, cache_dtype, true_sequential)."""
     from boa.algorithms import REGISTRY
 
     entries = []
     for item in text.split(","):
         item = item.strip()
         method, *pairs = item.split(":")
+        strong = method == STRONG_GPTQ
+        method = "gptq" if strong else method
         if method != FP and method not in REGISTRY:
-            raise SystemExit(f"method entry {item!r}: unknown method {method!r}; known: {FP}, {', '.join(REGISTRY)}")
+            raise SystemExit(f"method entry {item!r}: unknown method {method!r}; known: {FP}, {STRONG_GPTQ}, {', '.join(REGISTRY)}")
         overrides = {}
         for pair in pairs:
             key, sep, value = pair.partition("=")
@@ -149,7 +166,8 @@ def parse_methods(text: str) -> list[MethodEntry]:
                                      f"{', '.join(sorted(known - set(RESERVED)))}")
         if item in (e.entry for e in entries):
             raise SystemExit(f"method entry {item!r} is given twice")
-        entries.append(MethodEntry(item, method, overrides))
+        entries.append(MethodEntry(item, method, {**STRONG_GPTQ_FIELDS, **overrides} if strong else overrides,
+                                   static_when_grouped=strong))
     return entries
 
 

@@ -1,5 +1,7 @@
-"""`make demo`: quantize the packaged SmolLM2-135M with RTN, GPTQ and TurboBoA at W3 per-channel, and print
-FP / RTN / GPTQ / TurboBoA perplexity on held-out Wikipedia and on Jane Austen, with the time each took.
+"""`make demo`: quantize the packaged SmolLM2-135M with RTN, GPTQ (its defaults, and the strongest configuration a
+GPTQ user can set: act-order and the H-weighted grid, `gptq-strong`) and TurboBoA at W3 per-channel, and print their
+perplexity on held-out Wikipedia and on Jane Austen, the time each took, and each method's perplexity excess over FP
+divided by the strongest GPTQ's (÷strong: below 1 is better than it).
 
 The demo calibrates on fewer windows than boa's default (128 × 512) so that it fits in about a quarter of an hour
 on 2 CPU cores; `boa quantize smollm2-135m ...` uses the default. bench/quality.py runs the full table.
@@ -11,10 +13,9 @@ import copy
 import time
 
 import boa
-from boa.algorithms import method_from_dict
-from boa.eval import Report, evaluate_perplexity
+from boa.eval import EVAL_CORPORA, Report, evaluate_perplexity
 
-from _common import parse_settings  # bench/ is sys.path[0] when run as a script
+from _common import STRONG_GPTQ, excess_ratio, parse_methods, parse_settings  # bench/ is sys.path[0] as a script
 
 
 def main() -> None:
@@ -22,7 +23,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows of 512 tokens")
     parser.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 tokens per corpus")
     parser.add_argument("--settings", default="w3", help="comma-separated wBITS[gGROUP]")
-    parser.add_argument("--methods", default="rtn,gptq,turboboa", help="comma-separated methods")
+    parser.add_argument("--methods", default=f"rtn,gptq,{STRONG_GPTQ},turboboa",
+                        help="comma-separated methods (with :key=value overrides, as bench/quality.py takes)")
     parser.add_argument("--json", help="also write the table as JSON")
     args = parser.parse_args()
 
@@ -41,16 +43,19 @@ def main() -> None:
               flush=True)
 
     evaluate("fp32", fp_model, 0.0)
+    fp = report.rows[0]
     for setting in parse_settings(args.settings):
-        bits, group_size = setting.bits, setting.group_size
-        for method in args.methods.split(","):
+        strong = None
+        for entry in parse_methods(args.methods):
             model = copy.deepcopy(fp_model)
-            config = method_from_dict({"method": method, "bits": bits, "group_size": group_size})
             start = time.perf_counter()
-            with report.phase(f"quantize {method}"):
-                boa.quantize(model, config, calib, adapter=adapter, progress=True)
-            tag = f"{method} {setting.label}"
-            evaluate(tag, model, time.perf_counter() - start)
+            with report.phase(f"quantize {entry.entry}"):
+                boa.quantize(model, entry.config(setting), calib, adapter=adapter, progress=True)
+            evaluate(f"{entry.entry} {setting.label}", model, time.perf_counter() - start)
+            strong = report.rows[-1] if entry.entry == STRONG_GPTQ else strong
+        rows = report.rows[-len(parse_methods(args.methods)):]
+        for row in rows if strong else []:
+            row.update({f"÷strong {c}": excess_ratio(row, strong, fp, c) for c in EVAL_CORPORA})
     print()
     report.print()
     if args.json:

@@ -1,6 +1,6 @@
 """Quality / speed benchmark: perplexity and quantization time of each method at each weight setting.
 
-    python bench/quality.py --model smollm2-135m --methods fp,rtn,gptq,boa,turboboa,aespa --settings w4g128,w3,w2g64 \\
+    python bench/quality.py --model smollm2-135m --methods fp,rtn,gptq,gptq-strong,boa,turboboa,aespa --settings w4g128,w3,w2g64 \\
         --json bench/results/quality.json [--plot bench/results/quality.png] [--resume]
 
 What it measures. The model is loaded once and one set of calibration windows (`--nsamples` × `--seqlen` tokens
@@ -25,7 +25,9 @@ entry string as the row's "method", so several variants of one method can be com
 
 Output. The JSON is rewritten (atomically) after every finished row, so an interrupted run keeps what it finished;
 `--resume` then skips the rows already in the file (same method string, bits and group size). At the end a table
-prints perplexity, the excess over FP in % per corpus, seconds and seconds relative to gptq of the same setting,
+prints perplexity, the excess over FP in % per corpus, that excess divided by the strongest GPTQ's (`gptq-strong`:
+act-order, H-weighted grid, static groups when grouped — where that entry ran), seconds and seconds relative to gptq
+of the same setting,
 and a PNG (one panel per corpus, perplexity on a log scale against the setting) is drawn if matplotlib is installed.
 """
 from __future__ import annotations
@@ -46,7 +48,9 @@ import boa
 from boa.core.io import atomic_file
 from boa.eval import EVAL_CORPORA, evaluate_perplexity
 
-from _common import FP, Setting, machine, parse_methods, parse_settings  # bench/ is on sys.path
+from _common import (  # bench/ is on sys.path
+    FP, STRONG_GPTQ, Setting, excess_ratio, machine, parse_methods, parse_settings,
+)
 
 FP_SETTING = Setting(16, -1)
 HEADER_KEYS = ("model", "nsamples", "seqlen", "eval_windows")  # must match for --resume to reuse rows
@@ -84,19 +88,26 @@ def format_row(row: dict) -> str:
 
 
 def print_table(rows: list[dict], corpora: list[str]) -> None:
-    """method, setting, ppl per corpus, excess over FP in % per corpus, seconds, seconds / gptq's (same setting)."""
+    """method, setting, ppl per corpus, excess over FP in % per corpus, the excess over gptq-strong's (same setting,
+    where it ran), seconds, seconds / gptq's (same setting)."""
     fp = next((r for r in rows if r["method"] == FP), None)
     gptq = {}
     for r in rows:   # the plain "gptq" entry if present, else the first gptq variant
         if r["method"] == "gptq" or (r["method"].split(":")[0] == "gptq" and Setting.of_row(r) not in gptq):
             gptq[Setting.of_row(r)] = r["seconds"]
+    strong = {Setting.of_row(r): r for r in rows if r["method"] == STRONG_GPTQ}
     header = ["method", "setting", *(f"ppl {c}" for c in corpora)]
-    header += [f"+% {c}" for c in corpora] + ["seconds"] + (["× gptq"] if gptq else [])
+    header += [f"+% {c}" for c in corpora] + [f"÷ strong {c}" for c in corpora if strong]
+    header += ["seconds"] + (["× gptq"] if gptq else [])
     table = []
     for r in rows:
         line = [r["method"], "-" if r["method"] == FP else Setting.of_row(r).label]
         line += [f"{r[f'ppl_{c}']:.3f}" for c in corpora]
         line += [f"{100 * (r[f'ppl_{c}'] / fp[f'ppl_{c}'] - 1):+.1f}" if fp else "" for c in corpora]
+        if strong:
+            ratios = [excess_ratio(r, strong.get(Setting.of_row(r)), fp, c) if r["method"] != FP else None
+                      for c in corpora]
+            line += ["" if x is None else f"{x:.2f}" for x in ratios]
         line.append(f"{r['seconds']:.1f}")
         if gptq:
             ref = gptq.get(Setting.of_row(r))
@@ -155,7 +166,7 @@ def plot(rows: list[dict], corpora: list[str], settings: list[Setting], path: Pa
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--model", default="smollm2-135m", help="a name or path for boa.load_model")
-    parser.add_argument("--methods", default="fp,rtn,gptq,boa,turboboa,aespa",
+    parser.add_argument("--methods", default="fp,rtn,gptq,gptq-strong,boa,turboboa,aespa",
                         help="comma-separated methods, each optionally with :key=value overrides of its settings")
     parser.add_argument("--settings", default="w4g128,w3,w2g64", help="comma-separated wBITS[gGROUP][aBITS][kvBITS]")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (shared by every method)")

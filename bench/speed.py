@@ -1,7 +1,7 @@
 """End-to-end quantization time of the packaged SmolLM2 per method, side by side, against this machine's compute
 floor.
 
-    python bench/speed.py --methods gptq,gptq:grid=hessian,boa,turboboa --bits 3 --nsamples 32 --threads 2 \
+    python bench/speed.py --methods gptq,gptq-strong,boa,turboboa --bits 3 --nsamples 32 --threads 2 \
         --json bench/results/speed_w3.json
 
 A method entry may carry overrides of its settings after colons, as in bench/quality.py (`gptq:grid=hessian`).
@@ -27,7 +27,7 @@ from torch.utils.flop_counter import FlopCounterMode
 import boa
 from boa_kernels import backend_for
 
-from _common import machine, parse_methods  # bench/ is sys.path[0] when run as a script
+from _common import Setting, machine, parse_methods  # bench/ is sys.path[0] when run as a script
 
 
 def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:
@@ -52,7 +52,7 @@ def quantize_copy(fp_model, adapter, calib, config, blocks: int):
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--methods", default="gptq,boa,turboboa")
+    parser.add_argument("--methods", default="gptq,gptq-strong,boa,turboboa")
     parser.add_argument("--bits", type=int, default=3)
     parser.add_argument("--group-size", type=int, default=-1)
     parser.add_argument("--nsamples", type=int, default=32)
@@ -65,7 +65,8 @@ def main() -> None:
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
-    configs = [(entry.entry, entry.config(args.bits, args.group_size)) for entry in parse_methods(args.methods)]
+    setting = Setting(args.bits, args.group_size)
+    configs = [(entry.entry, entry.config(setting)) for entry in parse_methods(args.methods)]
 
     fp_model, tokenizer, adapter = boa.load_model("smollm2-135m")
     blocks = args.blocks or len(adapter.blocks(fp_model))
