@@ -55,6 +55,9 @@ def _add_quantize(sub) -> None:
     q.add_argument("--act-order", action="store_true")
     q.add_argument("--static-groups", action="store_true")
     q.add_argument("--percdamp", type=float, default=0.01)
+    q.add_argument("--damp-reference", choices=["mean", "median"],
+                   help="damping is --percdamp times the mean (default) or the median of diag(H); median for models "
+                        "with a few massive activation channels")
     t = q.add_argument_group("BoA / TurboBoA (defaults follow --method: boa N=1; turboboa N=16, dX 0.25, 1 sweep)")
     t.add_argument("--rows-per-step", type=int, help="N rows of a head quantized jointly (1 = BoA)")
     t.add_argument("--dx-alpha", type=float, help="weight of the earlier layers' error term (0 = off; TurboBoA's "
@@ -256,8 +259,9 @@ def _evaluate(name, model, tokenizer, args, report) -> None:
     report.rows.append(row)
 
 
-METHOD_FLAGS = ("bits", "group_size", "sym", "grid", "act_order", "static_groups", "percdamp", "rows_per_step",
-                "dx_alpha", "refine_iters", "v_row_factor", "row_order", "init", "rounding_iters", "rounding_lr")
+METHOD_FLAGS = ("bits", "group_size", "sym", "grid", "act_order", "static_groups", "percdamp", "damp_reference",
+                "rows_per_step", "dx_alpha", "refine_iters", "v_row_factor", "row_order", "init", "rounding_iters",
+                "rounding_lr")
 
 
 def _method(args):

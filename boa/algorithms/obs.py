@@ -9,6 +9,7 @@ from typing import ClassVar
 from boa.algorithms.base import V_ROW_FACTORS, GridMethod, Needs, check_number, check_positive_int, register
 from boa.algorithms.solver import SolveState, obs_solve
 from boa.core.errors import BoaError
+from boa.core.hessian import DAMP_REFERENCES
 from boa.core.quantizer import QuantizedWeight
 
 
@@ -24,6 +25,7 @@ class GPTQ(GridMethod):
     static_groups: bool = False    # group grids fixed from the original weights before any update
     block_size: int = 128          # lazy-batch width
     percdamp: float = 0.01         # H += percdamp · mean(diag H) · I
+    damp_reference: str = "mean"   # ... or the median of diag H ("median": inputs with a few massive channels)
     dx_alpha: float = 0.0          # weight α of the earlier layers' error term D = α·2E[(X_fp − X_q)X_qᵀ]
     refine_iters: int = 0          # coordinate-descent sweeps refining the scales after rounding
 
@@ -32,6 +34,8 @@ class GPTQ(GridMethod):
         check_positive_int(self, "block_size")
         if not 0 <= self.percdamp < 1:
             raise BoaError(f"percdamp={self.percdamp!r} must be in [0, 1); 0.01 is the usual choice")
+        if self.damp_reference not in DAMP_REFERENCES:
+            raise BoaError(f"damp_reference={self.damp_reference!r}: use one of {', '.join(DAMP_REFERENCES)}")
         check_number(self, "dx_alpha", 0, 1, "; 0 turns the dX correction off, 0.25 is usual")
         if isinstance(self.refine_iters, bool) or not isinstance(self.refine_iters, int) or self.refine_iters < 0:
             raise BoaError(f"refine_iters={self.refine_iters!r} must be a non-negative integer (0: no refinement)")
@@ -41,7 +45,7 @@ class GPTQ(GridMethod):
 
     def _solver_knobs(self) -> dict:
         return dict(block_size=self.block_size, act_order=self.act_order, static_groups=self.static_groups,
-                    percdamp=self.percdamp, rows_per_step=1, row_order=False)
+                    percdamp=self.percdamp, damp_reference=self.damp_reference, rows_per_step=1, row_order=False)
 
     def solve(self, W, stats, *, qkv=False, progress=None) -> QuantizedWeight:
         return obs_solve(W, stats.H, self.spec, H_out=stats.H_out, D=stats.D, dx_alpha=self.dx_alpha,

@@ -305,6 +305,7 @@ def obs_solve(
     row_order: bool = False,
     static_groups: bool = False,
     percdamp: float = 0.01,
+    damp_reference: str = "mean",
     refine_iters: int = 0,
     keep_state: bool = False,
 ) -> QuantizedWeight | tuple[QuantizedWeight, SolveState]:
@@ -313,8 +314,10 @@ def obs_solve(
 
     H: (cols, cols) shared input Hessian, or (heads, cols, cols) one per head. H_out: (heads, d, d) row factors, or
     None for none (GPTQ). D: the dX term 2E[(X_fp − X_q) X_qᵀ], shaped like H, weighted by dx_alpha. rows_per_step:
-    N rows of a head quantized jointly. act_order: columns by decreasing diag(H_in) (averaged over heads for per-head H_in, so that every head
-    shares one column order). row_order: each head's rows by decreasing diag(H_out).
+    N rows of a head quantized jointly. percdamp, damp_reference: H and H_out get percdamp times the mean (or median)
+    of their diagonal added (boa.core.hessian.damp). act_order: columns by decreasing diag(H_in) (averaged over heads
+    for per-head H_in, so that every head shares one column order). row_order: each head's rows by decreasing
+    diag(H_out).
     """
     rows, cols = W.shape
     if H.dim() == 3:
@@ -327,7 +330,7 @@ def obs_solve(
     order = _Order.choose(H, H_out, act_order, row_order)
 
     H = order.square(H)
-    U = inverse_cholesky_upper(H, percdamp)
+    U = inverse_cholesky_upper(H, percdamp, damp_reference)
     W = order.weights(W)
     if D is not None and dx_alpha > 0:  # the target T = W + α W D H⁻¹, H⁻¹ = Uᵀ U of the damped H
         WD = W @ order.square(D.reshape(-1, cols, cols).to(H.dtype))  # α on W D (weight-sized), not on a copy of D
@@ -336,7 +339,7 @@ def obs_solve(
     if H_out is not None:
         H_out = order.square_rows(H_out).to(H.dtype)
         W = _take_rows(W, order.rows)
-        U_out = inverse_cholesky_upper(H_out, percdamp)
+        U_out = inverse_cholesky_upper(H_out, percdamp, damp_reference)
         step = rows_per_step
     else:
         U_out, step = None, d  # no row coupling: all rows in one pass

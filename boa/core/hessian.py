@@ -54,11 +54,17 @@ def layer_loss(W: torch.Tensor, Q: torch.Tensor, H: torch.Tensor) -> float:
     return float(((dW @ H) * dW).sum())
 
 
-def damp(H: torch.Tensor, percdamp: float) -> torch.Tensor:
-    """H + percdamp · mean(diag H) · I, per matrix of a batch."""
+DAMP_REFERENCES = ("mean", "median")
+
+
+def damp(H: torch.Tensor, percdamp: float, reference: str = "mean") -> torch.Tensor:
+    """H + percdamp · r · I, per matrix of a batch, r the mean (GPTQ's) or the median of diag H. The median is for
+    inputs with a few massive channels (SmolLM2: diag max 32686, mean 24, median 0.04), whose mean-relative damping
+    swamps the curvature of every other channel."""
     damped = H.clone()  # one copy: adding a multiple of torch.eye would make two Hessian-sized temporaries
     diag = torch.diagonal(damped, dim1=-2, dim2=-1)
-    diag.add_((percdamp * diag.mean(-1)).unsqueeze(-1))
+    level = diag.mean(-1) if reference == "mean" else diag.median(-1).values
+    diag.add_((percdamp * level).unsqueeze(-1))
     return damped
 
 
@@ -77,7 +83,7 @@ def _cholesky_with_retry(H: torch.Tensor, upper: bool = False) -> torch.Tensor:
     )
 
 
-def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = 0.01) -> torch.Tensor:
+def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = 0.01, damp_reference: str = "mean") -> torch.Tensor:
     """U = chol(H⁻¹), upper triangular (H⁻¹ = Uᵀ U), of damped H; batched over leading dims, each matrix damped
     further only if its own Cholesky fails.
 
@@ -88,5 +94,5 @@ def inverse_cholesky_upper(H: torch.Tensor, percdamp: float = 0.01) -> torch.Ten
     """
     if not torch.isfinite(H).all():
         raise BoaError("the Hessian holds NaN/Inf; check the model's weights and calibration data")
-    H_inv = torch.cholesky_inverse(_cholesky_with_retry(damp(H, percdamp)))  # the factor is freed before the next
+    H_inv = torch.cholesky_inverse(_cholesky_with_retry(damp(H, percdamp, damp_reference)))  # the factor is freed before the next
     return _cholesky_with_retry(H_inv, upper=True)

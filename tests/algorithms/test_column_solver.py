@@ -1,11 +1,12 @@
 """The OBS solver on columns alone (GPTQ: one input Hessian, no row coupling): against an independent dense OBS
 solve, lazy batching against column-by-column, against RTN; partial and static groups, dead inputs. The row-coupled
-solves (BoA, TurboBoA) are in test_row_coupled_solver.py."""
+solves (BoA, TurboBoA) are in test_row_coupled_solver.py. Damping relative to the mean or the median diagonal."""
 import pytest
 import torch
 
+import boa
 from boa.algorithms import obs_solve, rtn
-from boa.core.hessian import layer_loss
+from boa.core.hessian import damp, layer_loss
 from boa.core.gguf_grids import SUPER_BLOCK, gguf_type, super_units
 from boa.core.quantizer import QuantSpec, dequantize, find_grid, quantize
 
@@ -98,3 +99,41 @@ def test_dead_inputs_are_zeroed():
     H[:, 3] = 0
     q = obs_solve(W, H, QuantSpec(bits=4))
     assert torch.all(q.dequantize()[:, 3] == 0)
+
+
+def massive_channel_problem(seed: int):
+    """Inputs with 3 massive channels (×300: SmolLM2's down_proj inputs have diag(H) max 32686, median 0.04) that
+    carry no weight, 17 ordinary and 44 small ones: damping by 1% of the mean diagonal then swamps the curvature
+    of every channel but the massive ones."""
+    g = torch.Generator().manual_seed(seed)
+    C = 64
+    scales = torch.full((C,), 0.05, dtype=torch.float64)
+    scales[:3], scales[3:20] = 300.0, 1.0
+    mix = torch.eye(C, dtype=torch.float64) + 0.3 * torch.randn(C, C, generator=g, dtype=torch.float64) * (scales < 100)
+    X = torch.randn(4096, C, generator=g, dtype=torch.float64) @ mix * scales
+    W = torch.randn(32, C, generator=g, dtype=torch.float64)
+    W[:, :3] = 0
+    return W, 2 * X.T @ X / X.shape[0]
+
+
+@pytest.mark.parametrize("seed", range(3))
+def test_median_damping_keeps_the_small_channels_curvature(seed):
+    """On a Hessian whose mean diagonal is set by a few massive channels, damping relative to the median solves as
+    stably (finite, on the grid) and reaches a clearly lower true (undamped) loss than mean damping."""
+    W, H = massive_channel_problem(seed)
+    spec = QuantSpec(bits=3, group_size=-1)
+    losses = {}
+    for reference in ("mean", "median"):
+        q = obs_solve(W, H, spec, damp_reference=reference)
+        assert torch.isfinite(q.scale).all() and int(q.codes.max()) <= spec.maxq
+        losses[reference] = layer_loss(W, q.dequantize(), H)
+    assert losses["median"] < 0.8 * losses["mean"]
+
+
+def test_damping_adds_a_multiple_of_the_diagonals_mean_or_median():
+    H = torch.diag(torch.tensor([1.0, 2.0, 3.0, 1000.0], dtype=torch.float64)) + 0.1
+    for reference, level in (("mean", (1.1 + 2.1 + 3.1 + 1000.1) / 4), ("median", 2.1)):  # the lower median
+        expected = H + 0.01 * level * torch.eye(4, dtype=torch.float64)
+        torch.testing.assert_close(damp(H, 0.01, reference), expected, rtol=0, atol=1e-12)
+    with pytest.raises(boa.BoaError, match="damp_reference='max'"):
+        boa.GPTQ(damp_reference="max")
