@@ -15,7 +15,7 @@ import time
 import boa
 from boa.eval import EVAL_CORPORA, Report, evaluate_perplexity
 
-from _common import STRONG_GPTQ, excess_ratio, parse_methods, parse_settings  # bench/ is sys.path[0] as a script
+from _common import STRONG_GPTQ, excess_ratio, machine, parse_methods, parse_settings  # bench/: sys.path[0]
 
 
 def main() -> None:
@@ -29,6 +29,7 @@ def main() -> None:
     args = parser.parse_args()
 
     report = Report()
+    report.info.update(machine())
     with report.phase("load"):
         fp_model, tokenizer, adapter = boa.load_model("smollm2-135m")
         calib = boa.data.calibration_windows(tokenizer, "wikipedia", nsamples=args.nsamples, seqlen=512)
