@@ -25,12 +25,13 @@ def test_the_registry_holds_every_method_under_its_name():
 CUSTOM = {
     "rtn": boa.RTN(grid="mse", gguf="Q3_K"),  # a GGUF type: 3 bits, blocks of 16, symmetric
     "gptq": boa.GPTQ(grid="hessian", gguf="Q8_0", act_order=True, static_groups=True,
-                     block_size=32, percdamp=0.05, dx_alpha=0.1, refine_iters=2),
+                     block_size=32, percdamp=0.05, damp_reference="median", dx_alpha=0.1, refine_iters=2),
     "boa": boa.BoA(grid="mse", gguf="Q3_K", act_order=True, static_groups=True, block_size=64, percdamp=0.02,
-                   dx_alpha=0.5, refine_iters=3, rows_per_step=4, row_order=True, v_row_factor="identity"),
+                   damp_reference="median", dx_alpha=0.5, refine_iters=3, rows_per_step=4, row_order=True,
+                   v_row_factor="identity"),
     "turboboa": boa.TurboBoA(grid="minmax", gguf="Q8_0", act_order=True, static_groups=True, block_size=16,
-                             percdamp=0.1, dx_alpha=0.0, refine_iters=0, rows_per_step=2, row_order=True,
-                             v_row_factor="identity"),
+                             percdamp=0.1, damp_reference="median", dx_alpha=0.0, refine_iters=0, rows_per_step=2,
+                             row_order=True, v_row_factor="identity"),
     "aespa": boa.Aespa(init=boa.GPTQ(bits=3, group_size=32, grid="hessian", act_order=True, dx_alpha=0.2),
                        rounding_iters=20, rounding_lr=0.05, round_weight=0.5, round_weight_qkv=2.0),
 }
