@@ -85,6 +85,13 @@ def _add_quantize(sub) -> None:
     o.add_argument("--kv-bits", type=int, choices=(4, 8, 16), default=16,
                    help="keys and values quantized per head and token, after a Hadamard on queries and keys")
     o.add_argument("--kv-clip", type=float, default=0.95, help="with --kv-bits: the clip ratio of each vector's range")
+    m = q.add_argument_group("mixed precision (each layer's width chosen to a size budget)")
+    m.add_argument("--target-bits", type=float,
+                   help="average bits a quantized weight, scales and zeros included, as boa saves it (e.g. 3.0): "
+                        "each layer gets one of --widths, chosen from its measured loss at each (a knapsack); "
+                        "--bits/--group-size are then only the method's default")
+    m.add_argument("--widths", default="2g64,3,3g128,4,4g128",
+                   help="the widths to choose from: BITS (per-channel) or BITSgGROUP, comma-separated")
     q.add_argument("--calib", default="wikipedia", help="corpus: wikipedia, a .txt/.jsonl file, wikitext2, c4")
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
@@ -289,7 +296,9 @@ def _quantize(args, report) -> None:
 
     from boa.export import MANIFEST, load, save
     from boa.models import load_model, stream_model
+    from boa.core.io import cache_dir
     from boa.pipeline import quantize
+    from boa.pipeline.mixed import mixed_precision, parse_widths
     from boa.stats.group import MIN_EXPERT_TOKENS
     from boa.transforms import ActivationQuant, KVQuant, QuaRot
 
@@ -303,7 +312,8 @@ def _quantize(args, report) -> None:
     config = QuantConfig(_method(args), hessian_dtype=args.hessian_dtype, cache_dtype=args.cache_dtype,
                          transforms=transforms)
     method = config.method
-    calibrated = method.needs().hessian  # RTN on min-max grids reads no calibration text
+    calibrated = method.needs().hessian or args.target_bits is not None  # RTN reads no calibration text
+    widths = parse_widths(args.widths) if args.target_bits is not None else None  # bad widths fail before any work
     if calibrated:
         if args.nsamples <= 0:
             raise BoaError(f"--nsamples {args.nsamples}: give a positive number of calibration windows")
@@ -334,6 +344,15 @@ def _quantize(args, report) -> None:
             raise BoaError("--eval-fp with --stream scores the float model's perplexity block by block; lm-eval "
                            "--tasks need it in memory: drop --tasks, or use --stream never where it fits")
         _evaluate("fp", model, tokenizer, args, report)
+    if widths is not None:
+        with report.phase("measure widths"):
+            mixed = mixed_precision(model, calib, config, args.target_bits, widths, device=device,
+                                    offload=args.offload, offload_dir=args.offload_dir, cache=cache_dir("widths"))
+        config = mixed.config
+        report.info["mixed_precision"] = {"target_bits": args.target_bits, "bits": mixed.bits,
+                                          "layers": mixed.summary(), "widths": mixed.chosen}
+        print(f"widths for {args.target_bits} bits a weight: {mixed.bits:.4f} stored; layers per width "
+              f"{mixed.summary()}", file=sys.stderr)
     with report.phase("quantize"):
         result = quantize(model, config, calib, adapter=adapter, device=device, offload=args.offload,
                           offload_dir=args.offload_dir, out=args.out, resume=args.resume, restart=args.restart)
@@ -358,7 +377,8 @@ def _quantize(args, report) -> None:
             return
         with report.phase("load"):  # the streamed model holds no weights: evaluate what was saved
             model, tokenizer, _ = load(args.out, device)
-    _evaluate(method.label, model, tokenizer, args, report)
+    label = method.label if widths is None else f"{method.name} {mixed.bits:.2f} bits mixed"
+    _evaluate(label, model, tokenizer, args, report)
 
 
 def _run_device(device: str | None):

@@ -23,6 +23,7 @@ score worse on L than the init (possible: the relaxation is not the hard problem
 """
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass, field
 from typing import ClassVar
 
@@ -131,6 +132,9 @@ class Aespa(Method):
     @property
     def spec(self) -> QuantSpec:
         return self.init.spec
+
+    def with_width(self, bits: int, group_size: int) -> Aespa:
+        return dataclasses.replace(self, init=self.init.with_width(bits, group_size))
 
     def validate(self) -> None:
         if self.init.name not in INITS:

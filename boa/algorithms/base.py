@@ -94,6 +94,10 @@ class Method:
         the method needs none). qkv: the layer is q/k/v_proj; progress: a label for a per-layer progress bar."""
         raise NotImplementedError
 
+    def with_width(self, bits: int, group_size: int) -> Method:
+        """The same method at another width (a layer's mixed-precision setting)."""
+        raise BoaError(f"method {self.name!r} has no bit width to change")
+
     @property
     def label(self) -> str:
         """Short name of the setting, e.g. "gptq w4g128"."""
@@ -130,6 +134,12 @@ class GridMethod(Method):
     @property
     def label(self) -> str:
         return super().label if self.gguf is None else f"{self.name} gguf:{self.gguf}"
+
+    def with_width(self, bits: int, group_size: int) -> GridMethod:
+        if self.gguf is not None:
+            raise BoaError(f"a GGUF type ({self.gguf}) fixes every layer's width; mixed precision takes plain grids "
+                           "(drop --grid gguf:...)")
+        return dataclasses.replace(self, bits=bits, group_size=group_size)
 
     def validate(self) -> None:
         if self.gguf is not None:

@@ -141,15 +141,15 @@ def _load_block(checkpoint: Checkpoint, index: int) -> tuple[dict[str, Quantized
     return layers, meta["losses"]
 
 
-def saved_size(model: nn.Module, adapter: Adapter, bits: int) -> int:
+def saved_size(model: nn.Module, adapter: Adapter, config: QuantConfig) -> int:
     """About how many bytes boa.save writes: the unquantized tensors as they are, each quantized weight at bits/8
     bytes a weight plus its grids (allowing 10% for them)."""
-    quantized = {f"{adapter.blocks_path}.{i}.{name}.weight" for i in range(len(adapter.blocks(model)))
-                 for name in adapter.linear_names()}
+    bits = {f"{adapter.blocks_path}.{i}.{name}.weight": config.method_for(f"{adapter.blocks_path}.{i}.{name}").bits
+            for i in range(len(adapter.blocks(model))) for name in adapter.linear_names()}
     total = 0
     for name, tensor in model.named_parameters():  # tied weights once (also on the meta device, where every
         # tensor's data_ptr is 0)
-        total += int(tensor.numel() * bits / 8 * 1.1) if name in quantized else tensor.numel() * tensor.element_size()
+        total += int(tensor.numel() * bits[name] / 8 * 1.1) if name in bits else tensor.numel() * tensor.element_size()
     return total
 
 
@@ -198,10 +198,11 @@ def _solve_cost(layer: nn.Linear) -> float:
 
 def quantize_block(block: nn.Module, method: Method, adapter: Adapter, groups: list[list[str]],
                    statistics: GroupStatistics | None, inputs: BlockInputs | None, hessian_dtype: torch.dtype,
-                   progress: bool = True, bar=None, ranks: Ranks = Ranks.single()
+                   progress: bool = True, bar=None, ranks: Ranks = Ranks.single(), method_for=None
                    ) -> tuple[dict[str, QuantizedWeight], dict[str, float], list | None]:
     """Quantizes one block in place, group by group: (codes per layer, loss per layer, the FP path's outputs when
-    the dX correction runs). With several ranks each layer of a group is solved on its owner rank (balanced by
+    the dX correction runs). method_for(name): the method of a layer at its own width (mixed precision; default:
+    `method` for every layer). With several ranks each layer of a group is solved on its owner rank (balanced by
     cost), all of them in parallel, then every rank receives every solve."""
     modules = dict(block.named_modules())
     layers, losses = {}, {}
@@ -217,7 +218,8 @@ def quantize_block(block: nn.Module, method: Method, adapter: Adapter, groups: l
         for name in group:
             if owners[name] == ranks.rank:
                 W = modules[name].weight.detach()
-                solved[name] = method.solve(W.to(hessian_dtype if stats.get(name) else torch.float32),
+                solver = method_for(name) if method_for is not None else method
+                solved[name] = solver.solve(W.to(hessian_dtype if stats.get(name) else torch.float32),
                                             stats.get(name), qkv=name in adapter.qkv,
                                             progress=name if progress else None)
         for name in group:
@@ -283,6 +285,21 @@ def _weights(model, device) -> ResidentModel | StreamedModel:
     if not isinstance(model, nn.Module):
         raise BoaError(f"model must be a torch module or a boa.models.StreamedModel, not {type(model).__name__}")
     return ResidentModel(model, device if device is not None else default_device())
+
+
+def capture_inputs(weights: ResidentModel | StreamedModel, adapter: Adapter, calib: torch.Tensor, dtype: torch.dtype,
+                   with_fp: bool, offload: str, offload_dir) -> BlockInputs:
+    """The first block's inputs on the calibration windows (BlockInputs.capture), with what lies outside the blocks
+    (embeddings) loaded for it."""
+    around = weights.outside_blocks(adapter.blocks_path)
+    for module in around:
+        weights.load(module)
+    try:
+        return BlockInputs.capture(weights.model, adapter.blocks(weights.model), calib, dtype, with_fp,
+                                   offload=offload, offload_dir=offload_dir)
+    finally:
+        for module in around:
+            weights.release(module)
 
 
 def _split_fused(weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
@@ -372,7 +389,7 @@ def quantize(
     calib = calib if needs.hessian else None
     fingerprint = run_fingerprint(weights, config, calib, ranks.world)
     checkpoint = _open_checkpoint(out, checkpoint_dir, resume, restart, fingerprint,
-                                  saved_size(model, adapter, method.bits) if out is not None else 0, ranks)
+                                  saved_size(model, adapter, config) if out is not None else 0, ranks)
     first = checkpoint.next_step() if (checkpoint and resume) else 0
     result = QuantResult(model, config, fingerprint=fingerprint,
                          calibration=None if calib is None else calibration_record(calib), weights=weights)
@@ -381,15 +398,8 @@ def quantize(
     hessian_dtype = getattr(torch, config.hessian_dtype)
     inputs = statistics = None
     if needs.hessian:
-        around = weights.outside_blocks(adapter.blocks_path)
-        for module in around:
-            weights.load(module)
-        try:
-            inputs = BlockInputs.capture(model, blocks, ranks.share(calib), getattr(torch, config.cache_dtype),
-                                         needs.dx, offload=offload, offload_dir=offload_dir)
-        finally:
-            for module in around:
-                weights.release(module)
+        inputs = capture_inputs(weights, adapter, ranks.share(calib), getattr(torch, config.cache_dtype), needs.dx,
+                                offload, offload_dir)
         if first > 0:
             inputs.restore(checkpoint.load_carry(), first)
         statistics = GroupStatistics(model, adapter, needs, hessian_dtype, ranks)
@@ -410,8 +420,9 @@ def quantize(
             else:
                 weights.load(block)
                 with torch.no_grad():
-                    layers, losses, fp_outputs = quantize_block(block, method, adapter, groups, statistics, inputs,
-                                                                hessian_dtype, progress, bar, ranks)
+                    layers, losses, fp_outputs = quantize_block(
+                        block, method, adapter, groups, statistics, inputs, hessian_dtype, progress, bar, ranks,
+                        method_for=lambda name: config.method_for(prefix + name))
                     if inputs is not None:
                         inputs.advance(block, fp_outputs)
                 if statistics is not None:

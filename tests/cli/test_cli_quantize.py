@@ -134,6 +134,27 @@ def test_cli_json_report_holds_the_config_and_calibration(tiny_llama_dir, calib_
     assert info["results"][0]["model"] == "boa w3g128"
 
 
+def test_cli_target_bits_mixes_widths_in_memory_and_streamed(tiny_llama_dir, calib_txt, tmp_path, monkeypatch):
+    """--target-bits: the report gives the stored bits (within the target) and the layers per width, the manifest
+    holds layers of several widths and the config their widths, and a streamed run (which measures block by block
+    from the shards) writes the same files."""
+    monkeypatch.setenv("BOA_CACHE", str(tmp_path / "cache"))
+    mixed = ["--bits", "3", "--group-size", "32", "--target-bits", "3.6", "--widths", "2g32,3,3g32,4", "--device", "cpu"]
+    report = tmp_path / "report.json"
+    assert main(cli_args(tiny_llama_dir, calib_txt, tmp_path / "MEMORY", *mixed, "--json", str(report))) == 0
+    info = json.loads(report.read_text())["mixed_precision"]
+    assert info["target_bits"] == 3.6 and info["bits"] <= 3.6
+    assert sum(info["layers"].values()) == 14 and len(info["layers"]) > 1
+    manifest = json.loads((tmp_path / "MEMORY" / "quantization.json").read_text())
+    assert len({(layer["bits"], layer["group_size"]) for layer in manifest["layers"].values()}) > 1
+    assert manifest["config"]["widths"]
+    monkeypatch.setenv("BOA_CACHE", str(tmp_path / "cache2"))  # measured again, block by block from the shards
+    assert main(cli_args(tiny_llama_dir, calib_txt, tmp_path / "STREAMED", *mixed, "--stream", "always")) == 0
+    assert len(list((tmp_path / "cache2" / "widths").iterdir())) == 1
+    a, b = weight_tensors(tmp_path / "MEMORY"), weight_tensors(tmp_path / "STREAMED")
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
 def weight_tensors(folder):
     from boa.core.shards import weight_files
 
