@@ -92,6 +92,12 @@ def _add_quantize(sub) -> None:
                         "--bits/--group-size are then only the method's default")
     m.add_argument("--widths", default="2g64,3,3g128,4,4g128",
                    help="the widths to choose from: BITS (per-channel) or BITSgGROUP, comma-separated")
+    m.add_argument("--untied-widths", action="store_true",
+                   help="a width per layer even where servers fuse layers (q/k/v, gate/up, an MoE block's experts: "
+                        "by default they share one, so that exports load in vLLM)")
+    m.add_argument("--probe-windows", type=int, default=2,
+                   help="calibration windows on which each layer's effect on the model's output (KL) is measured, "
+                        "scaling its objective (0: objectives alone)")
     q.add_argument("--calib", default="wikipedia", help="corpus: wikipedia, a .txt/.jsonl file, wikitext2, c4")
     q.add_argument("--nsamples", type=int, default=128)
     q.add_argument("--seqlen", type=int, default=512)
@@ -346,7 +352,8 @@ def _quantize(args, report) -> None:
         _evaluate("fp", model, tokenizer, args, report)
     if widths is not None:
         with report.phase("measure widths"):
-            mixed = mixed_precision(model, calib, config, args.target_bits, widths, device=device,
+            mixed = mixed_precision(model, calib, config, args.target_bits, widths, tied=not args.untied_widths,
+                                    probe_windows=args.probe_windows, device=device,
                                     offload=args.offload, offload_dir=args.offload_dir, cache=cache_dir("widths"))
         config = mixed.config
         report.info["mixed_precision"] = {"target_bits": args.target_bits, "bits": mixed.bits,

@@ -69,6 +69,11 @@ def _scheme(name: str, q: QuantizedWeight) -> tuple[int, bool, int | None]:
     return q.bits, is_symmetric(q), (width if q.scale.shape[1] > 1 else None)
 
 
+def _scheme_label(scheme: tuple) -> str:
+    bits, symmetric, group_size = scheme
+    return f"{bits}-bit " + ("per-channel" if group_size is None else f"g{group_size}")
+
+
 def _weights_args(bits: int, symmetric: bool, group_size: int | None) -> dict:
     return {"num_bits": bits, "type": "int", "symmetric": symmetric, "dynamic": False,
             "strategy": "channel" if group_size is None else "group", "group_size": group_size}
@@ -110,6 +115,11 @@ def export_compressed_tensors(model: nn.Module, layers: dict[str, QuantizedWeigh
         tensors[f"{name}.weight_shape"] = torch.tensor(q.codes.shape, dtype=torch.int64)
         if not symmetric:
             tensors[f"{name}.weight_zero_point"] = pack_int32(q.zero.round().to(torch.int64), bits, dim=0)
+    if len(by_scheme) > 1 and any(not symmetric for _, symmetric, _ in by_scheme):
+        raise BoaError(f"the layers use {len(by_scheme)} schemes ({', '.join(sorted(map(_scheme_label, by_scheme)))}) "
+                       "with zero points, which transformers' loader dequantizes all with one of them; quantize "
+                       "with --sym, or export with --format gptq (per-layer widths as GPTQModel's dynamic "
+                       "overrides), or keep boa's own format")
     adapter = adapter_for(model.config)
     asymmetric_experts = [n for n in layers if adapter.experts_path and f".{adapter.experts_path}." in n
                           and not is_symmetric(layers[n])]

@@ -29,12 +29,18 @@ per-field and word-wide loaders agree.
 
 Scales are float16 as the format prescribes: exact for a float16 model, rounded to float16 otherwise.
 
-Not expressible, refused with a BoaError: widths other than 2, 3, 4, 8, mixed widths or group sizes, in or out
-features that do not fill whole words, scales beyond float16's range.
+Layers at several widths (mixed precision): the config's bits and group_size are those of most weights, and each
+other layer is named in GPTQModel's "dynamic" overrides, {"+:^NAME$": {"bits": b, "group_size": g}}, which GPTQModel
+and vLLM read (vLLM fuses q/k/v and gate/up, so its layers must share a width: --target-bits ties them).
+
+Not expressible, refused with a BoaError: widths other than 2, 3, 4, 8, in or out features that do not fill whole
+words, groups that are not whole runs of one size, scales beyond float16's range.
 """
 from __future__ import annotations
 
 import math
+import re
+from collections import Counter
 
 import torch
 from torch import nn
@@ -46,35 +52,37 @@ from boa.export.common import (
     plain_tensors, write_export,
 )
 from boa.core.quantizer import QuantizedWeight
+from boa.models.adapter import adapter_for
 
 GPTQ_BITS = (2, 3, 4, 8)
 
 
-def _group_size(layers: dict[str, QuantizedWeight]) -> int:
-    """The one group size every layer's grids agree with (−1: all per-channel)."""
-    sizes = {group_width(q) for q in layers.values() if q.scale.shape[1] > 1}
-    if len(sizes) > 1:
-        raise BoaError(f"layers use different group sizes {sorted(sizes)}, which one GPTQ config cannot describe; "
-                       "export with --format compressed-tensors")
-    group_size = sizes.pop() if sizes else -1
-    for name, q in layers.items():
-        cols = q.codes.shape[1]
-        if q.scale.shape[1] != (1 if group_size == -1 else -(-cols // group_size)):
-            raise BoaError(f"{name} has {q.scale.shape[1]} groups over {cols} columns, which group_size "
-                           f"{group_size} does not give; export with --format compressed-tensors")
-    return group_size
-
-
-def _check(name: str, q: QuantizedWeight, bits: int) -> None:
+def _width(name: str, q: QuantizedWeight) -> tuple[int, int]:
+    """(bits, group size; −1: per-channel) of one layer, checked against what the format holds."""
     out, cols = q.codes.shape
-    if q.bits != bits:
-        raise BoaError(f"{name} has {q.bits}-bit weights and others {bits}-bit, which one GPTQ config cannot "
-                       "describe; export with --format compressed-tensors")
-    if bits not in GPTQ_BITS:
-        raise BoaError(f"{name}: {bits}-bit weights cannot be stored in the GPTQ format ({GPTQ_BITS} bits)")
-    if cols * bits % 32 or out * bits % 32:
-        raise BoaError(f"{name} is {out}×{cols}; the GPTQ format packs {bits}-bit fields into whole 32-bit words, "
-                       f"so both sizes must be multiples of {32 // math.gcd(bits, 32)}")
+    if q.bits not in GPTQ_BITS:
+        raise BoaError(f"{name}: {q.bits}-bit weights cannot be stored in the GPTQ format ({GPTQ_BITS} bits)")
+    if cols * q.bits % 32 or out * q.bits % 32:
+        raise BoaError(f"{name} is {out}×{cols}; the GPTQ format packs {q.bits}-bit fields into whole 32-bit words, "
+                       f"so both sizes must be multiples of {32 // math.gcd(q.bits, 32)}")
+    group_size = group_width(q) if q.scale.shape[1] > 1 else -1
+    if q.scale.shape[1] != (1 if group_size == -1 else -(-cols // group_size)):
+        raise BoaError(f"{name} has {q.scale.shape[1]} groups over {cols} columns, which group_size "
+                       f"{group_size} does not give; export with --format compressed-tensors")
+    return q.bits, group_size
+
+
+def _widths(layers: dict[str, QuantizedWeight], checkpoint_name) -> tuple[tuple[int, int], dict]:
+    """(the width of most weights: the config's bits and group_size, GPTQModel's `dynamic` overrides for the layers
+    at other widths: {"+:^NAME$": {"bits", "group_size"}}, as GPTQModel and vLLM read them)."""
+    widths = {name: _width(name, q) for name, q in layers.items()}
+    weights = Counter()
+    for name, width in widths.items():
+        weights[width] += layers[name].codes.numel()
+    base = max(weights, key=lambda w: (weights[w], w))
+    dynamic = {f"+:^{re.escape(checkpoint_name(name))}$": {"bits": bits, "group_size": group_size}
+               for name, (bits, group_size) in widths.items() if (bits, group_size) != base}
+    return base, dynamic
 
 
 def gptq_tensors(q: QuantizedWeight) -> dict[str, torch.Tensor]:
@@ -107,10 +115,7 @@ def export_gptq(model: nn.Module, layers: dict[str, QuantizedWeight], out_dir, t
         raise BoaError("the model has no quantized layers to export; quantize it first with `boa quantize`")
     check_no_transforms(model, "GPTQ")
     check_integer_zero_points(layers, "the GPTQ format")
-    bits = next(iter(layers.values())).bits
-    for name, q in layers.items():
-        _check(name, q, bits)
-    group_size = _group_size(layers)
+    (bits, group_size), dynamic = _widths(layers, adapter_for(model.config).checkpoint_name)
     tensors = plain_tensors(model, layers)
     for name, q in layers.items():
         if f"{name}.bias" in tensors:
@@ -122,4 +127,6 @@ def export_gptq(model: nn.Module, layers: dict[str, QuantizedWeight], out_dir, t
         "sym": all(is_symmetric(q) for q in layers.values()),
         "checkpoint_format": "gptq", "lm_head": False, "meta": {"quantizer": [f"boa:{__version__}"]},
     }
+    if dynamic:  # mixed precision (--target-bits)
+        quantization_config["dynamic"] = dynamic
     return write_export(out_dir, "gptq", model, tensors, quantization_config, tokenizer, config, max_shard_size)

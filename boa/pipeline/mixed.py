@@ -1,19 +1,25 @@
 """Mixed precision to a size budget: each layer's width (bits, group size) chosen so that the quantized layers average
 `target_bits` bits a weight as boa saves them (codes, scales, zeros, perm: the packed layout's bytes), at the least
-total loss.
+predicted loss.
 
-1. measure (`measure_widths`): one pass over the unquantized model's blocks on the calibration windows; each layer's
-   input Hessian H is gathered once, the layer is solved at every candidate width by the run's method without its
-   attention terms (`sensitivity_method`: GPTQ on the same grid settings; RTN as it is), and its loss
-   tr(ΔW H ΔWᵀ) and packed bytes are recorded. Layers are measured on unquantized inputs, all at once.
+1. measure (`measure_widths`): one pass over the unquantized model's blocks on the calibration windows. Each layer's
+   input Hessian H is gathered once; the layer is solved at every candidate width by the run's method without its
+   attention terms (`sensitivity_method`: GPTQ on the same grid settings; RTN as it is), recording its objective
+   E(w) = tr(ΔW H ΔWᵀ) and its packed bytes. Objectives of different layers are not comparable (a layer's output
+   error reaches the model's output through everything after it), so each layer's *sensitivity* is measured too:
+   on a few windows (`probe_windows`), the model's next-token KL divergence from the unquantized model when only
+   that layer holds its quantized weight at one width w₀ (the method's own), s = KL / E(w₀), and the predicted loss
+   at any width is s·E(w) (small errors: the KL is quadratic in the output error, so linear in its energy). One
+   stream of probe activations per layer, advanced through each later block as the pass reaches it: every block is
+   still read once (streamed models), at the cost of about L²/2 block forwards on the probe windows.
 2. allocate (`allocate`): the multiple-choice knapsack  min Σ_u loss_u(w_u)  s.t.  Σ_u bytes_u(w_u) ≤ budget  over
-   the stored layers u (a fused projection's parts share a width), solved exactly by dynamic programming over the
-   budget in units of at most budget / resolution bytes; each size is rounded up to whole units, so a plan never
-   exceeds the budget, and is the optimum where the unit is one byte.
+   units u that take one width: by default the layers a server fuses (q/k/v, gate/up, an MoE block's experts;
+   `serving_groups`), else each stored layer (a fused projection's parts are always one). Solved exactly by dynamic
+   programming over the budget in units of at most budget / resolution bytes; each size is rounded up to whole
+   units, so a plan never exceeds the budget, and is the optimum where the unit is one byte.
 
-The losses are each layer's output error on the calibration set: what GPTQ-type solvers minimise, summed across
-layers as though their errors added up independently in the model's loss (the usual proxy; nothing here runs a
-backward pass).
+Layers are measured alone on unquantized inputs: the plan assumes their errors add up independently in the loss.
+Nothing here runs a backward pass.
 """
 from __future__ import annotations
 
@@ -24,6 +30,7 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
+from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -31,6 +38,7 @@ import torch
 from tqdm.auto import tqdm
 
 from boa.algorithms import GPTQ, Method, Needs
+from boa.algorithms.base import _is_int
 from boa.config import QuantConfig
 from boa.core.errors import BoaError
 from boa.core.io import write_json
@@ -39,11 +47,13 @@ from boa.core.packed import pack
 from boa.core.ranks import Ranks
 from boa.models.adapter import Adapter, adapter_for
 from boa.models.weights import StreamedModel
+from boa.pipeline.inputs import FORWARD_BATCH
 from boa.pipeline.loop import _split_fused, _weights, capture_inputs, run_fingerprint
-from boa.stats import GroupStatistics
+from boa.stats import GroupStatistics, run_block
 
 # (bits, group_size), -1: per channel. Around 3 bits: 2-bit in groups of 64 to 4-bit in groups of 128.
 DEFAULT_WIDTHS = ((2, 64), (3, -1), (3, 128), (4, -1), (4, 128))
+PROBE_WINDOWS = 2     # calibration windows the model's output KL is measured on, per layer (module docstring)
 RESOLUTION = 100_000  # budget units of the knapsack (finer: closer to the exact optimum, more memory and time)
 
 
@@ -78,25 +88,100 @@ def sensitivity_method(method: Method) -> Method:
 
 @dataclass
 class Measurement:
-    """Per stored layer (full name; a fused projection's parts summed): its weights' count, and per width its loss
-    and packed bytes."""
+    """Per stored layer (full name; a fused projection's parts summed): its weights' count, per width its packed
+    bytes and its predicted loss: each run layer's objective tr(ΔW H ΔWᵀ) at that width times the layer's
+    `sensitivity` (the model's output KL per unit of objective, measured at one width; 1 when not measured)."""
 
     numel: dict[str, int]
-    loss: dict[str, dict[tuple[int, int], float]]
     nbytes: dict[str, dict[tuple[int, int], int]]
+    objective: dict[str, dict[str, dict[tuple[int, int], float]]]  # stored layer -> run layer -> width -> objective
+    sensitivity: dict[str, float]                                     # run layer -> KL per unit of objective
+
+    def loss(self, name: str, width: tuple[int, int]) -> float:
+        return sum(self.sensitivity.get(part, 1.0) * by_width[width]
+                   for part, by_width in self.objective[name].items())
+
+    def widths(self, name: str) -> list[tuple[int, int]]:
+        return list(self.nbytes[name])
 
     def to_dict(self) -> dict:
-        return {name: {"numel": self.numel[name],
-                                  "widths": {width_label(w): [self.loss[name][w], self.nbytes[name][w]]
-                                             for w in self.loss[name]}} for name in self.numel}
+        return {"sensitivity": self.sensitivity, "layers": {
+            name: {"numel": self.numel[name], "bytes": {width_label(w): b for w, b in self.nbytes[name].items()},
+                   "objective": {part: {width_label(w): v for w, v in by_width.items()}
+                                 for part, by_width in self.objective[name].items()}}
+            for name in self.numel}}
 
     @classmethod
     def from_dict(cls, data: dict) -> Measurement:
-        widths = {name: {parse_widths(label)[0]: v for label, v in entry["widths"].items()}
-                  for name, entry in data.items()}
-        return cls({name: entry["numel"] for name, entry in data.items()},
-                   {name: {w: v[0] for w, v in ws.items()} for name, ws in widths.items()},
-                   {name: {w: v[1] for w, v in ws.items()} for name, ws in widths.items()})
+        def widths(record):
+            return {parse_widths(label)[0]: v for label, v in record.items()}
+
+        layers = data["layers"]
+        return cls({name: e["numel"] for name, e in layers.items()},
+                   {name: widths(e["bytes"]) for name, e in layers.items()},
+                   {name: {part: widths(o) for part, o in e["objective"].items()} for name, e in layers.items()},
+                   data["sensitivity"])
+
+
+class _OutputProbe:
+    """The model's next-token distribution on a few windows with one layer at a time replaced by its quantized
+    weight, all the other layers unquantized: one stream of activations per replaced layer, each advanced through
+    every later block as the pass reaches it (so that a streamed model's blocks are still read once), and at the end
+    each stream's KL divergence from the unquantized stream, per token."""
+
+    def __init__(self, weights, adapter: Adapter, windows: torch.Tensor):
+        self.weights, self.adapter = weights, adapter
+        captured = capture_inputs(weights, adapter, windows, torch.float32, False, "device", None)
+        self.windows, self.kwargs = windows, [kw[0] for kw in captured.per_block]  # one batch of windows
+        self.fp = captured.hidden[0].clone()
+        captured.close()
+        self.streams: dict[str, torch.Tensor] = {}
+
+    @torch.no_grad()
+    def advance(self, block, index: int, quantized: dict[str, torch.Tensor]) -> None:
+        """Through block `index`: every earlier layer's stream, then a new stream per layer in `quantized` (name in
+        the block -> its quantized weight), then the unquantized one."""
+        def run(x):
+            return run_block(block, [x], [self.kwargs[index]], torch.float32)[0]
+
+        self.streams = {name: run(x) for name, x in self.streams.items()}
+        modules = dict(block.named_modules())
+        prefix = f"{self.adapter.blocks_path}.{index}."
+        for name, Q in quantized.items():
+            layer = modules[name]
+            W = layer.weight.data
+            layer.weight.data = Q.to(W.dtype)
+            try:
+                self.streams[prefix + name] = run(self.fp)
+            finally:
+                layer.weight.data = W
+        self.fp = run(self.fp)
+
+    @torch.no_grad()
+    def kl(self) -> dict[str, float]:
+        """Each stream's mean KL(unquantized ‖ quantized) of the next-token distribution, in nats per token."""
+        model = self.weights.model
+        head = model.get_output_embeddings()
+        final = [m for m in (attrgetter(p)(model) for p in self.adapter.after_blocks) if m is not None]
+        if head is None:
+            raise BoaError(f"this {model.config.model_type} model has no output head to measure its layers' effect "
+                           "on; mixed precision needs a causal language model")
+        for module in (*final, head):
+            self.weights.load(module)
+        try:
+            def log_probs(x):
+                for module in final:
+                    x = module(x)
+                weight = head.weight
+                return torch.log_softmax(head(x.to(weight.device, weight.dtype)).float(), dim=-1)
+
+            reference = log_probs(self.fp)
+            p = reference.exp()
+            tokens = reference.shape[0] * reference.shape[1]
+            return {name: float((p * (reference - log_probs(x))).sum() / tokens) for name, x in self.streams.items()}
+        finally:
+            for module in (*final, head):
+                self.weights.release(module)
 
 
 def _stored_units(adapter: Adapter, prefix: str) -> dict[str, list[str]]:
@@ -110,7 +195,7 @@ def _stored_units(adapter: Adapter, prefix: str) -> dict[str, list[str]]:
 
 
 def run_units(model, adapter: Adapter | None = None) -> dict[str, list[str]]:
-    """{stored layer: its run layers} over the whole model: the units that get one width each."""
+    """{stored layer: its run layers} over the whole model: what gets one width each."""
     adapter = adapter or adapter_for(model.config)
     units = {}
     for index in range(len(adapter.blocks(model))):
@@ -118,26 +203,52 @@ def run_units(model, adapter: Adapter | None = None) -> dict[str, list[str]]:
     return units
 
 
+def serving_groups(model, adapter: Adapter | None = None) -> list[list[str]]:
+    """Stored layers that must share a width for servers that fuse them (vLLM: q/k/v in one qkv_proj, gate/up in one
+    gate_up_proj, an MoE block's experts in one fused kernel), block by block; every other layer alone."""
+    adapter = adapter or adapter_for(model.config)
+    groups = []
+    for index in range(len(adapter.blocks(model))):
+        prefix = f"{adapter.blocks_path}.{index}."
+        units = _stored_units(adapter, prefix)
+        tied = [set(adapter.qkv), set(adapter.mlp_in)]
+        if adapter.experts_path:
+            tied[1] |= {n for n in adapter.linear_names() if n.startswith(adapter.experts_path + ".")}
+        seen = set()
+        for names in tied:
+            group = [unit for unit, parts in units.items() if any(p[len(prefix):] in names for p in parts)]
+            groups.append(group)
+            seen.update(group)
+        groups += [[unit] for unit in units if unit not in seen]
+    return [g for g in groups if g]
+
+
 def measure_widths(model, calib: torch.Tensor, method: Method, widths=DEFAULT_WIDTHS, *,
-                   adapter: Adapter | None = None, hessian_dtype: str = "float32", cache_dtype: str = "float32",
-                   device=None, offload: str = "auto", offload_dir=None, cache: str | Path | None = None,
-                   progress: bool = True) -> Measurement:
-    """Each layer's loss and packed bytes at each width (module docstring). The model is left as it was. cache: a
-    folder where measurements are kept by what they depend on (the model's weights, the windows, the method and
-    widths), so that choosing for another budget measures nothing again."""
+                   probe_windows: int = PROBE_WINDOWS, adapter: Adapter | None = None, hessian_dtype: str = "float32",
+                   cache_dtype: str = "float32", device=None, offload: str = "auto", offload_dir=None,
+                   cache: str | Path | None = None, progress: bool = True) -> Measurement:
+    """Each layer's objective and packed bytes at each width, and its sensitivity measured on the first
+    `probe_windows` calibration windows (0: none, every objective counts alike) (module docstring). The model is left
+    as it was. cache: a folder where measurements are kept by what they depend on (the model's weights, the
+    windows, the method, widths and probe), so that choosing for another budget measures nothing again."""
     proxy = sensitivity_method(method)
     widths = tuple(tuple(w) for w in widths)
     solvers = {w: proxy.with_width(*w) for w in widths}  # a width the method cannot take fails before any work
+    probed = _probe_width(method, widths)
     weights = _weights(model, device)
     model = weights.model
     adapter = adapter or adapter_for(model.config)
     if getattr(model, "boa_transforms", ()):
         raise BoaError("mixed precision measures the model before its transforms, and this one was already transformed; "
                        "load it afresh")
+    if not _is_int(probe_windows) or not 0 <= probe_windows <= min(len(calib), FORWARD_BATCH):
+        raise BoaError(f"probe_windows={probe_windows!r}: give 0 to {min(len(calib), FORWARD_BATCH)} of the "
+                       f"{len(calib)} calibration windows")
     key_config = QuantConfig(proxy, hessian_dtype=hessian_dtype, true_sequential=False)
     path = None
     if cache is not None:
-        key = hashlib.sha256((run_fingerprint(weights, key_config, calib) + repr(widths)).encode()).hexdigest()[:24]
+        key = hashlib.sha256((run_fingerprint(weights, key_config, calib) + repr((widths, probe_windows)))
+                             .encode()).hexdigest()[:24]
         path = Path(cache) / f"{key}.json"
         if path.exists():
             return Measurement.from_dict(json.loads(path.read_text()))
@@ -145,43 +256,63 @@ def measure_widths(model, calib: torch.Tensor, method: Method, widths=DEFAULT_WI
     ranks = Ranks.current()
     _split_fused(weights, adapter)
     dtype = getattr(torch, hessian_dtype)
-    inputs = capture_inputs(weights, adapter, ranks.share(calib), getattr(torch, cache_dtype), False, offload,
-                            offload_dir)
-    statistics = GroupStatistics(model, adapter, Needs(hessian=True), dtype, ranks)
-    names = adapter.linear_names()
-    blocks = adapter.blocks(model)
-    measured = Measurement({}, {}, {})
+    inputs = probe = None
+    measured = Measurement({}, {}, {}, {})
     try:
+        inputs = capture_inputs(weights, adapter, ranks.share(calib), getattr(torch, cache_dtype), False, offload,
+                                offload_dir)
+        probe = _OutputProbe(weights, adapter, calib[:probe_windows]) if probe_windows else None
+        statistics = GroupStatistics(model, adapter, Needs(hessian=True), dtype, ranks)
+        names = adapter.linear_names()
+        blocks = adapter.blocks(model)
         for index in tqdm(range(len(blocks)), desc="measuring widths", disable=not (progress and ranks.main),
                           unit="block"):
             block = blocks[index]
             weights.load(block)
             modules = dict(block.named_modules())
+            prefix = f"{adapter.blocks_path}.{index}."
             with torch.no_grad():
                 stats = statistics(block, names, inputs.hidden, inputs.kwargs)
+                at_probe = {}
                 for unit, parts in _stored_units(adapter, "").items():
-                    name = f"{adapter.blocks_path}.{index}.{unit}"
+                    name = prefix + unit
                     measured.numel[name] = sum(modules[p].weight.numel() for p in parts)
-                    measured.loss[name], measured.nbytes[name] = {}, {}
-                    for width, solver in solvers.items():
-                        loss = nbytes = 0
-                        for part in parts:
-                            W = modules[part].weight.detach()
+                    measured.nbytes[name] = dict.fromkeys(widths, 0)
+                    measured.objective[name] = {prefix + p: {} for p in parts}
+                    for part in parts:
+                        W = modules[part].weight.detach()
+                        for width, solver in solvers.items():
                             q = solver.solve(W.to(dtype), stats[part], qkv=part in adapter.qkv)
-                            loss += stats[part].loss(W, q.dequantize())
-                            nbytes += pack(q).nbytes()
-                        measured.loss[name][width], measured.nbytes[name][width] = loss, nbytes
+                            Q = q.dequantize()
+                            measured.objective[name][prefix + part][width] = stats[part].loss(W, Q)
+                            measured.nbytes[name][width] += pack(q).nbytes()
+                            if width == probed:
+                                at_probe[part] = Q
                 del stats
+                if probe is not None:
+                    probe.advance(block, index, at_probe)
                 inputs.advance(block, None)
             weights.release(block)
             return_freed_memory()
+        if probe is not None:
+            kl = probe.kl()
+            for by_part in measured.objective.values():
+                for part, by_width in by_part.items():  # no objective at all: the layer was exact, its KL noise
+                    measured.sensitivity[part] = kl[part] / by_width[probed] if by_width[probed] > 0 else 0.0
     finally:
-        inputs.close()
+        if inputs is not None:
+            inputs.close()
         if not isinstance(weights, StreamedModel):  # a streamed model stays split, as it was opened
             adapter.join(model)
     if path is not None and ranks.main:
         write_json(path, measured.to_dict())
     return measured
+
+
+def _probe_width(method: Method, widths) -> tuple[int, int]:
+    """The width each layer's sensitivity is measured at: the method's own if offered, else the middle one."""
+    own = (method.bits, method.group_size)
+    return own if own in widths else sorted(widths)[len(widths) // 2]
 
 
 def allocate(options: Mapping[str, list[tuple[int, float]]], budget: int,
@@ -225,17 +356,20 @@ def allocate(options: Mapping[str, list[tuple[int, float]]], budget: int,
     return {name: picked[name] for name in names}
 
 
-def plan_widths(measured: Measurement, target_bits: float) -> tuple[dict[str, tuple[int, int]], float]:
+def plan_widths(measured: Measurement, target_bits: float,
+                groups: list[list[str]] | None = None) -> tuple[dict[str, tuple[int, int]], float]:
     """({stored layer: its width}, the average bits a weight that stores) for `target_bits` bits a weight over the
-    measured layers."""
+    measured layers; `groups`: layers that take one width together (default: each alone)."""
     if not isinstance(target_bits, (int, float)) or isinstance(target_bits, bool) or target_bits <= 0:
         raise BoaError(f"target_bits={target_bits!r} must be a positive number of bits a weight, e.g. 3.0")
+    groups = groups if groups is not None else [[name] for name in measured.numel]
     total = sum(measured.numel.values())
-    widths = {name: list(measured.loss[name]) for name in measured.numel}
-    options = {name: [(measured.nbytes[name][w], measured.loss[name][w]) for w in widths[name]] for name in widths}
+    widths = [measured.widths(group[0]) for group in groups]
+    options = {i: [(sum(measured.nbytes[n][w] for n in group), sum(measured.loss(n, w) for n in group))
+                   for w in widths[i]] for i, group in enumerate(groups)}
     chosen = allocate(options, int(target_bits * total / 8))
-    spent = sum(options[name][j][0] for name, j in chosen.items())
-    return {name: widths[name][j] for name, j in chosen.items()}, 8 * spent / total
+    spent = sum(options[i][j][0] for i, j in chosen.items())
+    return {name: widths[i][j] for i, j in chosen.items() for name in groups[i]}, 8 * spent / total
 
 
 @dataclass
@@ -251,16 +385,19 @@ class MixedPrecision:
 
 
 def mixed_precision(model, calib: torch.Tensor, config: QuantConfig, target_bits: float, widths=DEFAULT_WIDTHS,
-                    **measure_options) -> MixedPrecision:
+                    tied: bool = True, **measure_options) -> MixedPrecision:
     """`config` with a width per layer for `target_bits` bits a weight over the quantized layers, from
-    measure_widths (its options: adapter, device, offload, cache, progress, ...)."""
+    measure_widths (its options: probe_windows, adapter, device, offload, cache, progress, ...). tied: the layers a
+    server fuses share a width (serving_groups), so that the exports load in vLLM; else each layer has its own."""
     if config.transforms:
         raise BoaError("mixed precision with transforms (rotations, activation quantization) is not supported yet: "
                        "its widths are measured on the model before them; drop --target-bits or the transforms")
     measured = measure_widths(model, calib, config.method, widths, hessian_dtype=config.hessian_dtype,
                               cache_dtype=config.cache_dtype, **measure_options)
-    chosen, bits = plan_widths(measured, target_bits)
-    units = run_units(model.model if isinstance(model, StreamedModel) else model, measure_options.get("adapter"))
+    skeleton = model.model if isinstance(model, StreamedModel) else model
+    groups = serving_groups(skeleton, measure_options.get("adapter")) if tied else None
+    chosen, bits = plan_widths(measured, target_bits, groups)
+    units = run_units(skeleton, measure_options.get("adapter"))
     default = (config.method.bits, config.method.group_size)
     layers = {layer: width for unit, width in chosen.items() if width != default for layer in units[unit]}
     return MixedPrecision(dataclasses.replace(config, widths=layers), chosen, bits)

@@ -4,6 +4,7 @@ tests/cli/test_cli_export.py."""
 import functools
 import json
 import math
+import re
 
 import pytest
 import torch
@@ -294,13 +295,32 @@ def test_gptq_stores_a_zero_point_of_zero_mirrored():
     assert torch.equal(got_scales[:, g] * (got_codes - got_zeros[:, g]), q.dequantize())
 
 
-def test_gptq_refuses_what_one_gptq_config_cannot_describe(tmp_path):
+def test_gptq_export_of_mixed_widths_names_the_others_in_dynamic(tmp_path):
+    """Layers at other widths than most weights' (mixed precision) are GPTQModel `dynamic` overrides matching their
+    full names only, and each is stored at its own width."""
     model, result = quantized(**SETTINGS["w4g32-sym"])
     first, second = list(result.layers)[:2]
-    q = result.layers[first]
+    q = result.layers[second]
     three_bit = QuantizedWeight(q.codes.clamp(max=7), q.scale, q.zero.clamp(max=7), q.g_idx, 3)
-    with pytest.raises(boa.BoaError, match="3-bit weights and others 4-bit"):
-        export_gptq(model, {**result.layers, second: three_bit}, tmp_path / "gptq")
+    per_channel = QuantizedWeight(q.codes, q.scale[:, :1], q.zero[:, :1], torch.zeros_like(q.g_idx), 4)
+    layers = {**result.layers, second: three_bit, first: per_channel}
+    out = export_gptq(model, layers, tmp_path / "gptq")
+    config = json.loads((out / "config.json").read_text())["quantization_config"]
+    assert (config["bits"], config["group_size"]) == (4, 32)
+    assert config["dynamic"] == {f"+:^{re.escape(second)}$": {"bits": 3, "group_size": 32},
+                                 f"+:^{re.escape(first)}$": {"bits": 4, "group_size": -1}}
+    assert [p for p in config["dynamic"] if re.match(p[2:], second + "x")] == []
+    rows, cols = q.codes.shape
+    codes, zeros, scales, _ = unpack_gptq(read_safetensors(out), second, 3, rows, cols)
+    assert torch.equal(scales[:, q.g_idx.long()] * (codes - zeros[:, q.g_idx.long()]),
+                       QuantizedWeight(three_bit.codes, q.scale.half().float(), three_bit.zero, q.g_idx,
+                                       3).dequantize())
+
+
+def test_gptq_refuses_what_one_gptq_config_cannot_describe(tmp_path):
+    model, result = quantized(**SETTINGS["w4g32-sym"])
+    first = list(result.layers)[0]
+    q = result.layers[first]
     odd = QuantizedWeight(q.codes[:40], q.scale[:40], q.zero[:40], q.g_idx, 3)  # 40 rows of 3 bits: 120 bits
     with pytest.raises(boa.BoaError, match=r"40×64; .* multiples of 32"):
         export_gptq(model, {first: odd}, tmp_path / "gptq")

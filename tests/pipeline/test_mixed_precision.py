@@ -8,14 +8,18 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
+from transformers import AutoModelForCausalLM
+
 import boa
 from boa.config import QuantConfig
 from boa.core.errors import BoaError
 from boa.core.packed import pack
+from boa.export import export_compressed_tensors
 from boa.pipeline.mixed import (allocate, measure_widths, mixed_precision, parse_widths, plan_widths, run_units,
-                                sensitivity_method)
+                                sensitivity_method, serving_groups)
 from boa.stats import LayerStats
 
+from conftest import build_llama, build_phi3
 from test_pipeline_gptq_rtn import fp_hessians, logits
 
 
@@ -105,7 +109,7 @@ def test_measured_losses_are_each_layers_gptq_objective(make_llama, calib):
     model = make_llama()
     before = {k: v.clone() for k, v in model.state_dict().items()}
     widths = ((2, 32), (4, -1))
-    measured = measure_widths(model, calib, boa.GPTQ(bits=3), widths, progress=False)
+    measured = measure_widths(model, calib, boa.GPTQ(bits=3), widths, probe_windows=0, progress=False)
     assert all(torch.equal(v, model.state_dict()[k]) for k, v in before.items())
     names = [f"model.layers.0.{n}" for n in ("self_attn.q_proj", "self_attn.o_proj", "mlp.down_proj")]
     hessians = fp_hessians(model, calib, names)
@@ -115,7 +119,7 @@ def test_measured_losses_are_each_layers_gptq_objective(make_llama, calib):
             q = boa.GPTQ(bits=bits, group_size=group).solve(W, LayerStats(hessians[name].float()))
             dW = (q.dequantize() - W).double()
             expected = float(torch.trace(dW @ hessians[name] @ dW.T))
-            assert measured.loss[name][(bits, group)] == pytest.approx(expected, rel=1e-3)
+            assert measured.objective[name][name][(bits, group)] == pytest.approx(expected, rel=1e-3)
             assert measured.nbytes[name][(bits, group)] == pack(q).nbytes()
         assert measured.numel[name] == W.numel()
     assert len(measured.numel) == 14  # 2 blocks × 7 layers
@@ -148,6 +152,8 @@ def test_planned_run_meets_the_budget_in_the_saved_files(make_llama, calib, held
     loaded, _, loaded_config = boa.load(tmp_path / "out")
     assert loaded_config == mixed.config
     assert torch.equal(logits(loaded, heldout), logits(model, heldout))
+    with pytest.raises(BoaError, match="schemes .* with zero points.*--sym.*--format gptq"):
+        export_compressed_tensors(model, result.layers, tmp_path / "ct")  # transformers would misread them
 
     again = mixed_precision(make_llama(), calib, config, 4.0, ((2, 32), (3, -1), (3, 32), (4, -1)), cache=cache,
                             progress=False)
@@ -155,10 +161,21 @@ def test_planned_run_meets_the_budget_in_the_saved_files(make_llama, calib, held
     assert len(list(cache.iterdir())) == 1
 
 
+def test_symmetric_mixed_widths_export_to_compressed_tensors(make_llama, calib, heldout, tmp_path):
+    """Symmetric grids at several widths: one config group per width, and transformers loads the export with the
+    fake-quantized model's logits."""
+    model = make_llama()
+    mixed = mixed_precision(model, calib, QuantConfig(boa.GPTQ(bits=3, group_size=32, sym=True)), 3.6,
+                            ((2, 32), (3, -1), (4, -1)), progress=False)
+    result = boa.quantize(model, mixed.config, calib, progress=False)
+    out = export_compressed_tensors(model, result.layers, tmp_path / "ct")
+    groups = json.loads((out / "config.json").read_text())["quantization_config"]["config_groups"]
+    assert len(groups) == len(set(mixed.chosen.values())) > 1
+    assert torch.equal(logits(AutoModelForCausalLM.from_pretrained(out), heldout), logits(model, heldout))
+
+
 def test_fused_projections_share_one_width(calib):
     """Phi-3's qkv_proj and gate_up_proj are quantized part by part but stored as one matrix: each gets one width."""
-    from conftest import build_phi3
-
     model = build_phi3()
     mixed = mixed_precision(model, calib, QuantConfig(boa.GPTQ(bits=3, group_size=32)), 3.5,
                             ((2, 32), (3, -1), (4, -1)), progress=False)
@@ -169,6 +186,31 @@ def test_fused_projections_share_one_width(calib):
     result = boa.quantize(model, mixed.config, calib, progress=False)
     for unit, width in mixed.chosen.items():
         assert result.layers[unit].bits == width[0]
+
+
+def test_serving_groups_tie_what_vllm_fuses():
+    from conftest import build_mixtral, build_phi3
+
+    llama = serving_groups(build_llama())
+    block = "model.layers.1."
+    assert [block + n for n in ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj")] in llama
+    assert [block + n for n in ("mlp.gate_proj", "mlp.up_proj")] in llama
+    assert [block + "self_attn.o_proj"] in llama and [block + "mlp.down_proj"] in llama and len(llama) == 8
+    phi3 = serving_groups(build_phi3())
+    assert [block + "self_attn.qkv_proj"] in phi3 and [block + "mlp.gate_up_proj"] in phi3 and len(phi3) == 8
+    mixtral = serving_groups(build_mixtral())
+    experts = next(g for g in mixtral if any(".experts." in n for n in g))
+    assert len(experts) == 3 * build_mixtral().config.num_local_experts  # gate, up, down of every expert
+    assert len(mixtral) == 6
+
+
+def test_tied_plans_give_fused_layers_one_width(make_llama, calib):
+    model = make_llama()
+    widths = ((2, 32), (3, -1), (4, -1))
+    tied = mixed_precision(model, calib, QuantConfig(boa.GPTQ(bits=3, group_size=32)), 3.5, widths, progress=False)
+    for group in serving_groups(model):
+        assert len({tied.chosen[n] for n in group}) == 1
+    assert tied.bits <= 3.5
 
 
 def test_plan_refuses_transforms_and_bad_targets(make_llama, calib):
