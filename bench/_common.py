@@ -20,9 +20,12 @@ STRONG_GPTQ_FIELDS = {"act_order": True, "grid": "hessian"}
 RESERVED = ("method", "bits", "group_size", "nsamples", "seqlen")
 # Run settings an entry may set beside its method's fields (boa.QuantConfig's other fields; its transforms come from
 # the setting's a/kv bits and the entry's `rotate`).
-RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(boa.QuantConfig) if f.name not in ("method", "transforms"))
+RUN_OPTIONS = tuple(f.name for f in dataclasses.fields(boa.QuantConfig)
+                    if f.name not in ("method", "transforms", "widths"))
 ROTATE = "rotate"  # an entry's `rotate=true`: QuaRot (seed 0) before the method
 A_CALIBRATE = "a_calibrate"  # `a_calibrate=false`: statistics from float activations (ActivationQuant.calibrate)
+TARGET_BITS = "target_bits"  # `target_bits=3.0`: mixed precision (boa.pipeline.mixed) around the setting's width
+ENTRY_OPTIONS = (ROTATE, A_CALIBRATE, TARGET_BITS)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -86,7 +89,7 @@ class MethodEntry:
         transforms of the setting's activation / KV bits (after QuaRot with `rotate=true`)."""
         from boa.algorithms import method_from_dict
 
-        fields = {k: v for k, v in self.overrides.items() if k not in (*RUN_OPTIONS, ROTATE, A_CALIBRATE)}
+        fields = {k: v for k, v in self.overrides.items() if k not in (*RUN_OPTIONS, *ENTRY_OPTIONS)}
         if self.static_when_grouped and setting.group_size != -1:
             fields.setdefault("static_groups", True)
         options = {k: v for k, v in self.overrides.items() if k in RUN_OPTIONS}
@@ -97,6 +100,18 @@ class MethodEntry:
             return boa.QuantConfig(method, transforms=transforms, **options)
         except (boa.BoaError, TypeError) as e:
             raise SystemExit(f"method entry {self.entry!r} at {setting.label}: {e}") from None
+
+
+def planned_config(entry: MethodEntry, config: boa.QuantConfig, model, calib) -> tuple[boa.QuantConfig, dict]:
+    """The entry's config with per-layer widths when it sets target_bits (measured on `model`, not cached: the
+    entry's seconds include the measurement), and what to add to its row."""
+    target = entry.overrides.get(TARGET_BITS)
+    if target is None:
+        return config, {}
+    from boa.pipeline.mixed import mixed_precision
+
+    mixed = mixed_precision(model, calib, config, float(target))
+    return mixed.config, {"stored_bits": mixed.bits, "layers_per_width": mixed.summary()}
 
 
 def excess_ratio(row: dict, reference: dict | None, fp: dict | None, corpus: str) -> float | None:
@@ -159,7 +174,7 @@ def parse_methods(text: str) -> list[MethodEntry]:
         if method == FP and overrides:
             raise SystemExit(f"method entry {item!r}: fp takes no overrides")
         if method != FP:
-            known = method_fields(method, overrides) | set(RUN_OPTIONS) | {ROTATE, A_CALIBRATE}
+            known = method_fields(method, overrides) | set(RUN_OPTIONS) | set(ENTRY_OPTIONS)
             for key in overrides:
                 if key not in known:
                     raise SystemExit(f"method entry {item!r}: {key!r} is not a setting of {method}; known: "

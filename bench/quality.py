@@ -19,8 +19,9 @@ kvBITS for the KV cache (boa.transforms): w4g128, w3, w4a8, w4a4kv4, w8a8.
 
 Methods. A method entry may carry overrides after colons, e.g. `turboboa:rows_per_step=4:refine_iters=0`,
 `rtn:grid=mse` or `aespa:init=gptq:rounding_iters=200`: the method's own settings (boa.TurboBoA's fields; aespa's and
-its init's), the run options hessian_dtype, cache_dtype, true_sequential, or rotate=true (QuaRot, seed 0, before the
-method) (values are read as int, then float, then true/false, else string). The JSON keeps the whole
+its init's), the run options hessian_dtype, cache_dtype, true_sequential, rotate=true (QuaRot, seed 0, before the
+method), or target_bits=3.0 (mixed precision: per-layer widths chosen around the setting's for that average size,
+boa.pipeline.mixed; its seconds include measuring them, and the row adds stored_bits and layers_per_width) (values are read as int, then float, then true/false, else string). The JSON keeps the whole
 entry string as the row's "method", so several variants of one method can be compared in one run.
 
 Output. The JSON is rewritten (atomically) after every finished row, so an interrupted run keeps what it finished;
@@ -49,7 +50,7 @@ from boa.core.io import atomic_file
 from boa.eval import EVAL_CORPORA, evaluate_perplexity
 
 from _common import (  # bench/ is on sys.path
-    FP, STRONG_GPTQ, Setting, excess_ratio, machine, parse_methods, parse_settings,
+    FP, STRONG_GPTQ, Setting, excess_ratio, machine, parse_methods, parse_settings, planned_config,
 )
 
 FP_SETTING = Setting(16, -1)
@@ -215,8 +216,8 @@ def main() -> None:
                     model, seconds, config = fp_model, 0.0, {}
                 else:
                     model = copy.deepcopy(fp_model)
-                    cfg = entry.config(setting)
                     start = time.perf_counter()
+                    cfg, planned = planned_config(entry, entry.config(setting), model, calib)
                     boa.quantize(model, cfg, calib, adapter=adapter, progress=True)
                     seconds, config = time.perf_counter() - start, cfg.to_dict()
                 ppl = evaluate_perplexity(model, tokenizer, max_windows=args.eval_windows)
@@ -229,7 +230,8 @@ def main() -> None:
                 model = None
                 gc.collect()
             row = {"method": entry.entry, "bits": setting.bits, "group_size": setting.group_size,
-                   "a_bits": setting.a_bits, "kv_bits": setting.kv_bits, **ppl, "seconds": seconds, "config": config}
+                   "a_bits": setting.a_bits, "kv_bits": setting.kv_bits, **ppl, "seconds": seconds, "config": config,
+                   **({} if entry.method == FP else planned)}
             rows = [r for r in rows if row_key(r) != row_key(row)] + [row]
             write_results(json_path, {**header, "results": rows})
             print(format_row(row), flush=True)
