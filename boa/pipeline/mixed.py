@@ -6,12 +6,16 @@ predicted loss.
    input Hessian H is gathered once; the layer is solved at every candidate width by the run's method without its
    attention terms (`sensitivity_method`: GPTQ on the same grid settings; RTN as it is), recording its objective
    E(w) = tr(ΔW H ΔWᵀ) and its packed bytes. Objectives of different layers are not comparable (a layer's output
-   error reaches the model's output through everything after it), so each layer's *sensitivity* is measured too:
-   on a few windows (`probe_windows`), the model's next-token KL divergence from the unquantized model when only
-   that layer holds its quantized weight at one width w₀ (the method's own), s = KL / E(w₀), and the predicted loss
-   at any width is s·E(w) (small errors: the KL is quadratic in the output error, so linear in its energy). One
-   stream of probe activations per layer, advanced through each later block as the pass reaches it: every block is
-   still read once (streamed models), at the cost of about L²/2 block forwards on the probe windows.
+   error reaches the model's output through everything after it, and errors compound), so each layer's
+   *sensitivity* is measured too, at the operating point: on a few windows (`probe_windows`), the model's
+   next-token KL divergence from the unquantized model with every layer quantized at one width w₀ (the method's
+   own), and the KL gained by restoring that one layer to its float weight, s = gain / E(w₀); the predicted loss at
+   any width is s·E(w) (small errors: the KL is quadratic in the output error, so linear in its energy; measured
+   on SmolLM2 from 2-bit g64 to 4-bit per channel within ~30%). Measured with every other layer quantized, s
+   carries how errors compound, which sensitivities around the float model miss (planned from those, a SmolLM2
+   W3 plan lost to uniform widths). One stream of probe activations per layer, advanced through each later block as
+   the pass reaches it: every block is still read once (streamed models), at the cost of about L²/2 block forwards
+   on the probe windows.
 2. allocate (`allocate`): the multiple-choice knapsack  min Σ_u loss_u(w_u)  s.t.  Σ_u bytes_u(w_u) ≤ budget  over
    units u that take one width: by default the layers a server fuses (q/k/v, gate/up, an MoE block's experts;
    `serving_groups`), else each stored layer (a fused projection's parts are always one). Solved exactly by dynamic
@@ -54,7 +58,8 @@ from boa.stats import GroupStatistics, run_block
 # (bits, group_size), -1: per channel. Around 3 bits: 2-bit in groups of 64 to 4-bit in groups of 128.
 DEFAULT_WIDTHS = ((2, 64), (3, -1), (3, 128), (4, -1), (4, 128))
 PROBE_WINDOWS = 2     # calibration windows the model's output KL is measured on, per layer (module docstring)
-RESOLUTION = 100_000  # budget units of the knapsack (finer: closer to the exact optimum, more memory and time)
+RESOLUTION = 100_000
+_VERSION = 2  # of what a measurement holds and how it is taken: part of its cache key  # budget units of the knapsack (finer: closer to the exact optimum, more memory and time)
 
 
 def parse_widths(text: str) -> tuple[tuple[int, int], ...]:
@@ -124,38 +129,44 @@ class Measurement:
 
 
 class _OutputProbe:
-    """The model's next-token distribution on a few windows with one layer at a time replaced by its quantized
-    weight, all the other layers unquantized: one stream of activations per replaced layer, each advanced through
-    every later block as the pass reaches it (so that a streamed model's blocks are still read once), and at the end
-    each stream's KL divergence from the unquantized stream, per token."""
+    """The model's next-token distribution on a few windows at the operating point (every layer quantized at the
+    probe width, the `base` stream) and with one layer at a time restored to its unquantized weight (a stream per
+    layer, leaving everything else quantized), each stream advanced through every later block, quantized, as the pass
+    reaches it (so that a streamed model's blocks are still read once); beside them the unquantized stream, whose
+    distribution each other's KL divergence is taken from."""
+
+    BASE = ""  # the stream with every layer quantized
 
     def __init__(self, weights, adapter: Adapter, windows: torch.Tensor):
         self.weights, self.adapter = weights, adapter
         captured = capture_inputs(weights, adapter, windows, torch.float32, False, "device", None)
-        self.windows, self.kwargs = windows, [kw[0] for kw in captured.per_block]  # one batch of windows
+        self.kwargs = [kw[0] for kw in captured.per_block]  # one batch of windows
         self.fp = captured.hidden[0].clone()
         captured.close()
-        self.streams: dict[str, torch.Tensor] = {}
+        self.streams: dict[str, torch.Tensor] = {self.BASE: self.fp}
 
     @torch.no_grad()
     def advance(self, block, index: int, quantized: dict[str, torch.Tensor]) -> None:
-        """Through block `index`: every earlier layer's stream, then a new stream per layer in `quantized` (name in
-        the block -> its quantized weight), then the unquantized one."""
+        """Through block `index` (quantized: name in the block -> the layer's weight at the probe width)."""
         def run(x):
             return run_block(block, [x], [self.kwargs[index]], torch.float32)[0]
 
-        self.streams = {name: run(x) for name, x in self.streams.items()}
         modules = dict(block.named_modules())
         prefix = f"{self.adapter.blocks_path}.{index}."
-        for name, Q in quantized.items():
-            layer = modules[name]
-            W = layer.weight.data
-            layer.weight.data = Q.to(W.dtype)
-            try:
-                self.streams[prefix + name] = run(self.fp)
-            finally:
-                layer.weight.data = W
         self.fp = run(self.fp)
+        unquantized = {name: modules[name].weight.data for name in quantized}
+        try:
+            for name, Q in quantized.items():
+                modules[name].weight.data = Q.to(unquantized[name].dtype)
+            base = self.streams[self.BASE]
+            self.streams = {stream: run(x) for stream, x in self.streams.items()}
+            for name, W in unquantized.items():
+                modules[name].weight.data = W
+                self.streams[prefix + name] = run(base)
+                modules[name].weight.data = quantized[name].to(W.dtype)
+        finally:
+            for name, W in unquantized.items():
+                modules[name].weight.data = W
 
     @torch.no_grad()
     def kl(self) -> dict[str, float]:
@@ -247,7 +258,7 @@ def measure_widths(model, calib: torch.Tensor, method: Method, widths=DEFAULT_WI
     key_config = QuantConfig(proxy, hessian_dtype=hessian_dtype, true_sequential=False)
     path = None
     if cache is not None:
-        key = hashlib.sha256((run_fingerprint(weights, key_config, calib) + repr((widths, probe_windows)))
+        key = hashlib.sha256((run_fingerprint(weights, key_config, calib) + repr((widths, probe_windows, _VERSION)))
                              .encode()).hexdigest()[:24]
         path = Path(cache) / f"{key}.json"
         if path.exists():
@@ -296,9 +307,12 @@ def measure_widths(model, calib: torch.Tensor, method: Method, widths=DEFAULT_WI
             return_freed_memory()
         if probe is not None:
             kl = probe.kl()
+            base = kl.pop(probe.BASE)
             for by_part in measured.objective.values():
-                for part, by_width in by_part.items():  # no objective at all: the layer was exact, its KL noise
-                    measured.sensitivity[part] = kl[part] / by_width[probed] if by_width[probed] > 0 else 0.0
+                for part, by_width in by_part.items():
+                    # what restoring the layer gains, per unit of its objective (none, or an exact layer: nothing)
+                    gain = max(base - kl[part], 0.0)
+                    measured.sensitivity[part] = gain / by_width[probed] if by_width[probed] > 0 else 0.0
     finally:
         if inputs is not None:
             inputs.close()

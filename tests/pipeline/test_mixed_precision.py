@@ -125,6 +125,37 @@ def test_measured_losses_are_each_layers_gptq_objective(make_llama, calib):
     assert len(measured.numel) == 14  # 2 blocks × 7 layers
 
 
+def test_sensitivity_is_the_kl_gained_by_restoring_each_layer(make_llama, calib):
+    """At the operating point (every layer at the probe width), restoring one layer to its float weight lowers the
+    model's KL from the float model on the probe windows; each layer's sensitivity is that gain per unit of its
+    objective, recomputed here from whole-model forwards with the weights swapped (RTN: the same codes)."""
+    model = make_llama()
+    method = boa.RTN(bits=2, group_size=32)
+    measured = measure_widths(model, calib, method, ((2, 32), (4, -1)), probe_windows=2, progress=False)
+    names = sorted(measured.sensitivity)
+    W = {n: model.get_submodule(n).weight.data for n in names}
+    Q = {n: method.solve(W[n], None).dequantize() for n in names}
+    probe = calib[:2]
+    reference = torch.log_softmax(logits(model, probe), dim=-1)
+
+    def kl(weights):
+        for n in names:
+            model.get_submodule(n).weight.data = weights[n]
+        try:
+            log_q = torch.log_softmax(logits(model, probe), dim=-1)
+        finally:
+            for n in names:
+                model.get_submodule(n).weight.data = W[n]
+        return float((reference.exp() * (reference - log_q)).sum() / probe.numel())
+
+    base = kl(Q)
+    gains = {n: max(base - kl({**Q, n: W[n]}), 0.0) for n in names}
+    assert sum(g > 0 for g in gains.values()) > len(names) // 2
+    for n in names:
+        gained = measured.sensitivity[n] * measured.objective[n][n][(2, 32)]
+        assert gained == pytest.approx(gains[n], rel=1e-3, abs=1e-6 * max(gains.values()))
+
+
 def test_planned_run_meets_the_budget_in_the_saved_files(make_llama, calib, heldout, tmp_path):
     """--target-bits end to end: the budget holds as counted from the saved tensors of the quantized layers (codes,
     scales, zeros), the stored bits equal the plan's, each layer is saved at its planned width, the widths are
