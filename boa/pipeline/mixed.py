@@ -59,7 +59,7 @@ from boa.stats import GroupStatistics, run_block
 DEFAULT_WIDTHS = ((2, 64), (3, -1), (3, 128), (4, -1), (4, 128))
 PROBE_WINDOWS = 2     # calibration windows the model's output KL is measured on, per layer (module docstring)
 RESOLUTION = 100_000
-_VERSION = 2  # of what a measurement holds and how it is taken: part of its cache key  # budget units of the knapsack (finer: closer to the exact optimum, more memory and time)
+_VERSION = 3  # of what a measurement holds and how it is taken: part of its cache key  # budget units of the knapsack (finer: closer to the exact optimum, more memory and time)
 
 
 def parse_widths(text: str) -> tuple[tuple[int, int], ...]:
@@ -94,23 +94,27 @@ def sensitivity_method(method: Method) -> Method:
 @dataclass
 class Measurement:
     """Per stored layer (full name; a fused projection's parts summed): its weights' count, per width its packed
-    bytes and its predicted loss: each run layer's objective tr(ΔW H ΔWᵀ) at that width times the layer's
-    `sensitivity` (the model's output KL per unit of objective, measured at one width; 1 when not measured)."""
+    bytes and each run layer's objective tr(ΔW H ΔWᵀ); per run layer its measured response (objective, model KL)
+    points, sorted by objective: the predicted loss at a width is the KL interpolated at that width's objective
+    (without a response, the objective itself)."""
 
     numel: dict[str, int]
     nbytes: dict[str, dict[tuple[int, int], int]]
     objective: dict[str, dict[str, dict[tuple[int, int], float]]]  # stored layer -> run layer -> width -> objective
-    sensitivity: dict[str, float]                                     # run layer -> KL per unit of objective
+    response: dict[str, list[tuple[float, float]]]                   # run layer -> [(objective, KL)]
 
     def loss(self, name: str, width: tuple[int, int]) -> float:
-        return sum(self.sensitivity.get(part, 1.0) * by_width[width]
-                   for part, by_width in self.objective[name].items())
+        total = 0.0
+        for part, by_width in self.objective[name].items():
+            points = self.response.get(part)
+            total += by_width[width] if points is None else _interpolate(points, by_width[width])
+        return total
 
     def widths(self, name: str) -> list[tuple[int, int]]:
         return list(self.nbytes[name])
 
     def to_dict(self) -> dict:
-        return {"sensitivity": self.sensitivity, "layers": {
+        return {"response": self.response, "layers": {
             name: {"numel": self.numel[name], "bytes": {width_label(w): b for w, b in self.nbytes[name].items()},
                    "objective": {part: {width_label(w): v for w, v in by_width.items()}
                                  for part, by_width in self.objective[name].items()}}
@@ -125,17 +129,36 @@ class Measurement:
         return cls({name: e["numel"] for name, e in layers.items()},
                    {name: widths(e["bytes"]) for name, e in layers.items()},
                    {name: {part: widths(o) for part, o in e["objective"].items()} for name, e in layers.items()},
-                   data["sensitivity"])
+                   {part: [tuple(p) for p in points] for part, points in data["response"].items()})
+
+
+def _interpolate(points: list[tuple[float, float]], x: float) -> float:
+    """The piecewise-linear curve through `points` (sorted by x) at x, extended past the last by its last slope."""
+    for (x0, y0), (x1, y1) in zip(points, points[1:]):
+        if x <= x1 or (x1, y1) == points[-1]:
+            return y0 + (y1 - y0) * (x - x0) / (x1 - x0) if x1 > x0 else y1
+    return points[-1][1]
+
+
+def _response(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Measured (objective, KL) points made a non-decreasing curve: a layer whose larger error measured a smaller KL
+    (errors that happened to cancel others) is taken to cost what its smaller error did."""
+    points = sorted(points)
+    curve, top = [], -math.inf
+    for x, y in points:
+        top = max(top, y)
+        curve.append((x, top))
+    return curve
 
 
 class _OutputProbe:
     """The model's next-token distribution on a few windows at the operating point (every layer quantized at the
-    probe width, the `base` stream) and with one layer at a time restored to its unquantized weight (a stream per
-    layer, leaving everything else quantized), each stream advanced through every later block, quantized, as the pass
-    reaches it (so that a streamed model's blocks are still read once); beside them the unquantized stream, whose
-    distribution each other's KL divergence is taken from."""
+    probe width: the `base` stream) and, for each layer, with that one layer restored to its float weight and with
+    it at the narrowest width, everything else as at the operating point: two streams per layer, each advanced
+    through every later block (quantized) as the pass reaches it, so that a streamed model's blocks are still read
+    once. Beside them the float stream, whose distribution each other's KL divergence is taken from."""
 
-    BASE = ""  # the stream with every layer quantized
+    BASE, RESTORED, NARROW = "", "restored", "narrow"
 
     def __init__(self, weights, adapter: Adapter, windows: torch.Tensor):
         self.weights, self.adapter = weights, adapter
@@ -143,33 +166,39 @@ class _OutputProbe:
         self.kwargs = [kw[0] for kw in captured.per_block]  # one batch of windows
         self.fp = captured.hidden[0].clone()
         captured.close()
-        self.streams: dict[str, torch.Tensor] = {self.BASE: self.fp}
+        self.streams: dict[tuple[str, str], torch.Tensor] = {(self.BASE, self.BASE): self.fp}
 
     @torch.no_grad()
-    def advance(self, block, index: int, quantized: dict[str, torch.Tensor]) -> None:
-        """Through block `index` (quantized: name in the block -> the layer's weight at the probe width)."""
+    def advance(self, block, index: int, probed: dict[str, torch.Tensor], narrow: dict[str, torch.Tensor]) -> None:
+        """Through block `index`; probed / narrow: name in the block -> the layer's weight at the probe width / at
+        the narrowest width."""
         def run(x):
             return run_block(block, [x], [self.kwargs[index]], torch.float32)[0]
 
         modules = dict(block.named_modules())
         prefix = f"{self.adapter.blocks_path}.{index}."
         self.fp = run(self.fp)
-        unquantized = {name: modules[name].weight.data for name in quantized}
+        unquantized = {name: modules[name].weight.data for name in probed}
+
+        def set_weights(layer: str | None = None, weight: torch.Tensor | None = None):
+            for name, Q in probed.items():
+                modules[name].weight.data = (weight if name == layer else Q).to(unquantized[name].dtype)
+
         try:
-            for name, Q in quantized.items():
-                modules[name].weight.data = Q.to(unquantized[name].dtype)
-            base = self.streams[self.BASE]
-            self.streams = {stream: run(x) for stream, x in self.streams.items()}
+            set_weights()
+            base = self.streams[self.BASE, self.BASE]
+            self.streams = {key: run(x) for key, x in self.streams.items()}
             for name, W in unquantized.items():
-                modules[name].weight.data = W
-                self.streams[prefix + name] = run(base)
-                modules[name].weight.data = quantized[name].to(W.dtype)
+                for kind, weight in ((self.RESTORED, W), (self.NARROW, narrow[name])):
+                    set_weights(name, weight)
+                    self.streams[prefix + name, kind] = run(base)
+            set_weights()
         finally:
             for name, W in unquantized.items():
                 modules[name].weight.data = W
 
     @torch.no_grad()
-    def kl(self) -> dict[str, float]:
+    def kl(self) -> dict[tuple[str, str], float]:
         """Each stream's mean KL(unquantized ‖ quantized) of the next-token distribution, in nats per token."""
         model = self.weights.model
         head = model.get_output_embeddings()
@@ -189,7 +218,7 @@ class _OutputProbe:
             reference = log_probs(self.fp)
             p = reference.exp()
             tokens = reference.shape[0] * reference.shape[1]
-            return {name: float((p * (reference - log_probs(x))).sum() / tokens) for name, x in self.streams.items()}
+            return {key: float((p * (reference - log_probs(x))).sum() / tokens) for key, x in self.streams.items()}
         finally:
             for module in (*final, head):
                 self.weights.release(module)
@@ -246,6 +275,7 @@ def measure_widths(model, calib: torch.Tensor, method: Method, widths=DEFAULT_WI
     widths = tuple(tuple(w) for w in widths)
     solvers = {w: proxy.with_width(*w) for w in widths}  # a width the method cannot take fails before any work
     probed = _probe_width(method, widths)
+    narrowest = min(widths, key=lambda w: (w[0], -w[1] if w[1] != -1 else -math.inf))  # fewest bits, then groups
     weights = _weights(model, device)
     model = weights.model
     adapter = adapter or adapter_for(model.config)
@@ -284,7 +314,7 @@ def measure_widths(model, calib: torch.Tensor, method: Method, widths=DEFAULT_WI
             prefix = f"{adapter.blocks_path}.{index}."
             with torch.no_grad():
                 stats = statistics(block, names, inputs.hidden, inputs.kwargs)
-                at_probe = {}
+                at_probe, at_narrowest = {}, {}
                 for unit, parts in _stored_units(adapter, "").items():
                     name = prefix + unit
                     measured.numel[name] = sum(modules[p].weight.numel() for p in parts)
@@ -299,20 +329,21 @@ def measure_widths(model, calib: torch.Tensor, method: Method, widths=DEFAULT_WI
                             measured.nbytes[name][width] += pack(q).nbytes()
                             if width == probed:
                                 at_probe[part] = Q
+                            if width == narrowest:
+                                at_narrowest[part] = Q
                 del stats
                 if probe is not None:
-                    probe.advance(block, index, at_probe)
+                    probe.advance(block, index, at_probe, at_narrowest)
                 inputs.advance(block, None)
             weights.release(block)
             return_freed_memory()
         if probe is not None:
             kl = probe.kl()
-            base = kl.pop(probe.BASE)
+            base = kl[probe.BASE, probe.BASE]
             for by_part in measured.objective.values():
                 for part, by_width in by_part.items():
-                    # what restoring the layer gains, per unit of its objective (none, or an exact layer: nothing)
-                    gain = max(base - kl[part], 0.0)
-                    measured.sensitivity[part] = gain / by_width[probed] if by_width[probed] > 0 else 0.0
+                    measured.response[part] = _response([(0.0, kl[part, probe.RESTORED]), (by_width[probed], base),
+                                                         (by_width[narrowest], kl[part, probe.NARROW])])
     finally:
         if inputs is not None:
             inputs.close()

@@ -125,16 +125,19 @@ def test_measured_losses_are_each_layers_gptq_objective(make_llama, calib):
     assert len(measured.numel) == 14  # 2 blocks × 7 layers
 
 
-def test_sensitivity_is_the_kl_gained_by_restoring_each_layer(make_llama, calib):
-    """At the operating point (every layer at the probe width), restoring one layer to its float weight lowers the
-    model's KL from the float model on the probe windows; each layer's sensitivity is that gain per unit of its
-    objective, recomputed here from whole-model forwards with the weights swapped (RTN: the same codes)."""
+def test_response_is_the_models_kl_around_the_operating_point(make_llama, calib):
+    """With every layer at the probe width (the method's: 4-bit per channel), the model's KL from the float model on
+    the probe windows, and with one layer restored to its float weight or at the narrowest width (2-bit g32): each
+    layer's response points, recomputed here from whole-model forwards with the weights swapped (RTN: the same
+    codes), and the loss interpolated between them."""
     model = make_llama()
-    method = boa.RTN(bits=2, group_size=32)
-    measured = measure_widths(model, calib, method, ((2, 32), (4, -1)), probe_windows=2, progress=False)
-    names = sorted(measured.sensitivity)
+    widths = ((2, 32), (3, -1), (4, -1))
+    measured = measure_widths(model, calib, boa.RTN(bits=4, group_size=-1), widths, probe_windows=2,
+                              progress=False)
+    names = sorted(measured.response)
     W = {n: model.get_submodule(n).weight.data for n in names}
-    Q = {n: method.solve(W[n], None).dequantize() for n in names}
+    Q = {w: {n: boa.RTN(bits=w[0], group_size=w[1]).solve(W[n], None).dequantize() for n in names}
+         for w in ((4, -1), (2, 32))}
     probe = calib[:2]
     reference = torch.log_softmax(logits(model, probe), dim=-1)
 
@@ -148,12 +151,18 @@ def test_sensitivity_is_the_kl_gained_by_restoring_each_layer(make_llama, calib)
                 model.get_submodule(n).weight.data = W[n]
         return float((reference.exp() * (reference - log_q)).sum() / probe.numel())
 
-    base = kl(Q)
-    gains = {n: max(base - kl({**Q, n: W[n]}), 0.0) for n in names}
-    assert sum(g > 0 for g in gains.values()) > len(names) // 2
+    base = kl(Q[4, -1])
     for n in names:
-        gained = measured.sensitivity[n] * measured.objective[n][n][(2, 32)]
-        assert gained == pytest.approx(gains[n], rel=1e-3, abs=1e-6 * max(gains.values()))
+        objective = measured.objective[n][n]
+        restored, narrow = kl({**Q[4, -1], n: W[n]}), kl({**Q[4, -1], n: Q[2, 32][n]})
+        expected = sorted([(0.0, restored), (objective[4, -1], base), (objective[2, 32], narrow)])
+        got = measured.response[n]
+        assert [x for x, _ in got] == [x for x, _ in expected]
+        for (_, y), top in zip(got, itertools.accumulate([y for _, y in expected], max)):
+            assert y == pytest.approx(top, rel=1e-4, abs=1e-7)  # made non-decreasing
+        (x0, y0), (x1, y1) = got[1:]
+        assert measured.loss(n, (3, -1)) == pytest.approx(y0 + (y1 - y0) * (objective[3, -1] - x0) / (x1 - x0))
+    assert measured.loss(names[0], (4, -1)) == pytest.approx(max(base, measured.response[names[0]][0][1]))
 
 
 def test_planned_run_meets_the_budget_in_the_saved_files(make_llama, calib, heldout, tmp_path):
