@@ -58,8 +58,8 @@ from boa.stats import GroupStatistics, run_block
 # (bits, group_size), -1: per channel. Around 3 bits: 2-bit in groups of 64 to 4-bit in groups of 128.
 DEFAULT_WIDTHS = ((2, 64), (3, -1), (3, 128), (4, -1), (4, 128))
 PROBE_WINDOWS = 2     # calibration windows the model's output KL is measured on, per layer (module docstring)
-RESOLUTION = 100_000
-_VERSION = 3  # of what a measurement holds and how it is taken: part of its cache key  # budget units of the knapsack (finer: closer to the exact optimum, more memory and time)
+RESOLUTION = 100_000  # budget units of the knapsack (finer: closer to the exact optimum, more memory and time)
+_VERSION = 3  # of what a measurement holds and how it is taken: part of its cache key
 
 
 def parse_widths(text: str) -> tuple[tuple[int, int], ...]:
