@@ -90,8 +90,10 @@ def _add_quantize(sub) -> None:
                    help="average bits a quantized weight, scales and zeros included, as boa saves it (e.g. 3.0): "
                         "each layer gets one of --widths, chosen from its measured loss at each (a knapsack); "
                         "--bits/--group-size are then only the method's default")
-    m.add_argument("--widths", default="2g64,3,3g128,4,4g128",
-                   help="the widths to choose from: BITS (per-channel) or BITSgGROUP, comma-separated")
+    m.add_argument("--widths", default="3,3g128,4,4g128",
+                   help="the widths to choose from: BITS (per-channel) or BITSgGROUP, comma-separated (2-bit ones, "
+                        "e.g. 2g64, for budgets under 3 bits: around 3 they were measured to cost more than they "
+                        "save)")
     m.add_argument("--untied-widths", action="store_true",
                    help="a width per layer even where servers fuse layers (q/k/v, gate/up, an MoE block's experts: "
                         "by default they share one, so that exports load in vLLM)")
