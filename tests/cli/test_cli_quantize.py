@@ -138,7 +138,15 @@ def test_cli_target_bits_mixes_widths_in_memory_and_streamed(tiny_llama_dir, cal
     """--target-bits: the report gives the stored bits (within the target) and the layers per width, the manifest
     holds layers of several widths and the config their widths, and a streamed run (which measures block by block
     from the shards) writes the same files."""
-    monkeypatch.setenv("BOA_CACHE", str(tmp_path / "cache"))
+    def cache_in(folder):  # the measurements' cache only: $BOA_CACHE also holds the built kernels
+        def cache_dir(*parts):
+            path = folder.joinpath(*parts)
+            path.mkdir(parents=True, exist_ok=True)
+            return path
+
+        monkeypatch.setattr(boa.core.io, "cache_dir", cache_dir)
+
+    cache_in(tmp_path / "cache")
     mixed = ["--bits", "3", "--group-size", "32", "--target-bits", "3.6", "--widths", "2g32,3,3g32,4", "--device", "cpu"]
     report = tmp_path / "report.json"
     assert main(cli_args(tiny_llama_dir, calib_txt, tmp_path / "MEMORY", *mixed, "--json", str(report))) == 0
@@ -148,7 +156,7 @@ def test_cli_target_bits_mixes_widths_in_memory_and_streamed(tiny_llama_dir, cal
     manifest = json.loads((tmp_path / "MEMORY" / "quantization.json").read_text())
     assert len({(layer["bits"], layer["group_size"]) for layer in manifest["layers"].values()}) > 1
     assert manifest["config"]["widths"]
-    monkeypatch.setenv("BOA_CACHE", str(tmp_path / "cache2"))  # measured again, block by block from the shards
+    cache_in(tmp_path / "cache2")  # measured again, block by block from the shards
     assert main(cli_args(tiny_llama_dir, calib_txt, tmp_path / "STREAMED", *mixed, "--stream", "always")) == 0
     assert len(list((tmp_path / "cache2" / "widths").iterdir())) == 1
     a, b = weight_tensors(tmp_path / "MEMORY"), weight_tensors(tmp_path / "STREAMED")
