@@ -8,9 +8,7 @@ calibration activations: the device, host memory or disk, wherever they fit).
 """
 from __future__ import annotations
 
-import contextlib
 import math
-from operator import attrgetter
 
 import torch
 from tqdm.auto import tqdm
@@ -18,20 +16,8 @@ from tqdm.auto import tqdm
 from boa.core.errors import BoaError
 from boa.eval.perplexity import eval_windows, next_token_nll
 from boa.models.adapter import adapter_for
-from boa.models.weights import StreamedModel
+from boa.models.weights import StreamedModel, loaded
 from boa.pipeline.inputs import BlockInputs
-
-
-@contextlib.contextmanager
-def _loaded(streamed: StreamedModel, modules):
-    """`modules`' weights on the device inside the block, dropped after it (an error too)."""
-    try:
-        for module in modules:
-            streamed.load(module)
-        yield
-    finally:
-        for module in modules:
-            streamed.release(module)
 
 
 @torch.no_grad()
@@ -50,16 +36,16 @@ def streamed_perplexity(
     adapter = adapter_for(model.config)
     windows = eval_windows(model.config, tokens, seqlen, max_windows)
     blocks = adapter.blocks(model)
-    final = [module for module in (attrgetter(path)(model) for path in adapter.after_blocks) if module is not None]
+    final = adapter.after_block_modules(model)
 
-    with _loaded(streamed, streamed.outside_blocks(adapter.blocks_path)):
+    with loaded(streamed, streamed.outside_blocks(adapter.blocks_path)):
         inputs = BlockInputs.capture(model, blocks, windows, streamed.dtype, with_fp=False, offload="auto")
     try:
         for block in tqdm(blocks, desc="perplexity", unit="block", disable=not progress, leave=False):
-            with _loaded(streamed, [block]):
+            with loaded(streamed, [block]):
                 inputs.advance(block, None)
         total, done = 0.0, 0
-        with _loaded(streamed, [*final, head]):
+        with loaded(streamed, [*final, head]):
             for hidden in inputs.hidden:
                 for x in hidden.split(batch_size):
                     for module in final:

@@ -84,6 +84,10 @@ class Adapter:
         registered on first use (boa.models.attention_capture)."""
         return routed(attentions, recorder)
 
+    def after_block_modules(self, model: nn.Module) -> list[nn.Module]:
+        """The modules of after_blocks the model has, in order: the last block's output to the head's input."""
+        return [m for m in (attrgetter(path)(model) for path in self.after_blocks) if m is not None]
+
     def rotary_embedding(self, model: nn.Module) -> nn.Module | None:
         return attrgetter(self.rotary_path)(model) if self.rotary_path else None
 

@@ -227,6 +227,19 @@ def outside_blocks(model: nn.Module, blocks_path: str) -> list[nn.Module]:
     return found
 
 
+@contextlib.contextmanager
+def loaded(weights: ResidentModel | StreamedModel, modules):
+    """`modules`' weights loaded (a streamed model reads them from its shards) inside the block, released after it
+    (an error too)."""
+    try:
+        for module in modules:
+            weights.load(module)
+        yield
+    finally:
+        for module in modules:
+            weights.release(module)
+
+
 class ResidentModel:
     """A model in memory (see the module docstring); parts move to `device` while they are used when the model
     lives elsewhere."""

@@ -36,7 +36,7 @@ from boa.core.ranks import Ranks
 from boa.export.boa_format import MANIFEST
 from boa.models.adapter import Adapter, adapter_for
 from boa.models.fused import join_codes
-from boa.models.weights import ResidentModel, StreamedModel
+from boa.models.weights import ResidentModel, StreamedModel, loaded
 from boa.nn import check_not_quantized
 from boa.pipeline.inputs import BlockInputs
 from boa.stats import GroupStatistics, run_fp_block
@@ -291,15 +291,9 @@ def capture_inputs(weights: ResidentModel | StreamedModel, adapter: Adapter, cal
                    with_fp: bool, offload: str, offload_dir) -> BlockInputs:
     """The first block's inputs on the calibration windows (BlockInputs.capture), with what lies outside the blocks
     (embeddings) loaded for it."""
-    around = weights.outside_blocks(adapter.blocks_path)
-    for module in around:
-        weights.load(module)
-    try:
+    with loaded(weights, weights.outside_blocks(adapter.blocks_path)):
         return BlockInputs.capture(weights.model, adapter.blocks(weights.model), calib, dtype, with_fp,
                                    offload=offload, offload_dir=offload_dir)
-    finally:
-        for module in around:
-            weights.release(module)
 
 
 def _split_fused(weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:

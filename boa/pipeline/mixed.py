@@ -34,7 +34,6 @@ import math
 from collections import Counter
 from collections.abc import Mapping
 from dataclasses import dataclass
-from operator import attrgetter
 from pathlib import Path
 
 import numpy as np
@@ -50,7 +49,7 @@ from boa.core.memory import return_freed_memory
 from boa.core.packed import pack
 from boa.core.ranks import Ranks
 from boa.models.adapter import Adapter, adapter_for
-from boa.models.weights import StreamedModel
+from boa.models.weights import StreamedModel, loaded
 from boa.pipeline.inputs import FORWARD_BATCH
 from boa.pipeline.loop import _split_fused, _weights, capture_inputs, run_fingerprint
 from boa.stats import GroupStatistics, run_block
@@ -204,13 +203,11 @@ class _OutputProbe:
         """Each stream's mean KL(unquantized ‖ quantized) of the next-token distribution, in nats per token."""
         model = self.weights.model
         head = model.get_output_embeddings()
-        final = [m for m in (attrgetter(p)(model) for p in self.adapter.after_blocks) if m is not None]
+        final = self.adapter.after_block_modules(model)
         if head is None:
             raise BoaError(f"this {model.config.model_type} model has no output head to measure its layers' effect "
                            "on; mixed precision needs a causal language model")
-        for module in (*final, head):
-            self.weights.load(module)
-        try:
+        with loaded(self.weights, [*final, head]):
             def log_probs(x):
                 for module in final:
                     x = module(x)
@@ -221,9 +218,6 @@ class _OutputProbe:
             p = reference.exp()
             tokens = reference.shape[0] * reference.shape[1]
             return {key: float((p * (reference - log_probs(x))).sum() / tokens) for key, x in self.streams.items()}
-        finally:
-            for module in (*final, head):
-                self.weights.release(module)
 
 
 def _stored_units(adapter: Adapter, prefix: str) -> dict[str, list[str]]:
