@@ -29,6 +29,11 @@ those lanes then give 16 *consecutive* codes (one AVX-512 register, two AVX2 reg
 register never straddles two groups when g is a multiple of 16, and a 16-bit slice of the 1-bit plane is an AVX-512
 lane mask as it stands. Scales are float32 so that every model dtype's grid is held exactly; zeros are integers in
 [0, 2^b − 1], so a byte.
+
+On disk (`stored` / `from_stored`, boa's format version 3) the grids take what they hold, not what the kernels read:
+scales and offsets in float16 or bfloat16 when every value is one exactly (a 16-bit model's grids always are; GGUF's
+are float16), else float32; zeros b bits each, the (out, G) matrix flattened row by row and packed as one row of
+codes (padded to a tile). W3 g128 then stores 3 + (16 + 3)/128 ≈ 3.15 bits a weight, as GPTQ's format does.
 """
 from __future__ import annotations
 
@@ -128,7 +133,53 @@ class PackedWeight:
         return {**out, **{k: v for k, v in optional.items() if v is not None}}
 
     def nbytes(self) -> int:
+        """Bytes in memory (the layout the kernels read)."""
         return sum(t.numel() * t.element_size() for t in self.tensors().values())
+
+    def stored(self) -> dict[str, torch.Tensor]:
+        """The tensors as saved: grids in the narrowest exact float dtype, zeros packed at b bits (module docstring)."""
+        flat = self.zeros.reshape(1, -1)
+        padded = torch.zeros(1, _padded(flat.shape[1]), dtype=torch.uint8, device=flat.device)
+        padded[:, : flat.shape[1]] = flat
+        grids = {"scales": _narrowest(self.scales), "zeros": pack_codes(padded, self.bits).reshape(-1)}
+        if self.offsets is not None:
+            grids["offsets"] = _narrowest(self.offsets)
+        return {**self.tensors(), **grids}
+
+    def stored_nbytes(self) -> int:
+        """Bytes on disk (what boa.save writes for this layer)."""
+        return sum(t.numel() * t.element_size() for t in self.stored().values())
+
+    @classmethod
+    def from_stored(cls, tensors: dict[str, torch.Tensor], bits: int, in_features: int, group_size: int,
+                    ) -> PackedWeight:
+        """The PackedWeight whose `stored()` these are (missing keys: KeyError naming them). Zeros saved unpacked
+        (out, G) — format version 2 — are taken as they are; a packed row that does not hold out × G codes is left
+        as it is, for `check` to refuse."""
+        qweight, zeros = tensors["qweight"], tensors["zeros"]
+        if zeros.dim() == 1 and zeros.dtype == torch.uint8 and bits in PLANES and zeros.numel() % (8 * bits) == 0:
+            groups = -(-in_features // group_size) if isinstance(group_size, int) and group_size > 0 else 0
+            count = qweight.shape[0] * groups
+            codes = unpack_codes(zeros.reshape(1, -1), bits).reshape(-1)
+            if groups and codes.numel() >= count and codes.numel() - count < TILE:
+                zeros = codes[:count].reshape(qweight.shape[0], groups)
+        return cls(qweight=qweight, scales=_widened(tensors["scales"]), zeros=zeros, perm=tensors.get("perm"),
+                   bits=bits, in_features=in_features, group_size=group_size,
+                   offsets=_widened(tensors.get("offsets")))
+
+
+def _widened(values: torch.Tensor | None) -> torch.Tensor | None:
+    """Stored 16-bit grids as the float32 the kernels read (another dtype is left for `check` to refuse)."""
+    return values.float() if values is not None and values.dtype in (torch.float16, torch.bfloat16) else values
+
+
+def _narrowest(values: torch.Tensor) -> torch.Tensor:
+    """values (float32) in float16 or bfloat16 where that dtype holds every one exactly, else as they are."""
+    for dtype in (torch.float16, torch.bfloat16):
+        narrow = values.to(dtype)
+        if torch.equal(narrow.float(), values):
+            return narrow
+    return values
 
 
 def _padded(n: int) -> int:

@@ -6,14 +6,16 @@
                                       "config_sha256": of config.json, "manifest_sha256": of the rest of this file}
     model.safetensors                 every tensor that is not quantized (embeddings, norms, biases, lm_head) under
                                       its state-dict name, and per quantized layer NAME its packed weight
-                                      (boa/core/packed.py): NAME.qweight uint8, NAME.scales float32, NAME.zeros
-                                      uint8, NAME.perm int32 (act-order only), NAME.offsets float32 (GGUF's
-                                      block minimums only); its bits, group_size and in_features
+                                      as stored (boa/core/packed.py, PackedWeight.stored): NAME.qweight uint8,
+                                      NAME.scales float16/bfloat16 where exact (else float32), NAME.zeros uint8
+                                      (b-bit codes packed), NAME.perm int32 (act-order only), NAME.offsets like
+                                      the scales (GGUF's block minimums only); its bits, group_size and in_features
                                       are in quantization.json's "layers". Past max_shard_size (5 GB) the same
                                       tensors go into model-0000K-of-0000N.safetensors shards with
                                       model.safetensors.index.json (boa/core/shards.py), every shard's header
                                       carrying the run's fingerprint
-Version 1 (unpacked: NAME.codes uint8 (out, in), NAME.scale, NAME.zero, NAME.g_idx) is still read.
+Versions 1 (unpacked: NAME.codes uint8 (out, in), NAME.scale, NAME.zero, NAME.g_idx) and 2 (packed codes, float32
+scales, a byte per zero point) are still read.
 
 `load` trusts nothing it can check: the manifest's own checksum (an edited field is refused), config.json's,
 each weight file's run fingerprint (in its header) against the manifest's, and every packed layer's widths, shapes,
@@ -46,8 +48,8 @@ from boa.models.adapter import adapter_for
 from boa.models.weights import StreamedModel
 from boa.nn.quant_linear import pack_model
 
-FORMAT_VERSION = 2
-READS = (1, 2)
+FORMAT_VERSION = 3
+READS = (1, 2, 3)
 MANIFEST = "quantization.json"
 WEIGHTS = "model.safetensors"
 
@@ -122,7 +124,7 @@ def save(result, folder, tokenizer=None, max_shard_size: int | str = DEFAULT_MAX
             writer.add(name, tensor)
         for name, q in result.layers.items():
             packed = pack(q)
-            for key, tensor in packed.tensors().items():
+            for key, tensor in packed.stored().items():
                 writer.add(f"{name}.{key}", tensor)
             layers[name] = {"bits": packed.bits, "group_size": packed.group_size, "in_features": packed.in_features}
         writer.finish()
@@ -221,11 +223,9 @@ def _check_companions(folder: Path, manifest: dict) -> None:
 def _read_layer(tensors: dict, name: str, info: dict, version: int) -> QuantizedWeight | PackedWeight:
     if version == 1:
         return QuantizedWeight(*(tensors.pop(f"{name}.{k}") for k in QuantizedWeight.GRID_PARTS), info["bits"])
-    return PackedWeight(
-        qweight=tensors.pop(f"{name}.qweight"), scales=tensors.pop(f"{name}.scales"), zeros=tensors.pop(f"{name}.zeros"),
-        perm=tensors.pop(f"{name}.perm", None), bits=info["bits"], in_features=info["in_features"],
-        group_size=info["group_size"], offsets=tensors.pop(f"{name}.offsets", None),
-    )
+    parts = {key: tensors.pop(f"{name}.{key}") for key in ("qweight", "scales", "zeros")}
+    parts.update({key: tensors.pop(f"{name}.{key}") for key in ("perm", "offsets") if f"{name}.{key}" in tensors})
+    return PackedWeight.from_stored(parts, info["bits"], info["in_features"], info["group_size"])
 
 
 def _is_tied(model, key: str) -> bool:

@@ -114,14 +114,19 @@ def _check_calibration(model: nn.Module, method: Method, calib: torch.Tensor | N
         )
 
 
-def _write_back(layer: nn.Linear, q: QuantizedWeight, method: Method) -> None:
-    """The layer's weight becomes its dequantized codes; the grids take the model's dtype, so that the packed model
-    computes what this one does — except GGUF grids, which stay the float16-exact float32 values the file holds (the
-    weight is their float32 dequantization in the model's dtype)."""
-    dtype = layer.weight.dtype
+def grids_as_saved(q: QuantizedWeight, method: Method, dtype: torch.dtype) -> QuantizedWeight:
+    """q with its grids in the model's dtype (in place), so that the packed model computes what the quantized one
+    does — except GGUF grids, which stay the float16-exact float32 values the file holds."""
     if method.spec.gguf is None:
         q.scale, q.zero = q.scale.to(dtype), q.zero.to(dtype)  # (only GGUF grids have offsets)
-    layer.weight.data = q.dequantize().to(dtype).to(layer.weight.device)
+    return q
+
+
+def _write_back(layer: nn.Linear, q: QuantizedWeight, method: Method) -> None:
+    """The layer's weight becomes its dequantized codes on the grids as saved (for GGUF grids: their float32
+    dequantization in the model's dtype)."""
+    dtype = layer.weight.dtype
+    layer.weight.data = grids_as_saved(q, method, dtype).dequantize().to(dtype).to(layer.weight.device)
 
 
 def _save_block(checkpoint: Checkpoint, index: int, layers: dict[str, QuantizedWeight], losses: dict,

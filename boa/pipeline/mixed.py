@@ -1,6 +1,6 @@
 """Mixed precision to a size budget: each layer's width (bits, group size) chosen so that the quantized layers average
-`target_bits` bits a weight as boa saves them (codes, scales, zeros, perm: the packed layout's bytes), at the least
-predicted loss.
+`target_bits` bits a weight as boa saves them (PackedWeight.stored: codes, 16-bit scales where exact, zeros at b
+bits, perm), at the least predicted loss.
 
 1. measure (`measure_widths`): one pass over the unquantized model's blocks on the calibration windows. Each layer's
    input Hessian H is gathered once; the layer is solved at every candidate width by the run's method without its
@@ -51,7 +51,7 @@ from boa.core.ranks import Ranks
 from boa.models.adapter import Adapter, adapter_for
 from boa.models.weights import StreamedModel, loaded
 from boa.pipeline.inputs import FORWARD_BATCH
-from boa.pipeline.loop import _split_fused, _weights, capture_inputs, run_fingerprint
+from boa.pipeline.loop import _split_fused, _weights, capture_inputs, grids_as_saved, run_fingerprint
 from boa.stats import GroupStatistics, run_block
 
 # (bits, group_size), -1: per channel. 3- and 4-bit: on SmolLM2 at 3.34 bits a weight, offering 2-bit g64 as well
@@ -60,7 +60,7 @@ from boa.stats import GroupStatistics, run_block
 DEFAULT_WIDTHS = ((3, -1), (3, 128), (4, -1), (4, 128))
 PROBE_WINDOWS = 2     # calibration windows the model's output KL is measured on, per layer (module docstring)
 RESOLUTION = 100_000  # budget units of the knapsack (finer: closer to the exact optimum, more memory and time)
-_VERSION = 3  # of what a measurement holds and how it is taken: part of its cache key
+_VERSION = 4  # of what a measurement holds and how it is taken: part of its cache key
 
 
 def parse_widths(text: str) -> tuple[tuple[int, int], ...]:
@@ -322,7 +322,8 @@ def measure_widths(model, calib: torch.Tensor, method: Method, widths=DEFAULT_WI
                             q = solver.solve(W.to(dtype), stats[part], qkv=part in adapter.qkv)
                             Q = q.dequantize()
                             measured.objective[name][prefix + part][width] = stats[part].loss(W, Q)
-                            measured.nbytes[name][width] += pack(q).nbytes()
+                            saved = grids_as_saved(q, solver, W.dtype)
+                            measured.nbytes[name][width] += pack(saved).stored_nbytes()
                             if width == probed:
                                 at_probe[part] = Q
                             if width == narrowest:

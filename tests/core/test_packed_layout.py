@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from boa.core.errors import BoaError
-from boa.core.packed import PLANES, pack, pack_codes, unpack_codes
+from boa.core.packed import PLANES, PackedWeight, pack, pack_codes, unpack_codes
 from boa.core.quantizer import QuantizedWeight
 from boa_kernels.loader import load_cpu
 from boa_kernels.packed_matmul import KERNEL_BITS
@@ -103,3 +103,53 @@ def test_block_minimums_pack_as_float_offsets_and_run_dequantized():
     packed.offsets = torch.full((24, 16), float("nan"))
     with pytest.raises(BoaError, match="offsets hold NaN"):
         packed.check("layer", 24, 512)
+
+
+@pytest.mark.parametrize("bits", BITS)
+@pytest.mark.parametrize("group", [-1, 32])
+def test_stored_form_is_exact_and_as_small_as_its_values_allow(bits, group):
+    """On disk the grids take 16 bits where that is exact and the zero points b bits: the layer comes back bit for
+    bit, and its bytes are codes + 2 bytes a scale + b bits a zero point (padded to a tile of 64) — counted here from
+    the shapes, not from the code under test."""
+    q = random_quantized(37, 300, bits, group, act_order=group != -1)
+    q.scale = q.scale.to(torch.bfloat16).float()  # a bfloat16 model's grids (the pipeline casts them so)
+    packed = pack(q)
+    stored = packed.stored()
+    assert stored["scales"].dtype == torch.float16 and stored["zeros"].dim() == 1  # (bfloat16 values of these
+    # magnitudes are float16 values too)
+    groups = packed.scales.shape[1]
+    expected = 37 * 320 * bits // 8 + 37 * groups * 2 + -(-37 * groups // 64) * 64 * bits // 8 + 4 * 300 * (
+        packed.perm is not None)
+    assert packed.stored_nbytes() == expected == sum(t.numel() * t.element_size() for t in stored.values())
+    back = PackedWeight.from_stored(stored, bits, 300, packed.group_size)
+    back.check("layer", 37, 300)
+    for key, tensor in packed.tensors().items():
+        assert torch.equal(getattr(back, key), tensor), key
+    assert torch.equal(back.dequantize(), q.dequantize())
+
+
+def test_stored_grids_keep_float32_where_16_bits_would_round():
+    """float32 grids (a float32 model's) stay float32; float16-exact ones (GGUF's) take float16, even beside a
+    bfloat16 model; the float32 value 1 + 2⁻¹⁵ is neither."""
+    q = random_quantized(8, 128, 4, 64)
+    q.scale[0, 0] = 1 + 2**-15
+    assert pack(q).stored()["scales"].dtype == torch.float32
+    q.scale = q.scale.half().float()
+    assert pack(q).stored()["scales"].dtype == torch.float16
+
+
+def test_version_2_layers_still_load():
+    """A layer saved as format version 2 wrote (float32 scales, a byte a zero point) reads back unchanged."""
+    packed = pack(random_quantized(16, 200, 3, 64))
+    back = PackedWeight.from_stored(packed.tensors(), 3, 200, 64)
+    back.check("layer", 16, 200)
+    for key, tensor in packed.tensors().items():
+        assert torch.equal(getattr(back, key), tensor), key
+
+
+def test_damaged_stored_zeros_are_refused_on_load():
+    packed = pack(random_quantized(16, 200, 3, 64))
+    stored = packed.stored()
+    stored["zeros"] = stored["zeros"][:-24]  # one tile of packed zero points short
+    with pytest.raises(BoaError, match="zeros is"):
+        PackedWeight.from_stored(stored, 3, 200, 64).check("layer", 16, 200)

@@ -209,3 +209,42 @@ def test_out_may_be_an_existing_empty_folder_such_as_a_mount_point(tiny_llama, c
     boa.save(result, out, word_tokenizer)
     assert os.stat(out).st_ino == inode and not [p for p in out.iterdir() if p.name.startswith(".")]
     assert sorted(p.name for p in tmp_path.iterdir()) == ["out"]
+
+
+def test_a_bfloat16_model_saves_16_bit_scales_and_packed_zeros_and_version_2_still_loads(tiny_llama, calib,
+                                                                                         heldout, tmp_path):
+    """A bfloat16 model's grids are 16-bit floats, so the file holds them in 16 bits and its zero points at b bits
+    (format version 3): the layers take codes + 2 bytes a scale + 3 bits a zero point (padded to a tile), and load
+    back to the codes and grids quantized. The same folder rewritten as version 2 wrote it (float32 scales, a byte a
+    zero point) loads to the same logits."""
+    from safetensors.torch import load_file, save_file
+
+    from boa.core.packed import pack
+    from boa.export.boa_format import _manifest_digest
+
+    model = copy.deepcopy(tiny_llama).to(torch.bfloat16)
+    result = boa.quantize(model, boa.GPTQ(bits=3, group_size=16), calib, progress=False)
+    out = boa.save(result, tmp_path / "v3")
+    tensors = load_file(str(out / "model.safetensors"))
+    loaded = boa.load(out)[0]
+    for name, q in result.layers.items():
+        rows, cols = q.codes.shape
+        assert tensors[f"{name}.scales"].element_size() == 2
+        assert tensors[f"{name}.zeros"].shape == (-(-rows * cols // 16 // 64) * 64 * 3 // 8,)
+        got = loaded.get_submodule(name).quantized_weight()
+        for field in ("codes", "scale", "zero", "g_idx"):
+            assert torch.equal(getattr(got, field), getattr(q, field).to(getattr(got, field).dtype)), (name, field)
+    expected = logits(loaded, heldout)
+
+    old = {k: v for k, v in tensors.items() if not k.endswith((".scales", ".zeros"))}
+    for name, q in result.layers.items():
+        packed = pack(q)
+        old[f"{name}.scales"], old[f"{name}.zeros"] = packed.scales, packed.zeros
+    with safe_open(str(out / "model.safetensors"), "pt") as f:
+        metadata = f.metadata()
+    save_file(old, str(out / "model.safetensors"), metadata=metadata)
+    manifest = json.loads((out / "quantization.json").read_text())
+    manifest["version"] = 2
+    manifest["manifest_sha256"] = _manifest_digest(manifest)
+    (out / "quantization.json").write_text(json.dumps(manifest))
+    assert torch.equal(logits(boa.load(out)[0], heldout), expected)
