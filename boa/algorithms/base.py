@@ -15,7 +15,7 @@ from boa.core.gguf_grids import gguf_type
 from boa.core.quantizer import QuantizedWeight, QuantSpec
 
 BITS = (2, 3, 4, 8)
-GRIDS = ("minmax", "mse", "hessian")
+GRIDS = ("minmax", "mse", "hessian", "hessian-fast")
 V_ROW_FACTORS = ("exact", "identity")
 
 REGISTRY: dict[str, type[Method]] = {}

@@ -35,7 +35,7 @@ class RTN(GridMethod):
     refine_iters: ClassVar[int] = 0  # no scale refinement (what aespa reads from the method it starts from)
 
     def needs(self) -> Needs:
-        return Needs(hessian=self.grid == "hessian")
+        return Needs(hessian=self.spec.h_weighted)
 
     def solve(self, W, stats, *, qkv=False, progress=None) -> QuantizedWeight:
         return rtn(W, self.spec, stats.H if stats is not None else None)

@@ -21,6 +21,10 @@ CLIP_STEPS = 100
 COARSE = 4
 # The "MMSE" grid search scores candidates by Σ|q − w|^NORM.
 MSE_NORM = 2.4
+# "hessian-fast": each stage of the H-weighted search scores its candidates by the diagonal of H first (n
+# multiply-adds a weight instead of n²) and gives the exact score to each row's SHORTLIST best of them.
+SHORTLIST = 4
+H_WEIGHTED = ("hessian", "hessian-fast")
 
 
 @dataclass(frozen=True)
@@ -28,12 +32,17 @@ class QuantSpec:
     bits: int
     sym: bool = False
     group_size: int = -1      # -1: per-channel
-    grid: str = "minmax"      # "minmax" | "mse" | "hessian": how a grid is searched
+    grid: str = "minmax"      # "minmax" | "mse" | "hessian" | "hessian-fast": how a grid is searched
     gguf: str | None = None   # a GGUF type whose grids the search keeps to (boa.core.gguf_grids)
 
     @property
     def maxq(self) -> int:
         return 2**self.bits - 1
+
+    @property
+    def h_weighted(self) -> bool:
+        """Whether the grid search scores candidates with the input Hessian."""
+        return self.grid in H_WEIGHTED
 
     @property
     def gguf_type(self) -> GGUFType | None:
@@ -111,9 +120,10 @@ def find_grid(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = N
     grid "minmax" covers each row's range; "mse" and "hessian" search clip ratios p = 1 − i/100 (and, asymmetric,
     the zero point rounded down or up) for the lowest Σ|q − w|^2.4, or the lowest (q − w) H (q − w)ᵀ with H the
     (n × n) input-Hessian block of these columns. The H-weighted search, whose scores cost a matrix product each,
-    is coarse-to-fine: every COARSE-th ratio, then the ratios between each row's best and its coarse neighbours.
-    Candidates are scored many at a time (one batched product per chunk); ties go to the earlier candidate, the
-    min-max grid first. With spec.gguf every candidate is first put on the nearest grid the GGUF type can hold
+    is coarse-to-fine: every COARSE-th ratio, then the ratios between each row's best and its coarse neighbours;
+    "hessian-fast" ranks each stage's candidates by the diagonal of H and scores only each row's SHORTLIST best
+    exactly. Candidates are scored many at a time (one batched product per chunk); ties go to the earlier candidate
+    (in "hessian-fast", the earlier in the diagonal ranking), the min-max grid first. With spec.gguf every candidate is first put on the nearest grid the GGUF type can hold
     (K types: `unit` (..., rows, 2) holds the super-block's d and dmin; the types with block minimums take the
     offsets dmin·m below and above the range's low end, as the others take zero points).
     """
@@ -135,8 +145,8 @@ def find_grid(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = N
 
     if spec.grid == "minmax":
         return minmax()
-    if spec.grid == "hessian" and hessian is None:
-        raise BoaError("grid='hessian' needs the layer's input Hessian; use grid='mse' or 'minmax' for RTN")
+    if spec.h_weighted and hessian is None:
+        raise BoaError(f"grid={spec.grid!r} needs the layer's input Hessian; use grid='mse' or 'minmax' for RTN")
 
     def candidates(steps: torch.Tensor) -> tuple[Grid, torch.Tensor]:
         """Grids for clip steps (K, ..., rows, 1), each with its zero points (offsets) below and above: the grids
@@ -156,11 +166,13 @@ def find_grid(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = N
         scale, zero = representable(scale.unsqueeze(1).expand_as(zeros).flatten(0, 1), zeros.flatten(0, 1))
         return Grid(scale, zero), steps.unsqueeze(1).expand_as(zeros).flatten(0, 1)
 
-    def score(grid: Grid) -> torch.Tensor:
-        """Scores of K candidate grids (K, ..., rows, 1)."""
+    def score(grid: Grid, diagonal: bool = False) -> torch.Tensor:
+        """Scores of K candidate grids (K, ..., rows, 1); `diagonal`: by the diagonal of H alone."""
         err = fake_quantize(w, *grid[:2], spec.maxq, grid.offset) - w
         if spec.grid == "mse":
             return err.abs().pow(MSE_NORM).sum(-1, keepdim=True)
+        if diagonal:
+            return (err * err * hessian.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)).sum(-1, keepdim=True)
         # The candidates join the rows, (..., K·rows, n) @ (..., n, n): a per-head H is then never broadcast
         # (copied) along the candidates.
         stacked = err.movedim(0, -3)
@@ -171,11 +183,22 @@ def find_grid(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = N
     best = score(Grid(*(None if x is None else x[None] for x in best_grid)))[0]
     best_step = torch.zeros_like(best, dtype=torch.long)
 
+    chunk = max(1, SEARCH_CHUNK // max(1, w.numel()))
+
+    def shortlisted(grid: Grid, step: torch.Tensor) -> tuple[Grid, torch.Tensor]:
+        """Each row's SHORTLIST candidates of least diagonal score (a stable ranking), (SHORTLIST, ..., rows, 1)."""
+        proxy = torch.cat([score(Grid(*(None if x is None else x[c0 : c0 + chunk] for x in grid)), diagonal=True)
+                           for c0 in range(0, step.shape[0], chunk)])
+        keep = torch.sort(proxy, dim=0, stable=True).indices[:SHORTLIST]
+        return (Grid(*(None if x is None else torch.gather(x.expand_as(proxy), 0, keep) for x in grid)),
+                torch.gather(step.expand_as(proxy), 0, keep))
+
     def consider(steps: torch.Tensor) -> None:
         """Keeps, per row, the first strictly better of the candidates for these steps (K, ..., rows, 1)."""
         nonlocal best, best_grid, best_step
         grid, step = candidates(steps)
-        chunk = max(1, SEARCH_CHUNK // max(1, w.numel()))
+        if spec.grid == "hessian-fast" and step.shape[0] > SHORTLIST:
+            grid, step = shortlisted(grid, step)
         for c0 in range(0, step.shape[0], chunk):
             part = Grid(*(None if x is None else x[c0 : c0 + chunk] for x in grid))
             err, i = score(part).min(0)  # the first minimum: the earliest candidate on a tie
