@@ -91,20 +91,21 @@ class AttentionRecorder:
         x, self.x = self.x, None
         groups = h // k.shape[1]
         # Per kv head, Σ_h (A_h X)ᵀ(A_h X) over its q heads = Xᵀ (Σ_h A_hᵀ A_h) X: g·T³ + T²C + TC² operations
-        # instead of g·(T²C + TC²) — cheaper once C > T, as in every real model.
+        # instead of g·(T²C + TC²) — cheaper once C > T, as in every real model; and a causal A's zeros skipped
+        # (gram_of_rows), about a third of the g·T³.
         for i in range(b):  # one window at a time bounds the (heads, T, T) temporaries
             probs = attention_probabilities(module, query[i : i + 1], key[i : i + 1], _window(attention_mask, i),
                                             scaling)
-            A = probs[0].reshape(k.shape[1], groups * T, -1)                  # (kv heads, g·T, S)
+            A = probs[0].reshape(k.shape[1], groups, T, -1)                   # (kv heads, g, T, S)
             xi = x[i].to(self.dtype)
-            H_sum = xi.T @ ((A.transpose(-1, -2) @ A).to(self.dtype) @ xi)    # (kv heads, C, C)
+            H_sum = xi.T @ (gram_of_rows(A, A).to(self.dtype) @ xi)          # (kv heads, C, C)
             self._add("value_H", H_sum)
             if self.reference is not None:
                 q_fp, k_fp, mask_fp, scaling_fp, x_fp = self.reference
                 probs_fp = attention_probabilities(module, q_fp[i : i + 1], k_fp[i : i + 1],
                                                    _window(mask_fp, i), scaling_fp)
-                A_fp = probs_fp[0].reshape(k.shape[1], groups * T, -1)
-                cross = x_fp[i].to(self.dtype).T @ ((A_fp.transpose(-1, -2) @ A).to(self.dtype) @ xi)
+                A_fp = probs_fp[0].reshape(k.shape[1], groups, T, -1)
+                cross = x_fp[i].to(self.dtype).T @ (gram_of_rows(A_fp, A).to(self.dtype) @ xi)
                 self._add("value_D", cross - H_sum)                            # Σ_h (A_fp X_fp − A X)ᵀ (A X)
 
     def finish(self) -> dict[str, torch.Tensor]:
@@ -121,6 +122,27 @@ class AttentionRecorder:
 
         return {"query": mean(self.query), "key": mean(self.key), "value_H": per_kv_head(self.value_H),
                 "value_D": per_kv_head(self.value_D)}
+
+
+# gram_of_rows takes the rows (query positions) this many at a time.
+ROW_BLOCK = 64
+
+
+def gram_of_rows(A: torch.Tensor, B: torch.Tensor) -> torch.Tensor:
+    """Σ over g and t of A[..., g, t, :]ᵀ B[..., g, t, :] for A, B (..., g, T, S): (..., S, S), the sum of the g
+    matrices AᵀB. Rows are taken ROW_BLOCK query positions at a time, each block only up to the last column where
+    A or B holds a nonzero in it: under a causal mask, block k's products then cover (k+1)·ROW_BLOCK columns, not S
+    (about S³/3 multiply-adds instead of S³). Exact zeros only are skipped, whatever the mask."""
+    T, S = A.shape[-2:]
+    out = A.new_zeros(*A.shape[:-3], S, S)
+    for t0 in range(0, T, ROW_BLOCK):
+        a, b = A[..., t0 : t0 + ROW_BLOCK, :], B[..., t0 : t0 + ROW_BLOCK, :]
+        used = (a != 0).flatten(0, -2).any(0) | (b != 0).flatten(0, -2).any(0)      # (S,)
+        end = int(used.nonzero().max()) + 1 if bool(used.any()) else 0
+        if end:
+            a, b = a[..., :end].flatten(-3, -2), b[..., :end].flatten(-3, -2)    # (..., g·rows, end)
+            out[..., :end, :end] += a.transpose(-1, -2) @ b
+    return out
 
 
 def _window(mask: torch.Tensor | None, i: int) -> torch.Tensor | None:

@@ -244,3 +244,21 @@ def test_capture_registers_with_transformers_on_first_use_not_at_import():
 
     assert CAPTURE in ALL_ATTENTION_FUNCTIONS
     assert model.config._attn_implementation != CAPTURE  # restored after the capture
+
+
+@pytest.mark.parametrize("mask", ["causal", "sliding", "padded", "none"])
+def test_gram_of_rows_equals_the_dense_product(mask):
+    """Σ_g A_gᵀ B_g with the zeros of causal, sliding-window, left-padded and no masks skipped: the dense product,
+    within float32 rounding (the blocks sum in another order)."""
+    from boa.stats.attention import gram_of_rows
+
+    g = torch.Generator().manual_seed(0)
+    T = 200  # not a multiple of the row block
+    allowed = {"causal": torch.ones(T, T, dtype=torch.bool).tril(),
+               "sliding": torch.ones(T, T, dtype=torch.bool).tril() & ~torch.ones(T, T, dtype=torch.bool).tril(-40),
+               "padded": torch.ones(T, T, dtype=torch.bool).tril() & (torch.arange(T) >= 30),
+               "none": torch.ones(T, T, dtype=torch.bool)}[mask]
+    A, B = (torch.softmax(torch.randn(2, 3, T, T, generator=g).masked_fill(~allowed, float("-inf")), -1)
+            .nan_to_num() for _ in range(2))  # padded rows that attend nowhere: all zero
+    dense = A.reshape(2, 3 * T, T).transpose(-1, -2) @ B.reshape(2, 3 * T, T)
+    torch.testing.assert_close(gram_of_rows(A, B), dense, atol=1e-5, rtol=1e-5)
