@@ -5,6 +5,10 @@ floor.
         --json bench/results/speed_w3.json
 
 A method entry may carry overrides of its settings after colons, as in bench/quality.py (`gptq:grid=hessian`).
+`--rows-per-step 1,4,16,64` adds BoA and TurboBoA at each N (rows of a head solved jointly; BoA's default is 1,
+TurboBoA's 16), so that the speed-up TurboBoA's N-row steps buy is seen beside the methods' defaults:
+
+    python bench/speed.py --methods gptq --rows-per-step 1,4,16,64 --blocks 6 --json bench/results/speed_rows.json
 
 For each method: the wall time of `boa.quantize` on a fresh copy of the model (all blocks, or the first --blocks),
 its ratio to the first method's (GPTQ), and the run's own FLOP count — every matmul, attention and Hessian product
@@ -62,11 +66,16 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--floor-only", action="store_true",
                         help="count FLOPs and report the floor without timing the full runs (e.g. at 128 samples)")
+    parser.add_argument("--rows-per-step", help="comma-separated N: also boa and turboboa at rows_per_step=N")
     parser.add_argument("--json", type=Path)
     args = parser.parse_args()
     torch.set_num_threads(args.threads)
     setting = Setting(args.bits, args.group_size)
-    configs = [(entry.entry, entry.config(setting)) for entry in parse_methods(args.methods)]
+    entries = args.methods.split(",")
+    if args.rows_per_step:
+        entries += [f"{method}:rows_per_step={n}" for n in args.rows_per_step.split(",") for method in ("boa",
+                                                                                                       "turboboa")]
+    configs = [(entry.entry, entry.config(setting)) for entry in parse_methods(",".join(entries))]
 
     fp_model, tokenizer, adapter = boa.load_model("smollm2-135m")
     blocks = args.blocks or len(adapter.blocks(fp_model))
