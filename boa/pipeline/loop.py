@@ -39,12 +39,16 @@ from boa.models.fused import join_codes
 from boa.models.weights import ResidentModel, StreamedModel, loaded
 from boa.nn import check_not_quantized
 from boa.pipeline.inputs import BlockInputs
+from boa.pipeline.offload import free_memory
 from boa.stats import GroupStatistics, run_fp_block
 from boa_kernels import backend_for
 
 log = logging.getLogger(__name__)
 
 CHECKPOINT_KIND = "boa-blocks"
+# TurboBoA's FP path keeps every layer input of a block's windows from its one forward when they take at most this
+# share of the free memory (SmolLM2 at 32 × 512 tokens: 0.3 GB), else recomputes them group by group.
+KEEP_FP_FRACTION = 0.25
 
 
 @dataclass
@@ -214,8 +218,9 @@ def quantize_block(block: nn.Module, method: Method, adapter: Adapter, groups: l
     # the FP path: this block before quantization, on the FP path's inputs (TurboBoA's dX reference)
     fp = None
     if inputs is not None and inputs.fp is not None:
+        free = free_memory(next(block.parameters()).device)
         fp = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, inputs.dtype, method.needs().attention,
-                          out=inputs.fp.empty_like())
+                          out=inputs.fp.empty_like(), keep_budget=0 if free is None else int(KEEP_FP_FRACTION * free))
     for group in groups:
         stats = statistics(block, group, inputs.hidden, inputs.kwargs, fp) if statistics is not None else {}
         owners = ranks.owners({name: _solve_cost(modules[name]) for name in group})

@@ -35,6 +35,15 @@ def host_free_memory() -> int | None:
         return None
 
 
+def free_memory(device: torch.device) -> int | None:
+    """Bytes a new allocation on `device` can take (a GPU's free memory; host memory for a CPU), or None where it
+    cannot be told."""
+    device = torch.device(device)
+    if device.type == "cuda":
+        return torch.cuda.mem_get_info(device)[0]
+    return host_free_memory()
+
+
 def choose_offload(requested: str, device: torch.device, nbytes: int) -> str:
     """Where `nbytes` of activations go: `requested`, or for "auto" the compute device if they fit there, else host
     memory, else disk. On a CPU device, host memory is the device."""

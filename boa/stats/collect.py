@@ -87,56 +87,93 @@ def _watch_inputs(stack: contextlib.ExitStack, modules: dict, layers: list[str],
 class FPPass:
     """The unquantized block on the FP path's inputs (TurboBoA's dX reference). Its outputs, the next block's FP
     inputs, are computed at once; what the dX terms need of batch i — linear layers' inputs and the attention call —
-    comes from `batch(i, layers)`, which runs a frozen copy of the block on that batch again, so the activations kept
-    grow with one batch, not with every layer's input on every batch."""
+    comes from `batch(i, layers)`: kept from that first forward where they fit in memory (`kept`), else recomputed
+    by running a frozen copy of the block on that batch again, so that the activations held grow with one batch, not
+    with every layer's input on every batch."""
 
     def __init__(self, block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torch.dtype, attention: bool,
-                 outputs):
+                 outputs, kept: list | None = None):
         self.block = block  # the frozen copy
         self.adapter = adapter
         self.inputs, self.kwargs, self.dtype = inputs, kwargs, dtype
         self.attention = attention
         self.outputs = outputs
+        self.kept = kept  # per batch: (every linear layer's input, the attention call or None), or None
         self._last: tuple | None = None  # ((i, layers), what batch(i, layers) gave)
 
     def batch(self, i: int, layers: list[str]) -> tuple[dict[str, torch.Tensor], tuple | None]:
         """Batch i's inputs of `layers` (listed in call order), in `dtype`, one copy for layers fed the same tensor;
         and when the pass records the attention and v_proj is among them, the attention call's (query, key, mask,
-        scaling). The most recent answer is kept, so asking twice runs the block once."""
+        scaling). Recomputed, the most recent answer is kept, so asking twice runs the block once."""
+        if self.kept is not None:
+            inputs, call = self.kept[i]
+            # (an MoE expert no token of this batch reached has no input)
+            return ({name: inputs[name] for name in layers if name in inputs},
+                    call if self.adapter.v_proj in layers else None)
         key = (i, tuple(layers))
         if self._last is None or self._last[0] != key:
-            self._last = (key, self._run(i, layers))
+            self._last = (key, self._run(i, layers)[:2])
         return self._last[1]
 
-    def _run(self, i: int, layers: list[str]) -> tuple[dict[str, torch.Tensor], tuple | None]:
+    def _run(self, i: int, layers: list[str], stop: bool = True) -> tuple[dict[str, torch.Tensor], tuple | None,
+                                                                           object]:
+        """Batch i's inputs of `layers` and attention call (as `batch`), and the block's output — None where the
+        forward stopped (`stop`) once they were seen."""
         recorder = None
         if self.attention and self.adapter.v_proj in layers:
-            recorder = AttentionRecorder(values=False, stop=layers[-1] in self.adapter.qkv)
+            recorder = AttentionRecorder(values=False, stop=stop and layers[-1] in self.adapter.qkv)
+        output = None
         with contextlib.ExitStack() as stack, torch.no_grad():
             kept, _ = _watch_inputs(stack, dict(self.block.named_modules()), layers,
-                                    lambda name, x: x.detach().to(self.dtype), recorder is None or not recorder.stop)
+                                    lambda name, x: x.detach().to(self.dtype),
+                                    stop and (recorder is None or not recorder.stop))
             if recorder is not None:
                 attention = attrgetter(self.adapter.attention)(self.block)
                 stack.enter_context(self.adapter.capturing({"fp": attention}, recorder))
             try:
-                _forward(self.block, self.inputs[i], self.kwargs[i])
+                output = _forward(self.block, self.inputs[i], self.kwargs[i])
             except StopForward:
                 pass
-        return kept, recorder.kept[0] if recorder is not None else None
+        return kept, recorder.kept[0] if recorder is not None else None, output
+
+    def run_keeping(self, budget: int | None) -> None:
+        """The block's outputs on every batch into `outputs`, keeping each batch's layer inputs and attention call
+        for `batch` while they are projected (from the first batch's bytes) to take at most `budget` bytes; past
+        it, nothing is kept and `batch` recomputes."""
+        layers = self.adapter.linear_names()
+        kept = []
+        for i in range(len(self.inputs)):
+            inputs, call, y = self._run(i, layers, stop=False)
+            self.outputs.append((y[0] if isinstance(y, tuple) else y).to(self.dtype))
+            if kept is None:
+                continue
+            kept.append((inputs, call))
+            if i == 0:
+                held = {t.data_ptr(): t.numel() * t.element_size() for t in inputs.values()}
+                held.update({t.data_ptr(): t.numel() * t.element_size()
+                             for t in (call or ())[:2] if isinstance(t, torch.Tensor)})
+                if budget is not None and sum(held.values()) * len(self.inputs) > budget:
+                    kept = None
+        self.kept = kept
 
 
 def run_fp_block(block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torch.dtype, attention: bool,
-                 out=None) -> FPPass:
+                 out=None, keep_budget: int | None = 0) -> FPPass:
     """The FP path of a block none of whose layers is quantized yet: its outputs on every batch (into `out`, as
     run_block) and a frozen copy of it, from which FPPass.batch recomputes the layer inputs (and, with `attention`,
-    the attention calls) the dX terms need. The copy lives as long as the FPPass."""
+    the attention calls) the dX terms need — or, where they are projected to take at most `keep_budget` bytes
+    (None: no limit), keeps them from this one forward. The copy lives as long as the FPPass."""
     frozen = copy.deepcopy(block).requires_grad_(False)
     for module in frozen.modules():  # the float path: run-time quantizers (boa.transforms) copied with it removed
         for key, hook in list(module._forward_pre_hooks.items()):
             if getattr(hook, "lossy", False):
                 del module._forward_pre_hooks[key]
-    outputs = run_block(frozen, inputs, kwargs, dtype, out)
-    return FPPass(frozen, adapter, inputs, kwargs, dtype, attention, outputs)
+    fp = FPPass(frozen, adapter, inputs, kwargs, dtype, attention, [] if out is None else out)
+    if keep_budget == 0:
+        run_block(frozen, inputs, kwargs, dtype, fp.outputs)
+    else:
+        fp.run_keeping(keep_budget)
+    return fp
 
 
 def collect_statistics(

@@ -1,6 +1,7 @@
-"""boa.stats.FPPass: TurboBoA's FP path recomputed one batch at a time from a frozen copy of the block gives,
-bit for bit, the statistics and the codes that keeping every layer's input of every batch gave; it runs the copy
-once per question, and the copy goes when the block is done."""
+"""boa.stats.FPPass: TurboBoA's FP path — kept from its one forward where it fits, else recomputed one batch at a
+time from a frozen copy of the block — gives, bit for bit, the statistics and the codes that keeping every layer's
+input of every batch gave; recomputing, it runs the copy once per question, and the copy goes when the block is
+done."""
 import contextlib
 import weakref
 from operator import attrgetter
@@ -23,7 +24,7 @@ class KeptInputs:
     """The FP pass kept whole: one forward of the unquantized block per batch that keeps every linear layer's
     input and the attention call, for every batch at once (what the FP pass did before it recomputed them)."""
 
-    def __init__(self, block, adapter, inputs, kwargs, dtype, attention, out=None):
+    def __init__(self, block, adapter, inputs, kwargs, dtype, attention, out=None, keep_budget=0):
         modules = dict(block.named_modules())
         self.layer_inputs, self.calls = [], []
         self.outputs = [] if out is None else out
@@ -56,10 +57,12 @@ def rtn(block, names):
 @pytest.mark.parametrize("arch", BUILDERS)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16], ids=["fp32", "bf16"])
 @pytest.mark.parametrize("true_sequential", [True, False], ids=["sequential", "one-group"])
-def test_statistics_match_keeping_every_layer_input(arch, dtype, true_sequential):
+@pytest.mark.parametrize("keep_budget", [0, None, 1000], ids=["recomputed", "kept", "over-budget"])
+def test_statistics_match_keeping_every_layer_input(arch, dtype, true_sequential, keep_budget):
     """Group after group of TurboBoA's statistics (the groups before quantized in between, so the dX terms are not
     zero), or all layers as one group, against every layer input kept up front: the same H, row factors and D, bit
-    for bit."""
+    for bit — whether run_fp_block recomputes them, keeps them from its one forward, or finds them over its budget
+    (1000 bytes) and recomputes."""
     model = BUILDERS[arch]()
     adapter = adapter_for(model.config)
     block = adapter.blocks(model)[0]
@@ -72,8 +75,9 @@ def test_statistics_match_keeping_every_layer_input(arch, dtype, true_sequential
         # the quantized path's inputs, as an earlier quantized block leaves them, differ from the FP path's
         inputs.hidden = [x + 0.05 * torch.randn(x.shape, generator=g).to(dtype) for x in inputs.hidden]
         kept = KeptInputs(block, adapter, inputs.fp, inputs.kwargs, dtype, needs.attention)
-        fp = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, dtype, needs.attention)
+        fp = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, dtype, needs.attention, keep_budget=keep_budget)
         assert all(torch.equal(a, b) for a, b in zip(fp.outputs, kept.outputs, strict=True))
+        assert (fp.kept is not None) == (keep_budget is None)
         seen_d = 0
         for group in groups:
             ours = statistics(block, group, inputs.hidden, inputs.kwargs, fp)
