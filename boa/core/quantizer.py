@@ -168,6 +168,10 @@ def find_grid(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = N
 
     def score(grid: Grid, diagonal: bool = False) -> torch.Tensor:
         """Scores of K candidate grids (K, ..., rows, 1); `diagonal`: by the diagonal of H alone."""
+        if diagonal and grid.offset is None:  # the shortlist's pass over every candidate: in place, one buffer
+            err = torch.div(w, grid.scale).round_().add_(grid.zero).clamp_(0, spec.maxq)
+            err = err.sub_(grid.zero).mul_(grid.scale).sub_(w)
+            return (err.mul_(err) @ hessian.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).to(err.dtype))
         err = fake_quantize(w, *grid[:2], spec.maxq, grid.offset) - w
         if spec.grid == "mse":
             return err.abs().pow(MSE_NORM).sum(-1, keepdim=True)
