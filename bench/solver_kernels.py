@@ -23,7 +23,7 @@ op "compensate": one attention layer's column pass and row updates, bits 3, per-
 op "turboboa_layer" / "gptq_layer": the whole public method.solve (obs_solve: factors, grids included) on each
     q_proj shape with the methods' defaults at 3 bits per channel (boa.TurboBoA(): the Hessian-weighted grid,
     N = 16, a random dX term D scaled by α, one scale refinement sweep; boa.GPTQ(): no row factor, min-max grid),
-    per kernel backend; the rows as for compensate.
+    per kernel backend; the rows as for compensate. "turboboa_fast_grid_layer": TurboBoA on grid="hessian-fast".
     On the sliced Llama rows, the cols × cols factor (~2 s on CPU) and TurboBoA's Hessian-weighted grid search
     (61 candidate scores, each a rows × cols × cols product) dominate.
 op "inverse_cholesky": U = chol(H⁻¹) of a batch of damped SPD matrices, float32 and float64, shape = [batch, n, n].
@@ -68,6 +68,7 @@ MINMAX = QuantSpec(BITS, grid="minmax")
 # The methods timed whole, with their defaults (per-channel grids, as the compensate rows).
 METHODS = {
     "turboboa": boa.TurboBoA(bits=BITS, group_size=-1),
+    "turboboa_fast_grid": boa.TurboBoA(bits=BITS, group_size=-1, grid="hessian-fast"),
     "gptq": boa.GPTQ(bits=BITS, group_size=-1),
 }
 # Random Hessians: H = 2 S (GᵀG / RANK + RIDGE · I) S, channel scales S log-normal (activation outliers), correlations
@@ -356,7 +357,7 @@ def main() -> None:
             for N in COMPENSATE_N:
                 record(bench_compensate(timer, layer, N, rows_per_head(layer, N), backends))
         for layer in (layer for layer in layers if layer.name.endswith("q_proj")):
-            for method in ("turboboa", "gptq"):
+            for method in METHODS:
                 record(bench_method(timer, method, layer, rows_per_head(layer, 16), backends))
         for batch, n in hessians + (GPU_ONLY_HESSIANS if device == "cuda" and not args.quick else []):
             for dtype in (torch.float32, torch.float64):
