@@ -143,11 +143,13 @@ class FPPass:
         layers = self.adapter.linear_names()
         kept = []
         for i in range(len(self.inputs)):
-            inputs, call, y = self._run(i, layers, stop=False)
-            self.outputs.append((y[0] if isinstance(y, tuple) else y).to(self.dtype))
             if kept is None:
-                continue
-            kept.append((inputs, call))
+                with torch.no_grad():
+                    y = _forward(self.block, self.inputs[i], self.kwargs[i])
+            else:
+                inputs, call, y = self._run(i, layers, stop=False)
+                kept.append((inputs, call))
+            self.outputs.append((y[0] if isinstance(y, tuple) else y).to(self.dtype))
             if i == 0:
                 held = {t.data_ptr(): t.numel() * t.element_size() for t in inputs.values()}
                 held.update({t.data_ptr(): t.numel() * t.element_size()
