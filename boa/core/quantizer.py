@@ -123,9 +123,10 @@ def find_grid(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = N
     is coarse-to-fine: every COARSE-th ratio, then the ratios between each row's best and its coarse neighbours;
     "hessian-fast" ranks each stage's candidates by the diagonal of H and scores only each row's SHORTLIST best
     exactly. Candidates are scored many at a time (one batched product per chunk); ties go to the earlier candidate
-    (in "hessian-fast", the earlier in the diagonal ranking), the min-max grid first. With spec.gguf every candidate is first put on the nearest grid the GGUF type can hold
-    (K types: `unit` (..., rows, 2) holds the super-block's d and dmin; the types with block minimums take the
-    offsets dmin·m below and above the range's low end, as the others take zero points).
+    (in "hessian-fast", the earlier in the diagonal ranking), the min-max grid first. With spec.gguf every candidate
+    is first put on the nearest grid the GGUF type can hold (K types: `unit` (..., rows, 2) holds the super-block's d
+    and dmin; the types with block minimums take the offsets dmin·m below and above the range's low end, as the
+    others take zero points).
     """
     xmin = w.amin(dim=-1, keepdim=True).clamp(max=0)
     xmax = w.amax(dim=-1, keepdim=True).clamp(min=0)
@@ -171,12 +172,12 @@ def find_grid(w: torch.Tensor, spec: QuantSpec, hessian: torch.Tensor | None = N
         if diagonal and grid.offset is None:  # the shortlist's pass over every candidate: in place, one buffer
             err = torch.div(w, grid.scale).round_().add_(grid.zero).clamp_(0, spec.maxq)
             err = err.sub_(grid.zero).mul_(grid.scale).sub_(w)
-            return (err.mul_(err) @ hessian.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).to(err.dtype))
-        err = fake_quantize(w, *grid[:2], spec.maxq, grid.offset) - w
+        else:
+            err = fake_quantize(w, *grid[:2], spec.maxq, grid.offset) - w
+        if diagonal:
+            return err.mul_(err) @ hessian.diagonal(dim1=-2, dim2=-1).unsqueeze(-1).to(err.dtype)
         if spec.grid == "mse":
             return err.abs().pow(MSE_NORM).sum(-1, keepdim=True)
-        if diagonal:
-            return (err * err * hessian.diagonal(dim1=-2, dim2=-1).unsqueeze(-2)).sum(-1, keepdim=True)
         # The candidates join the rows, (..., K·rows, n) @ (..., n, n): a per-head H is then never broadcast
         # (copied) along the candidates.
         stacked = err.movedim(0, -3)

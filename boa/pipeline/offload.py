@@ -52,7 +52,7 @@ def choose_offload(requested: str, device: torch.device, nbytes: int) -> str:
     if requested != "auto":
         return requested
     device = torch.device(device)
-    if device.type == "cuda" and nbytes <= HEADROOM * torch.cuda.mem_get_info(device)[0]:
+    if device.type == "cuda" and nbytes <= HEADROOM * free_memory(device):
         return "device"
     free = host_free_memory()
     if free is None or nbytes <= HEADROOM * free:  # unknown: host memory, as a plain run would use

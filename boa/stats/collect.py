@@ -92,13 +92,13 @@ class FPPass:
     with every layer's input on every batch."""
 
     def __init__(self, block: nn.Module, adapter: Adapter, inputs, kwargs, dtype: torch.dtype, attention: bool,
-                 outputs, kept: list | None = None):
+                 outputs):
         self.block = block  # the frozen copy
         self.adapter = adapter
         self.inputs, self.kwargs, self.dtype = inputs, kwargs, dtype
         self.attention = attention
         self.outputs = outputs
-        self.kept = kept  # per batch: (every linear layer's input, the attention call or None), or None
+        self.kept: list | None = None  # per batch (run_keeping): (every linear layer's input, the attention call)
         self._last: tuple | None = None  # ((i, layers), what batch(i, layers) gave)
 
     def batch(self, i: int, layers: list[str]) -> tuple[dict[str, torch.Tensor], tuple | None]:
