@@ -4,10 +4,10 @@
         --json bench/results/quality.json [--plot bench/results/quality.png] [--resume]
 
 What it measures. The model is loaded once and one set of calibration windows (`--nsamples` × `--seqlen` tokens
-of Wikipedia, seeded) is drawn and shared by every method, so methods differ only in how they round. For each
-setting × method a fresh copy of the FP model is quantized with boa.quantize (the reported seconds cover that call
-only: no loading, no evaluation) and scored by perplexity on `--eval-windows` held-out windows of 512 tokens of
-Wikipedia and of Jane Austen (boa.eval.evaluate_perplexity). "fp" is the unquantized model, scored once.
+of Wikipedia, at offsets seeded by `--calib-seed`) is drawn and shared by every method, so methods differ only in how
+they round. For each setting × method a fresh copy of the FP model is quantized with boa.quantize (the reported
+seconds cover that call only: no loading, no evaluation) and scored by perplexity on `--eval-windows` held-out
+windows of 512 tokens of Wikipedia and of Jane Austen (boa.eval.evaluate_perplexity). "fp" is the unquantized model, scored once.
 
 Defaults. boa's own default calibration is 128 × 512; here it is 32 × 512 and 16 evaluation windows per corpus,
 so that the full table (fp, rtn, gptq, boa, turboboa, aespa at w4g128, w3, w2g64) fits in about two hours on 2 CPU
@@ -54,7 +54,7 @@ from _common import (  # bench/ is on sys.path
 )
 
 FP_SETTING = Setting(16, -1)
-HEADER_KEYS = ("model", "nsamples", "seqlen", "eval_windows")  # must match for --resume to reuse rows
+HEADER_KEYS = ("model", "nsamples", "seqlen", "calib_seed", "eval_windows")  # must match for --resume to reuse rows
 
 
 def row_key(row: dict) -> tuple:
@@ -72,6 +72,7 @@ def load_previous(path: Path, header: dict) -> list[dict]:
     if not path.exists():
         return []
     data = json.loads(path.read_text())
+    data.setdefault("calib_seed", 0)   # files written before --calib-seed existed used seed 0
     mismatch = {k: (data.get(k), header[k]) for k in HEADER_KEYS if data.get(k) != header[k]}
     if mismatch:
         detail = ", ".join(f"{k}: file {old!r} vs now {new!r}" for k, (old, new) in mismatch.items())
@@ -172,6 +173,8 @@ def main() -> None:
     parser.add_argument("--settings", default="w4g128,w3,w2g64", help="comma-separated wBITS[gGROUP][aBITS][kvBITS]")
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (shared by every method)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
+    parser.add_argument("--calib-seed", type=int, default=0,
+                        help="seed of the calibration windows' offsets: rerun with 1, 2, ... to see a difference's noise")
     parser.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 tokens per corpus")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json", required=True, help="results file, rewritten after every finished row")
@@ -191,7 +194,8 @@ def main() -> None:
 
     json_path = Path(args.json)
     header = {**machine(), "model": args.model, "nsamples": args.nsamples, "seqlen": args.seqlen,
-              "eval_windows": args.eval_windows, "threads": torch.get_num_threads(), "torch": torch.__version__}
+              "calib_seed": args.calib_seed, "eval_windows": args.eval_windows, "threads": torch.get_num_threads(),
+              "torch": torch.__version__}
     rows = load_previous(json_path, header) if args.resume else []
     done = {row_key(r) for r in rows}
     todo = [(e, FP_SETTING) for e in entries if e.method == FP]
@@ -206,7 +210,8 @@ def main() -> None:
         fp_model, tokenizer, adapter = boa.load_model(args.model)
         calib = None
         if quantized:
-            calib = boa.data.calibration_windows(tokenizer, "wikipedia", nsamples=args.nsamples, seqlen=args.seqlen)
+            calib = boa.data.calibration_windows(tokenizer, "wikipedia", nsamples=args.nsamples, seqlen=args.seqlen,
+                                                 seed=args.calib_seed)
         print(f"{args.model}: calibration {args.nsamples} × {args.seqlen} Wikipedia tokens (shared by every method); "
               f"perplexity on {args.eval_windows} × 512 held-out tokens of {' and '.join(corpora)}; "
               f"torch threads: {torch.get_num_threads()}", flush=True)

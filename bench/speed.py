@@ -15,23 +15,31 @@ its ratio to the first method's (GPTQ), and the run's own FLOP count — every m
 it executes, counted by torch's FlopCounterMode on the first --count-blocks blocks and scaled to all of them (the
 blocks are alike) — divided by the fp32 GEMM rate measured here on a forward-sized product: the compute floor.
 Not counted: the fused column-compensation kernel's own arithmetic (rows × B² per block of columns, a few per cent of
-the solver's GEMMs) and elementwise work.
+the solver's GEMMs) and elementwise work. Files written before the in-place products (the Hessian accumulations'
+addmm_) were counted undercount every method's FLOPs by those.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import json
+import math
 import time
 from pathlib import Path
 
 import torch
-from torch.utils.flop_counter import FlopCounterMode
+from torch.utils.flop_counter import FlopCounterMode, register_flop_formula
 
 import boa
 from boa_kernels import backend_for
 
 from _common import Setting, machine, parse_methods  # bench/ is sys.path[0] when run as a script
+
+
+@register_flop_formula([torch.ops.aten.addmm_, torch.ops.aten.baddbmm_])
+def _in_place_product_flop(self_shape, a_shape, b_shape, *args, out_shape=None, **kwargs) -> int:
+    """FlopCounterMode counts addmm but not its in-place form, which every Hessian accumulation (H += xᵀx) uses."""
+    return 2 * math.prod(a_shape) * b_shape[-1]
 
 
 def gemm_rate(m: int, k: int, n: int, repeats: int = 5) -> float:

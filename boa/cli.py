@@ -62,6 +62,8 @@ def _add_quantize(sub) -> None:
     t.add_argument("--rows-per-step", type=int, help="N rows of a head quantized jointly (1 = BoA)")
     t.add_argument("--dx-alpha", type=float, help="weight of the earlier layers' error term (0 = off; TurboBoA's "
                    "0.25 by default, 0 with --a-bits 4, where it was measured to cost accuracy)")
+    t.add_argument("--dx-windows", type=int, help="the dX term from the first this many calibration windows (whole "
+                   "batches of 8; default 0: all): the FP path's forwards and memory shrink with it")
     t.add_argument("--refine-iters", type=int, help="scale-refinement sweeps after rounding (0 = off)")
     t.add_argument("--v-row-factor", choices=V_ROW_FACTORS, default="exact",
                    help="v_proj row factor: W_o,hᵀW_o,h (exact) or identity (the public code)")
@@ -275,8 +277,8 @@ def _evaluate(name, model, tokenizer, args, report) -> None:
 
 
 METHOD_FLAGS = ("bits", "group_size", "sym", "grid", "act_order", "static_groups", "percdamp", "damp_reference",
-                "rows_per_step", "dx_alpha", "refine_iters", "v_row_factor", "row_order", "init", "rounding_iters",
-                "rounding_lr")
+                "rows_per_step", "dx_alpha", "dx_windows", "refine_iters", "v_row_factor", "row_order", "init",
+                "rounding_iters", "rounding_lr")
 
 
 def _method(args):

@@ -149,7 +149,8 @@ class Aespa(Method):
 
     def needs(self) -> Needs:
         init = self.init.needs()
-        return Needs(hessian=True, attention=True, v_row_factor=init.v_row_factor, dx=init.dx)
+        return Needs(hessian=True, attention=True, v_row_factor=init.v_row_factor, dx=init.dx,
+                     dx_windows=init.dx_windows)
 
     def to_dict(self) -> dict:
         return {"method": self.name, "init": self.init.to_dict(), "rounding_iters": self.rounding_iters,

@@ -33,22 +33,24 @@ class Needs:
 
     hessian: input Hessians H = 2E[XXᵀ]; attention: q/k/v row factors from the attention (BoA's Kronecker
     Hessians), with v_proj's row factor W_o,hᵀW_o,h ("exact") or I ("identity"); dx: the FP path runs beside the
-    quantized one for the dX term 2E[(X_fp − X_q)X_qᵀ] (TurboBoA)."""
+    quantized one for the dX term 2E[(X_fp − X_q)X_qᵀ] (TurboBoA), on the first `dx_windows` calibration windows (0:
+    all of them)."""
 
     hessian: bool = False
     attention: bool = False
     v_row_factor: str = "exact"
     dx: bool = False
+    dx_windows: int = 0
 
 
-def _is_int(value) -> bool:
+def is_int(value) -> bool:
     return isinstance(value, int) and not isinstance(value, bool)
 
 
 def check_positive_int(owner, *names: str) -> None:
     for name in names:
         value = getattr(owner, name)
-        if not _is_int(value) or value <= 0:
+        if not is_int(value) or value <= 0:
             raise BoaError(f"{name}={value!r} must be a positive integer")
 
 
@@ -145,9 +147,9 @@ class GridMethod(Method):
         if self.gguf is not None:
             kind = gguf_type(str(self.gguf))
             self.gguf, self.bits, self.group_size, self.sym = kind.name, kind.bits, kind.block, not kind.asymmetric
-        if self.gguf is None and (not _is_int(self.bits) or self.bits not in BITS):  # a GGUF type sets its own
+        if self.gguf is None and (not is_int(self.bits) or self.bits not in BITS):  # a GGUF type sets its own
             raise BoaError(f"bits={self.bits!r} is not supported; choose one of {', '.join(map(str, BITS))}")
-        if not _is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):
+        if not is_int(self.group_size) or (self.group_size != -1 and self.group_size <= 0):
             raise BoaError(f"group_size={self.group_size!r} is invalid; use -1 for per-channel grids or a positive "
                            "integer (e.g. 128)")
         if self.grid not in GRIDS:

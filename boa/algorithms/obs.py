@@ -6,7 +6,9 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import ClassVar
 
-from boa.algorithms.base import V_ROW_FACTORS, GridMethod, Needs, check_number, check_positive_int, register
+from boa.algorithms.base import (
+    V_ROW_FACTORS, GridMethod, Needs, is_int, check_number, check_positive_int, register,
+)
 from boa.algorithms.solver import SolveState, obs_solve
 from boa.core.errors import BoaError
 from boa.core.hessian import DAMP_REFERENCES
@@ -27,6 +29,7 @@ class GPTQ(GridMethod):
     percdamp: float = 0.01         # H += percdamp · mean(diag H) · I
     damp_reference: str = "mean"   # ... or the median of diag H ("median": inputs with a few massive channels)
     dx_alpha: float = 0.0          # weight α of the earlier layers' error term D = α·2E[(X_fp − X_q)X_qᵀ]
+    dx_windows: int = 0            # D from the first this many calibration windows (whole forward batches); 0: all
     refine_iters: int = 0          # coordinate-descent sweeps refining the scales after rounding
 
     def validate(self) -> None:
@@ -37,11 +40,14 @@ class GPTQ(GridMethod):
         if self.damp_reference not in DAMP_REFERENCES:
             raise BoaError(f"damp_reference={self.damp_reference!r}: use one of {', '.join(DAMP_REFERENCES)}")
         check_number(self, "dx_alpha", 0, 1, "; 0 turns the dX correction off, 0.25 is usual")
+        if not is_int(self.dx_windows) or self.dx_windows < 0:
+            raise BoaError(f"dx_windows={self.dx_windows!r} must be a non-negative integer (0: every calibration "
+                           "window)")
         if isinstance(self.refine_iters, bool) or not isinstance(self.refine_iters, int) or self.refine_iters < 0:
             raise BoaError(f"refine_iters={self.refine_iters!r} must be a non-negative integer (0: no refinement)")
 
     def needs(self) -> Needs:
-        return Needs(hessian=True, dx=self.dx_alpha > 0)
+        return Needs(hessian=True, dx=self.dx_alpha > 0, dx_windows=self.dx_windows)
 
     def _solver_knobs(self) -> dict:
         return dict(block_size=self.block_size, act_order=self.act_order, static_groups=self.static_groups,
@@ -77,7 +83,8 @@ class BoA(GPTQ):
             raise BoaError(f"v_row_factor={self.v_row_factor!r}: use one of {', '.join(V_ROW_FACTORS)}")
 
     def needs(self) -> Needs:
-        return Needs(hessian=True, attention=True, v_row_factor=self.v_row_factor, dx=self.dx_alpha > 0)
+        return Needs(hessian=True, attention=True, v_row_factor=self.v_row_factor, dx=self.dx_alpha > 0,
+                     dx_windows=self.dx_windows)
 
     def _solver_knobs(self) -> dict:
         return {**super()._solver_knobs(), "rows_per_step": self.rows_per_step, "row_order": self.row_order}

@@ -11,13 +11,14 @@ MAX_RETRIES = 50
 
 
 class HessianAccumulator:
-    """Streaming means of 2·x xᵀ over tokens and, when reference (FP-path) inputs are given, of the dX term
-    2·(x_ref − x) xᵀ (TurboBoA); fp32 (or fp64) whatever the activations' dtype."""
+    """Streaming means of 2·x xᵀ over tokens and, over the tokens given with reference (FP-path) inputs, of the dX
+    term 2·(x_ref − x) xᵀ (TurboBoA); fp32 (or fp64) whatever the activations' dtype."""
 
     def __init__(self, dim: int, dtype: torch.dtype = torch.float32, device=None):
         self.H = torch.zeros(dim, dim, dtype=dtype, device=device)
         self.D: torch.Tensor | None = None
-        self.n = 0
+        self.n = 0      # tokens in H
+        self.n_dx = 0   # tokens in D (those that came with x_ref)
 
     def add(self, x: torch.Tensor, x_ref: torch.Tensor | None = None, x_gap: torch.Tensor | None = None) -> None:
         """x: the layer's inputs; x_ref: the FP path's; x_gap: what the gap x_ref − · is measured from, when not x
@@ -30,12 +31,14 @@ class HessianAccumulator:
             )
         n_new = self.n + x.shape[0]
         self.H.mul_(self.n / n_new).addmm_(x.T, x, alpha=2 / n_new)
+        self.n = n_new
         if x_ref is not None:
             if self.D is None:
                 self.D = torch.zeros_like(self.H)
             gap = x_ref.reshape(x.shape).to(x.dtype) - (x if x_gap is None else x_gap.reshape(x.shape).to(x.dtype))
-            self.D.mul_(self.n / n_new).addmm_(gap.T, x, alpha=2 / n_new)
-        self.n = n_new
+            n_new = self.n_dx + x.shape[0]
+            self.D.mul_(self.n_dx / n_new).addmm_(gap.T, x, alpha=2 / n_new)
+            self.n_dx = n_new
 
 
 def remove_dead_inputs(H: torch.Tensor, W: torch.Tensor) -> torch.Tensor:

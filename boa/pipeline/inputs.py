@@ -15,10 +15,11 @@ FORWARD_BATCH = 8  # calibration windows per block forward
 @dataclass
 class BlockInputs:
     """Per batch of calibration windows: the hidden states entering the current block on the quantized path
-    (`hidden`) and, for the dX correction, on the FP path (`fp`, None without it), with the keyword arguments the
-    model passes each block (`per_block[i]`, one dict per batch: masks, positions; `kwargs` is the current block's).
-    They are recorded per block because families differ by layer (Gemma 3: sliding-window and global layers with
-    their own masks and RoPE); the dicts share the model's tensors, so that costs no memory. Activations are kept in
+    (`hidden`) and, for the dX correction, on the FP path (`fp`, None without it; it may hold only the first
+    batches), with the keyword arguments the model passes each block (`per_block[i]`, one dict per batch: masks,
+    positions; `kwargs` is the current block's). They are recorded per block because families differ by layer (Gemma
+    3: sliding-window and global layers with their own masks and RoPE); the dicts share the model's tensors, so that
+    costs no memory. Activations are kept in
     `dtype` (the cache dtype), where `capture` placed them (ActivationCache: the model's device, host memory or
     disk)."""
 
@@ -34,17 +35,21 @@ class BlockInputs:
 
     @classmethod
     def capture(cls, model, blocks, calib: torch.Tensor, dtype: torch.dtype, with_fp: bool,
-                offload: str = "device", offload_dir: str | Path | None = None) -> BlockInputs:
+                offload: str = "device", offload_dir: str | Path | None = None, fp_windows: int = 0) -> BlockInputs:
         """Runs the model on each batch of windows with `blocks` (all of them, in order) standing in for
         themselves: each records the keyword arguments it is called with and passes its input on uncomputed, the
         first also keeps its input, placed as `offload` says (one of boa.pipeline.OFFLOADS; "auto": where they fit)
-        in `offload_dir` for "disk". No block's weights are used, so a streamed model's need not be loaded."""
+        in `offload_dir` for "disk". No block's weights are used, so a streamed model's need not be loaded.
+        with_fp: a copy of the inputs starts the FP path, for the batches holding the first `fp_windows` windows
+        (0: every batch)."""
         # the embeddings, unlike blocks streamed in later, are where the model computes
         device = model.get_input_embeddings().weight.device
-        nbytes = calib.numel() * model.config.hidden_size * dtype.itemsize * (2 if with_fp else 1)
+        batches = -(-len(calib) // FORWARD_BATCH)
+        fp_batches = 0 if not with_fp else min(batches, -(-fp_windows // FORWARD_BATCH)) if fp_windows else batches
+        nbytes = calib.numel() * model.config.hidden_size * dtype.itemsize * (1 + fp_batches / batches)
         # while a block's outputs are written, its inputs are still kept: twice the activations at the peak
-        placement = choose_offload(offload, device, 2 * nbytes)
-        hidden = ActivationCache(placement, device, offload_dir, need_bytes=2 * nbytes)
+        placement = choose_offload(offload, device, int(2 * nbytes))
+        hidden = ActivationCache(placement, device, offload_dir, need_bytes=int(2 * nbytes))
         fp = hidden.empty_like() if with_fp else None
         per_block: list[list[dict]] = [[] for _ in blocks]
 
@@ -57,7 +62,7 @@ class BlockInputs:
                 if index == 0:
                     kept = x.detach().to(dtype)
                     hidden.append(kept)
-                    if fp is not None:
+                    if fp is not None and len(fp) < fp_batches:
                         fp.append(kept.clone())
                 if index == len(blocks) - 1:
                     raise StopForward
@@ -109,7 +114,7 @@ class BlockInputs:
         self.hidden.close()
         self.hidden = hidden
         if self.fp is not None:
-            fp = _filled(self.fp.empty_like(), (tensors[f"fp_batch_{i}"] for i in batches))
+            fp = _filled(self.fp.empty_like(), (tensors[f"fp_batch_{i}"] for i in range(len(self.fp))))
             self.fp.close()
             self.fp = fp
 

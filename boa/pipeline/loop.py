@@ -298,12 +298,12 @@ def _weights(model, device) -> ResidentModel | StreamedModel:
 
 
 def capture_inputs(weights: ResidentModel | StreamedModel, adapter: Adapter, calib: torch.Tensor, dtype: torch.dtype,
-                   with_fp: bool, offload: str, offload_dir) -> BlockInputs:
+                   with_fp: bool, offload: str, offload_dir, fp_windows: int = 0) -> BlockInputs:
     """The first block's inputs on the calibration windows (BlockInputs.capture), with what lies outside the blocks
     (embeddings) loaded for it."""
     with loaded(weights, weights.outside_blocks(adapter.blocks_path)):
         return BlockInputs.capture(weights.model, adapter.blocks(weights.model), calib, dtype, with_fp,
-                                   offload=offload, offload_dir=offload_dir)
+                                   offload=offload, offload_dir=offload_dir, fp_windows=fp_windows)
 
 
 def _split_fused(weights: ResidentModel | StreamedModel, adapter: Adapter) -> None:
@@ -403,7 +403,7 @@ def quantize(
     inputs = statistics = None
     if needs.hessian:
         inputs = capture_inputs(weights, adapter, ranks.share(calib), getattr(torch, config.cache_dtype), needs.dx,
-                                offload, offload_dir)
+                                offload, offload_dir, fp_windows=-(-needs.dx_windows // ranks.world))  # a share each
         if first > 0:
             inputs.restore(checkpoint.load_carry(), first)
         statistics = GroupStatistics(model, adapter, needs, hessian_dtype, ranks)

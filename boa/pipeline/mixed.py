@@ -41,7 +41,7 @@ import torch
 from tqdm.auto import tqdm
 
 from boa.algorithms import GPTQ, Method, Needs
-from boa.algorithms.base import _is_int
+from boa.algorithms.base import is_int
 from boa.config import QuantConfig
 from boa.core.errors import BoaError
 from boa.core.io import write_json
@@ -278,7 +278,7 @@ def measure_widths(model, calib: torch.Tensor, method: Method, widths=DEFAULT_WI
     if getattr(model, "boa_transforms", ()):
         raise BoaError("mixed precision measures the model before its transforms, and this one was already transformed; "
                        "load it afresh")
-    if not _is_int(probe_windows) or not 0 <= probe_windows <= min(len(calib), FORWARD_BATCH):
+    if not is_int(probe_windows) or not 0 <= probe_windows <= min(len(calib), FORWARD_BATCH):
         raise BoaError(f"probe_windows={probe_windows!r}: give 0 to {min(len(calib), FORWARD_BATCH)} of the "
                        f"{len(calib)} calibration windows")
     key_config = QuantConfig(proxy, hessian_dtype=hessian_dtype, true_sequential=False)

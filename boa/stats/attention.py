@@ -42,7 +42,7 @@ class AttentionRecorder:
     """Accumulates one attention layer's statistics over a statistics pass (sums; `finish` turns them to means).
 
     values: also the per-head v_proj input Hessians and, when `reference` holds the FP pass's attention call for the
-    current batch, their dX terms. stop: raise StopForward after recording, once nothing after attention is needed.
+    current batch (None for a batch the FP pass did not run), their dX terms. stop: raise StopForward after recording, once nothing after attention is needed.
     On the FP pass (which="fp") a recorder only keeps each call's (query, key, mask, scaling) in `kept`.
     """
 
@@ -51,6 +51,7 @@ class AttentionRecorder:
         self.dtype = dtype
         self.stop = stop
         self.tokens = 0
+        self.dx_tokens = 0  # the tokens of the windows value_D saw (those the FP pass ran on)
         self.seqlen = 0
         self.query = self.key = self.value_H = self.value_D = None
         self.x: torch.Tensor | None = None  # v_proj input of the current call
@@ -107,21 +108,22 @@ class AttentionRecorder:
                 A_fp = probs_fp[0].reshape(k.shape[1], groups, T, -1)
                 cross = x_fp[i].to(self.dtype).T @ (gram_of_rows(A_fp, A).to(self.dtype) @ xi)
                 self._add("value_D", cross - H_sum)                            # Σ_h (A_fp X_fp − A X)ᵀ (A X)
+                self.dx_tokens += T
 
     def finish(self) -> dict[str, torch.Tensor]:
         """Means 2E[·] per head: query/key covariances (heads / kv heads, d, d); value_H and value_D per kv head
-        (C, C), each the mean over the q heads that share it."""
+        (C, C), each the mean over the q heads that share it (value_D over the tokens the FP pass ran on)."""
+        groups = self.query.shape[0] // self.key.shape[0]
 
-        def mean(total):
-            return None if total is None else 2 * total / self.tokens
+        def mean(total, tokens):
+            return None if total is None else 2 * total / tokens
 
-        def per_kv_head(total):  # sums over each kv head's q heads -> their mean
-            if total is None:
-                return None
-            return mean(total) / (self.query.shape[0] // self.key.shape[0])
+        def per_kv_head(total, tokens):  # sums over each kv head's q heads -> their mean
+            return None if total is None else mean(total, tokens) / groups
 
-        return {"query": mean(self.query), "key": mean(self.key), "value_H": per_kv_head(self.value_H),
-                "value_D": per_kv_head(self.value_D)}
+        return {"query": mean(self.query, self.tokens), "key": mean(self.key, self.tokens),
+                "value_H": per_kv_head(self.value_H, self.tokens),
+                "value_D": per_kv_head(self.value_D, self.dx_tokens)}
 
 
 # gram_of_rows takes the rows (query positions) this many at a time.

@@ -104,7 +104,10 @@ class FPPass:
     def batch(self, i: int, layers: list[str]) -> tuple[dict[str, torch.Tensor], tuple | None]:
         """Batch i's inputs of `layers` (listed in call order), in `dtype`, one copy for layers fed the same tensor;
         and when the pass records the attention and v_proj is among them, the attention call's (query, key, mask,
-        scaling). Recomputed, the most recent answer is kept, so asking twice runs the block once."""
+        scaling). Recomputed, the most recent answer is kept, so asking twice runs the block once. A batch past the
+        FP pass's last (it may run on the first batches only: dx_windows) has neither."""
+        if i >= len(self.inputs):
+            return {}, None
         if self.kept is not None:
             inputs, call = self.kept[i]
             # (an MoE expert no token of this batch reached has no input)
@@ -191,7 +194,7 @@ def collect_statistics(
 ) -> dict[str, HessianAccumulator]:
     """Runs `block` on every batch and returns each layer's accumulator (layers fed the same tensor, like q/k/v or
     gate/up, share one). With `fp`, each accumulator also gets the dX term against the FP pass's inputs, and the
-    recorder (if any) the attention's. A pass stops as soon as everything it needs has been seen (layers are listed
+    recorder (if any) the attention's, on the batches the FP pass ran on (the first ones). A pass stops as soon as everything it needs has been seen (layers are listed
     in call order)."""
     modules = dict(block.named_modules())
     fp_inputs: dict[str, torch.Tensor] = {}
@@ -214,10 +217,9 @@ def collect_statistics(
             stack.enter_context(adapter.capturing({"quantized": attrgetter(adapter.attention)(block)}, recorder))
         for i, (x, kw) in enumerate(zip(inputs, kwargs)):
             fed.clear()
-            if fp is not None:
-                fp_inputs, fp_attention = fp.batch(i, layers)
-                if recorder is not None and fp_attention is not None:
-                    recorder.reference = (*fp_attention, fp_inputs[adapter.v_proj])
+            fp_inputs, fp_attention = fp.batch(i, layers) if fp is not None else ({}, None)
+            if recorder is not None:
+                recorder.reference = None if fp_attention is None else (*fp_attention, fp_inputs[adapter.v_proj])
             try:
                 _forward(block, x, kw)
             except StopForward:

@@ -26,11 +26,13 @@ def _reduce_mean(acc: HessianAccumulator, ranks: Ranks) -> None:
     total = _count(acc.n, acc.H.device, ranks)
     if total == 0:  # an expert no rank's tokens reached: stays empty (the pooled fallback takes over)
         return
-    for name in ("H", "D"):  # means over this rank's tokens: n_r·mean_r summed is the sum over all tokens
-        mean = getattr(acc, name)
-        if mean is not None:
-            ranks.sum_(mean.mul_(acc.n), "input Hessians" if name == "H" else "dX terms").div_(total)
+    # means over this rank's tokens: n_r·mean_r summed is the sum over all tokens
+    ranks.sum_(acc.H.mul_(acc.n), "input Hessians").div_(total)
     acc.n = total
+    if acc.D is not None:
+        total_dx = _count(acc.n_dx, acc.D.device, ranks)
+        ranks.sum_(acc.D.mul_(acc.n_dx), "dX terms").div_(max(total_dx, 1))
+        acc.n_dx = total_dx
 
 
 def reduce_recorder(recorder: AttentionRecorder, ranks: Ranks) -> None:
@@ -42,3 +44,4 @@ def reduce_recorder(recorder: AttentionRecorder, ranks: Ranks) -> None:
         if value is not None:
             ranks.sum_(value, f"attention statistics ({name})")
     recorder.tokens = _count(recorder.tokens, recorder.query.device, ranks)
+    recorder.dx_tokens = _count(recorder.dx_tokens, recorder.query.device, ranks)

@@ -25,13 +25,14 @@ def test_the_registry_holds_every_method_under_its_name():
 CUSTOM = {
     "rtn": boa.RTN(grid="mse", gguf="Q3_K"),  # a GGUF type: 3 bits, blocks of 16, symmetric
     "gptq": boa.GPTQ(grid="hessian", gguf="Q8_0", act_order=True, static_groups=True,
-                     block_size=32, percdamp=0.05, damp_reference="median", dx_alpha=0.1, refine_iters=2),
+                     block_size=32, percdamp=0.05, damp_reference="median", dx_alpha=0.1, dx_windows=16,
+                     refine_iters=2),
     "boa": boa.BoA(grid="mse", gguf="Q3_K", act_order=True, static_groups=True, block_size=64, percdamp=0.02,
-                   damp_reference="median", dx_alpha=0.5, refine_iters=3, rows_per_step=4, row_order=True,
-                   v_row_factor="identity"),
+                   damp_reference="median", dx_alpha=0.5, dx_windows=8, refine_iters=3, rows_per_step=4,
+                   row_order=True, v_row_factor="identity"),
     "turboboa": boa.TurboBoA(grid="minmax", gguf="Q8_0", act_order=True, static_groups=True, block_size=16,
-                             percdamp=0.1, damp_reference="median", dx_alpha=0.0, refine_iters=0, rows_per_step=2,
-                             row_order=True, v_row_factor="identity"),
+                             percdamp=0.1, damp_reference="median", dx_alpha=0.0, dx_windows=64, refine_iters=0,
+                             rows_per_step=2, row_order=True, v_row_factor="identity"),
     "aespa": boa.Aespa(init=boa.GPTQ(bits=3, group_size=32, grid="hessian", act_order=True, dx_alpha=0.2),
                        rounding_iters=20, rounding_lr=0.05, round_weight=0.5, round_weight_qkv=2.0),
 }
@@ -115,6 +116,8 @@ INVALID = [  # (method, field, value, message fragment)
     ("gptq", "dx_alpha", 1.5, "dx_alpha=1.5 must be a number in [0, 1]"),
     ("gptq", "dx_alpha", True, "dx_alpha=True must be a number"),
     ("gptq", "refine_iters", -1, "refine_iters=-1 must be a non-negative integer"),
+    ("turboboa", "dx_windows", -8, "dx_windows=-8 must be a non-negative integer"),
+    ("turboboa", "dx_windows", 8.0, "dx_windows=8.0 must be a non-negative integer"),
     ("boa", "rows_per_step", 0, "rows_per_step=0 must be a positive integer"),
     ("boa", "v_row_factor", "transpose", "v_row_factor='transpose': use one of exact, identity"),
     ("turboboa", "rows_per_step", -4, "rows_per_step=-4 must be a positive integer"),

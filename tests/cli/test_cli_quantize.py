@@ -83,12 +83,12 @@ def test_cli_turboboa_knobs_reach_the_config(tiny_llama_dir, calib_txt, tmp_path
     """`--method turboboa` with its knobs: the saved config holds them, method defaults fill the rest."""
     out = tmp_path / "OUT"
     assert main(cli_args(tiny_llama_dir, calib_txt, out, "--method", "turboboa", "--rows-per-step", "4",
-                         "--v-row-factor", "identity")) == 0
+                         "--v-row-factor", "identity", "--dx-windows", "8")) == 0
     _, _, config = boa.load(out)
     method = config.method
     assert type(method) is boa.TurboBoA and (method.rows_per_step, method.v_row_factor) == (4, "identity")
-    assert (method.dx_alpha, method.refine_iters) == (0.25, 1)
-    assert method == boa.TurboBoA(bits=4, group_size=128, rows_per_step=4, v_row_factor="identity")
+    assert (method.dx_alpha, method.dx_windows, method.refine_iters) == (0.25, 8, 1)
+    assert method == boa.TurboBoA(bits=4, group_size=128, rows_per_step=4, v_row_factor="identity", dx_windows=8)
 
 
 def test_cli_aespa_knobs_reach_the_config(tiny_llama_dir, calib_txt, tmp_path):

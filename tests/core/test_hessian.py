@@ -21,6 +21,21 @@ def test_accumulator_streams_uneven_batches_like_one_shot_sums():
     assert acc.n == 60
 
 
+def test_dx_term_is_the_mean_over_the_batches_that_came_with_a_reference():
+    """A batch without x_ref (beyond dx_windows) joins H but not D: D = 2E[(x_ref − x)xᵀ] over the first batch's
+    tokens alone, H over all of them."""
+    g = torch.Generator().manual_seed(1)
+    x = torch.randn(12, 5, 6, generator=g, dtype=torch.float64)
+    x_ref = x[:8] + 0.1 * torch.randn(8, 5, 6, generator=g, dtype=torch.float64)
+    acc = HessianAccumulator(6, torch.float64)
+    acc.add(x[:8], x_ref)
+    acc.add(x[8:])
+    flat, first, first_ref = x.reshape(-1, 6), x[:8].reshape(-1, 6), x_ref.reshape(-1, 6)
+    torch.testing.assert_close(acc.H, 2 * flat.T @ flat / 60)
+    torch.testing.assert_close(acc.D, 2 * (first_ref - first).T @ first / 40)
+    assert (acc.n, acc.n_dx) == (60, 40)
+
+
 def test_inverse_cholesky_upper_is_the_factor_of_the_inverse():
     H = torch.stack([spd(n, n, torch.float64)[:64, :64] for n in (64, 70, 80)])
     U = inverse_cholesky_upper(H, percdamp=0.01)

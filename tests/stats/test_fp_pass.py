@@ -15,7 +15,7 @@ from boa.pipeline import BlockInputs
 from boa.pipeline import loop as pipeline_loop
 from boa.stats import AttentionRecorder, GroupStatistics, run_fp_block
 
-from conftest import build_llama, build_opt, random_windows
+from conftest import Interrupted, build_llama, build_opt, random_windows, stop_after
 
 BUILDERS = {"llama": build_llama, "opt": build_opt}
 
@@ -171,3 +171,37 @@ def test_the_fp_path_drops_run_time_quantizers_and_keeps_rotations():
     assert len(fp.block.get_submodule(adapter.mlp_out)._forward_pre_hooks) == 1   # the Hadamard
     assert len(block.get_submodule(adapter.mlp_out)._forward_pre_hooks) == 2      # the block keeps both
     assert not fp.block.get_submodule(adapter.q_proj)._forward_pre_hooks
+
+
+def test_dx_windows_runs_the_fp_path_on_the_first_batches_and_resumes(monkeypatch, tmp_path):
+    """TurboBoA on 12 windows (forward batches of 8 and 4): dx_windows = 12 or more is the default run bit for bit;
+    dx_windows = 4 runs the FP path on the first batch only, in every block, and changes the codes; such a run
+    interrupted after block 0 resumes (the FP path's one batch back from the checkpoint) to the same codes."""
+    fp_batches = []
+
+    def watched(block, adapter, inputs, *args, **kwargs):
+        fp_batches.append(len(inputs))
+        return run_fp_block(block, adapter, inputs, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline_loop, "run_fp_block", watched)
+    calib = random_windows(12, 16, seed=5)
+
+    def run(dx_windows, **kwargs):
+        return boa.quantize(build_llama(), boa.TurboBoA(bits=3, group_size=16, dx_windows=dx_windows), calib,
+                            progress=False, **kwargs).layers
+
+    default = run(0)
+    assert fp_batches == [2, 2]
+    for dx_windows in (12, 16):
+        assert all(torch.equal(q.codes, default[n].codes) and torch.equal(q.scale, default[n].scale)
+                   for n, q in run(dx_windows).items())
+    fp_batches.clear()
+    subset = run(4)
+    assert fp_batches == [1, 1]
+    assert any(not torch.equal(q.codes, default[n].codes) for n, q in subset.items())
+
+    with pytest.raises(Interrupted):
+        run(4, checkpoint_dir=tmp_path / "ckpt", on_block_done=stop_after(0))
+    resumed = run(4, checkpoint_dir=tmp_path / "ckpt", resume=True)
+    assert all(torch.equal(q.codes, subset[n].codes) and torch.equal(q.scale, subset[n].scale)
+               for n, q in resumed.items())

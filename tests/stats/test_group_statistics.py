@@ -104,3 +104,37 @@ def test_dx_terms_only_against_an_fp_pass():
     assert D is not None and D.dtype == torch.float64 and float(D.abs().max()) > 0
     assert without[adapter.o_proj].D is None
     torch.testing.assert_close(without[adapter.o_proj].H, o[adapter.o_proj].H)
+
+
+def test_dx_terms_from_the_first_windows_only():
+    """dx_windows = 8 of 12 windows: the FP path carries the first forward batch only; every D (q/k/v's shared one,
+    v_proj's attention-weighted one, o_proj's) is then the one a run on those 8 windows alone gives, bit for bit,
+    while the input Hessians still see all 12 windows."""
+    model = build_llama()
+    adapter = adapter_for(model.config)
+    block = adapter.blocks(model)[0]
+    calib = random_windows(12, 16, seed=2)
+    needs = boa.TurboBoA(dx_windows=8).needs()
+    results = {}
+    for name, windows, fp_windows in (("subset", calib, 8), ("first 8", calib[:8], 0), ("all", calib, 0)):
+        state = {k: v.clone() for k, v in block.state_dict().items()}
+        with torch.no_grad():
+            inputs = BlockInputs.capture(model, [block], windows, torch.float32, with_fp=True, fp_windows=fp_windows)
+            assert len(inputs.hidden) == (1 if windows is not calib else 2)
+            assert len(inputs.fp) == (2 if name == "all" else 1)
+            statistics = GroupStatistics(model, adapter, needs, torch.float64)
+            fp = run_fp_block(block, adapter, inputs.fp, inputs.kwargs, inputs.dtype, needs.attention)
+            for layer in adapter.qkv:  # the quantized path departs from the FP one from q/k/v on
+                weight = block.get_submodule(layer).weight
+                weight.copy_(boa.RTN(bits=2).solve(weight, None).dequantize())
+            stats = statistics(block, list(adapter.qkv), inputs.hidden, inputs.kwargs, fp)
+            stats.update(statistics(block, [adapter.o_proj], inputs.hidden, inputs.kwargs, fp))
+        block.load_state_dict(state)
+        results[name] = stats
+    subset, first, every = results["subset"], results["first 8"], results["all"]
+    for layer in (adapter.q_proj, adapter.v_proj, adapter.o_proj):
+        assert torch.equal(subset[layer].D, first[layer].D), layer
+        assert torch.equal(subset[layer].H, every[layer].H), layer
+        assert not torch.equal(subset[layer].H, first[layer].H), layer
+    assert float(subset[adapter.v_proj].D.abs().max()) > 0 and float(subset[adapter.o_proj].D.abs().max()) > 0
+    assert not torch.equal(subset[adapter.o_proj].D, every[adapter.o_proj].D)
