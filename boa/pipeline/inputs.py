@@ -19,9 +19,8 @@ class BlockInputs:
     batches), with the keyword arguments the model passes each block (`per_block[i]`, one dict per batch: masks,
     positions; `kwargs` is the current block's). They are recorded per block because families differ by layer (Gemma
     3: sliding-window and global layers with their own masks and RoPE); the dicts share the model's tensors, so that
-    costs no memory. Activations are kept in
-    `dtype` (the cache dtype), where `capture` placed them (ActivationCache: the model's device, host memory or
-    disk)."""
+    costs no memory. Activations are kept in `dtype` (the cache dtype), where `capture` placed them (ActivationCache:
+    the model's device, host memory or disk)."""
 
     hidden: ActivationCache
     per_block: list[list[dict]]
@@ -45,7 +44,7 @@ class BlockInputs:
         # the embeddings, unlike blocks streamed in later, are where the model computes
         device = model.get_input_embeddings().weight.device
         batches = -(-len(calib) // FORWARD_BATCH)
-        fp_batches = 0 if not with_fp else min(batches, -(-fp_windows // FORWARD_BATCH)) if fp_windows else batches
+        fp_batches = (min(batches, -(-fp_windows // FORWARD_BATCH)) if fp_windows else batches) if with_fp else 0
         nbytes = calib.numel() * model.config.hidden_size * dtype.itemsize * (1 + fp_batches / batches)
         # while a block's outputs are written, its inputs are still kept: twice the activations at the peak
         placement = choose_offload(offload, device, int(2 * nbytes))
