@@ -49,9 +49,9 @@ def _add_quantize(sub) -> None:
     q.add_argument("--group-size", type=int, default=128, help="-1 for per-channel grids")
     q.add_argument("--sym", action="store_true", help="symmetric grid (default asymmetric)")
     q.add_argument("--grid", metavar="{" + ",".join(GRIDS) + ",gguf:TYPE[:SEARCH]}",
-                   help="grid search (default: minmax for rtn/gptq, hessian for boa/turboboa/aespa); gguf:TYPE (e.g. "
-                        "gguf:Q4_0, gguf:Q3_K:hessian) keeps every grid to one a GGUF type holds (its bits and block "
-                        "size too), for `boa export --format gguf`")
+                   help="grid search (default: minmax for rtn/gptq, hessian-fast for boa/turboboa/aespa); gguf:TYPE "
+                        "(e.g. gguf:Q4_0, gguf:Q3_K:hessian) keeps every grid to one a GGUF type holds (its bits and "
+                        "block size too), for `boa export --format gguf`")
     q.add_argument("--act-order", action="store_true")
     q.add_argument("--static-groups", action="store_true")
     q.add_argument("--percdamp", type=float, default=0.01)

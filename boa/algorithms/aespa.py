@@ -30,7 +30,9 @@ from typing import ClassVar
 import torch
 from tqdm.auto import tqdm
 
-from boa.algorithms.base import REGISTRY, Method, Needs, check_number, check_positive_int, register
+from boa.algorithms.base import (
+    H_WEIGHTED_DEFAULT, REGISTRY, Method, Needs, check_number, check_positive_int, register,
+)
 from boa.algorithms.obs import TurboBoA
 from boa.algorithms.solver import SolveState, refine_scales
 from boa.core.adaround import beta_at, rectified_sigmoid_inverse
@@ -165,7 +167,7 @@ class Aespa(Method):
         if isinstance(init, str):
             if init not in REGISTRY or init not in INITS:
                 raise BoaError(f"init={init!r} is not supported; aespa starts from one of {', '.join(INITS)}")
-            init = {**data, "method": init, "grid": data.get("grid") or "hessian"}
+            init = {**data, "method": init, "grid": data.get("grid") or H_WEIGHTED_DEFAULT}
         knobs = ("rounding_iters", "rounding_lr", "round_weight", "round_weight_qkv")
         return cls(init=REGISTRY[init["method"]].from_dict(init),
                    **{k: data[k] for k in knobs if data.get(k) is not None})

@@ -16,6 +16,9 @@ from boa.core.quantizer import QuantizedWeight, QuantSpec
 
 BITS = (2, 3, 4, 8)
 GRIDS = ("minmax", "mse", "hessian", "hessian-fast")
+# The H-weighted search BoA, TurboBoA and aespa's inits use unless told: the diag(H) shortlist measured as accurate as
+# the exhaustive "hessian" search at W3 and W2 g64 in ~1/7 of its H products (README, issue 24)
+H_WEIGHTED_DEFAULT = "hessian-fast"
 V_ROW_FACTORS = ("exact", "identity")
 
 REGISTRY: dict[str, type[Method]] = {}

@@ -1,13 +1,13 @@
 """GPTQ, BoA and TurboBoA: one OBS solver (solver.py), three configs. What differs is the statistics (BoA's q/k/v
 row factors from the attention) and the defaults: GPTQ's paper (min-max grids), the public BoA / TurboBoA code's
-(ALGORITHMS.md §4-5: H-weighted grids; TurboBoA N = 16 rows a step, dX α = 0.25, one scale-refinement sweep)."""
+(ALGORITHMS.md §4-5: H-weighted grids, searched here on a diag(H) shortlist; TurboBoA N = 16 rows a step, dX α = 0.25, one scale-refinement sweep)."""
 from __future__ import annotations
 
 from dataclasses import dataclass
 from typing import ClassVar
 
 from boa.algorithms.base import (
-    V_ROW_FACTORS, GridMethod, Needs, is_int, check_number, check_positive_int, register,
+    H_WEIGHTED_DEFAULT, V_ROW_FACTORS, GridMethod, Needs, check_number, check_positive_int, is_int, register,
 )
 from boa.algorithms.solver import SolveState, obs_solve
 from boa.core.errors import BoaError
@@ -71,7 +71,7 @@ class BoA(GPTQ):
 
     name: ClassVar[str] = "boa"
     row_coupled: ClassVar[bool] = True
-    grid: str = "hessian"
+    grid: str = H_WEIGHTED_DEFAULT
     rows_per_step: int = 1         # N rows of a head quantized jointly
     row_order: bool = False        # rows of each head by decreasing diag(H_out)
     v_row_factor: str = "exact"    # v_proj row factor: W_o,hᵀW_o,h ("exact") or I ("identity", the public code)

@@ -72,7 +72,7 @@ def test_aespa_round_trips_from_every_init(init):
 
 def test_defaults_and_labels():
     assert boa.RTN().grid == boa.GPTQ().grid == "minmax"
-    assert boa.BoA().grid == boa.TurboBoA().grid == "hessian"
+    assert boa.BoA().grid == boa.TurboBoA().grid == "hessian-fast"
     assert (boa.BoA().rows_per_step, boa.BoA().dx_alpha, boa.BoA().refine_iters) == (1, 0.0, 0)
     assert (boa.TurboBoA().rows_per_step, boa.TurboBoA().dx_alpha, boa.TurboBoA().refine_iters) == (16, 0.25, 1)
     assert boa.Aespa().init == boa.TurboBoA()
@@ -205,8 +205,8 @@ def test_a_flat_record_reads_into_each_method_with_its_defaults(name, expected):
 def test_a_flat_aespa_record_builds_its_init_from_the_shared_fields():
     """"init" as a name: the init takes the record's grid fields, with the H-weighted grid unless one is given."""
     flat = {**FLAT, "method": "aespa", "init": "gptq", "act_order": True, "rounding_iters": 20}
-    assert method_from_dict(flat) == boa.Aespa(init=boa.GPTQ(bits=3, group_size=-1, grid="hessian", act_order=True),
-                                               rounding_iters=20)
+    assert method_from_dict(flat) == boa.Aespa(init=boa.GPTQ(bits=3, group_size=-1, grid="hessian-fast",
+                                                             act_order=True), rounding_iters=20)
     assert method_from_dict({**flat, "grid": "mse"}).init.grid == "mse"
     assert method_from_dict({**flat, "init": None}).init == boa.TurboBoA(bits=3, group_size=-1, act_order=True)
     with pytest.raises(boa.BoaError, match="init='awq' is not supported"):

@@ -101,9 +101,9 @@ def test_cli_aespa_knobs_reach_the_config(tiny_llama_dir, calib_txt, tmp_path):
     method = config.method
     assert type(method) is boa.Aespa and type(method.init) is boa.GPTQ
     assert (method.rounding_iters, method.rounding_lr) == (20, 0.05)
-    assert (method.init.grid, method.init.dx_alpha, method.init.refine_iters) == ("hessian", 0.0, 0)
+    assert (method.init.grid, method.init.dx_alpha, method.init.refine_iters) == ("hessian-fast", 0.0, 0)
     assert not hasattr(method.init, "rows_per_step")  # GPTQ solves a head's rows in one pass
-    assert method == boa.Aespa(init=boa.GPTQ(bits=4, group_size=128, grid="hessian"), rounding_iters=20,
+    assert method == boa.Aespa(init=boa.GPTQ(bits=4, group_size=128, grid="hessian-fast"), rounding_iters=20,
                                rounding_lr=0.05)
 
 
