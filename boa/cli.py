@@ -52,8 +52,10 @@ def _add_quantize(sub) -> None:
                    help="grid search (default: minmax for rtn/gptq, hessian-fast for boa/turboboa/aespa); gguf:TYPE "
                         "(e.g. gguf:Q4_0, gguf:Q3_K:hessian) keeps every grid to one a GGUF type holds (its bits and "
                         "block size too), for `boa export --format gguf`")
-    q.add_argument("--act-order", action="store_true")
-    q.add_argument("--static-groups", action="store_true")
+    q.add_argument("--act-order", action=argparse.BooleanOptionalAction,
+                   help="columns by decreasing diag(H) (default: on for turboboa and aespa's turboboa init, else off)")
+    q.add_argument("--static-groups", action=argparse.BooleanOptionalAction,
+                   help="group grids fixed before the solve (default: off; turboboa: on when act-order meets groups)")
     q.add_argument("--percdamp", type=float, default=0.01)
     q.add_argument("--damp-reference", choices=["mean", "median"],
                    help="damping is --percdamp times the mean (default) or the median of diag(H); median for models "

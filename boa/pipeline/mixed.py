@@ -89,7 +89,7 @@ def sensitivity_method(method: Method) -> Method:
     needs = base.needs()
     if not needs.attention and not needs.dx:
         return base
-    return GPTQ.from_dict({**base.to_dict(), "dx_alpha": 0.0, "refine_iters": 0})
+    return GPTQ.from_dict({**base.to_dict(), "dx_alpha": 0.0, "refine_iters": 0, "static_groups": base.fixed_groups})
 
 
 @dataclass

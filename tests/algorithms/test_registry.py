@@ -30,7 +30,7 @@ CUSTOM = {
     "boa": boa.BoA(grid="mse", gguf="Q3_K", act_order=True, static_groups=True, block_size=64, percdamp=0.02,
                    damp_reference="median", dx_alpha=0.5, dx_windows=8, refine_iters=3, rows_per_step=4,
                    row_order=True, v_row_factor="identity"),
-    "turboboa": boa.TurboBoA(grid="minmax", gguf="Q8_0", act_order=True, static_groups=True, block_size=16,
+    "turboboa": boa.TurboBoA(grid="minmax", gguf="Q8_0", act_order=False, static_groups=True, block_size=16,
                              percdamp=0.1, damp_reference="median", dx_alpha=0.0, dx_windows=64, refine_iters=0,
                              rows_per_step=2, row_order=True, v_row_factor="identity"),
     "aespa": boa.Aespa(init=boa.GPTQ(bits=3, group_size=32, grid="hessian", act_order=True, dx_alpha=0.2),
@@ -75,6 +75,8 @@ def test_defaults_and_labels():
     assert boa.BoA().grid == boa.TurboBoA().grid == "hessian-fast"
     assert (boa.BoA().rows_per_step, boa.BoA().dx_alpha, boa.BoA().refine_iters) == (1, 0.0, 0)
     assert (boa.TurboBoA().rows_per_step, boa.TurboBoA().dx_alpha, boa.TurboBoA().refine_iters) == (16, 0.25, 1)
+    assert (boa.GPTQ().act_order, boa.BoA().act_order, boa.TurboBoA().act_order) == (False, False, True)
+    assert (boa.GPTQ().static_groups, boa.TurboBoA().static_groups) == (False, None)
     assert boa.Aespa().init == boa.TurboBoA()
     assert boa.GPTQ().label == "gptq w4g128"
     assert boa.RTN(bits=3, group_size=-1).label == "rtn w3"
@@ -184,7 +186,7 @@ def test_needs_per_method(method, needs):
 # ---- flat records ----
 
 FLAT = {  # every method's knobs side by side, as the CLI's flags give them (None: not set)
-    "bits": 3, "group_size": -1, "sym": False, "grid": None, "act_order": False, "static_groups": False,
+    "bits": 3, "group_size": -1, "sym": False, "grid": None, "act_order": None, "static_groups": None,
     "percdamp": 0.01, "rows_per_step": None, "dx_alpha": None, "refine_iters": None, "v_row_factor": "exact",
     "row_order": False, "init": None, "rounding_iters": 500, "rounding_lr": 0.1,
 }

@@ -21,8 +21,9 @@ OLD_AESPA = {
 def test_an_old_flat_turboboa_manifest_reads_into_the_typed_config():
     config = boa.QuantConfig.from_dict(OLD_TURBOBOA)
     assert type(config.method) is boa.TurboBoA
+    # the record's own grid and column order, not today's defaults
     assert config.method == boa.TurboBoA(bits=3, group_size=-1, rows_per_step=4, v_row_factor="identity",
-                                         grid="hessian")  # the record's own grid, not today's default
+                                         grid="hessian", act_order=False, static_groups=False)
     assert (config.method.dx_alpha, config.method.refine_iters, config.method.grid) == (0.25, 1, "hessian")
     assert config == boa.QuantConfig(config.method, cache_dtype="float16")
 

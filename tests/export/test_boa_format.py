@@ -175,7 +175,8 @@ def test_the_manifest_records_config_and_calibration(tiny_llama, calib, tmp_path
 
 
 @pytest.mark.parametrize("flat, expected", [
-    (OLD_FLAT_TURBOBOA, boa.TurboBoA(bits=3, group_size=-1, rows_per_step=4, v_row_factor="identity")),
+    (OLD_FLAT_TURBOBOA, boa.TurboBoA(bits=3, group_size=-1, rows_per_step=4, v_row_factor="identity",
+                                     grid="hessian", act_order=False, static_groups=False)),  # the record's own
     ({**OLD_FLAT_TURBOBOA, "method": "aespa", "init": "gptq", "rows_per_step": 1, "dx_alpha": 0.0, "refine_iters": 0,
       "v_row_factor": "exact", "rounding_iters": 20},
      boa.Aespa(init=boa.GPTQ(bits=3, group_size=-1, grid="hessian"), rounding_iters=20)),

@@ -96,7 +96,9 @@ def test_config_widths_pick_each_layers_method_and_round_trip():
 
 def test_sensitivity_method_drops_the_attention_terms():
     proxy = sensitivity_method(boa.TurboBoA(bits=3, group_size=64, act_order=True, percdamp=0.05))
-    assert proxy == boa.GPTQ(bits=3, group_size=64, act_order=True, percdamp=0.05, grid="hessian")
+    # TurboBoA's grid and groups carried over (its default act-order meets groups: static)
+    assert proxy == boa.GPTQ(bits=3, group_size=64, act_order=True, percdamp=0.05, grid="hessian-fast",
+                             static_groups=True)
     assert sensitivity_method(boa.Aespa()) == sensitivity_method(boa.TurboBoA())
     assert sensitivity_method(boa.RTN(bits=2)) == boa.RTN(bits=2)
 
