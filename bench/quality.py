@@ -7,7 +7,8 @@ What it measures. The model is loaded once and one set of calibration windows (`
 of Wikipedia, at offsets seeded by `--calib-seed`) is drawn and shared by every method, so methods differ only in how
 they round. For each setting × method a fresh copy of the FP model is quantized with boa.quantize (the reported
 seconds cover that call only: no loading, no evaluation) and scored by perplexity on `--eval-windows` held-out
-windows of 512 tokens of Wikipedia and of Jane Austen (boa.eval.evaluate_perplexity). "fp" is the unquantized model, scored once.
+windows of 512 tokens of Wikipedia and of Jane Austen (boa.eval.evaluate_perplexity). "fp" is the unquantized
+model, scored once.
 
 Defaults. boa's own default calibration is 128 × 512; here it is 32 × 512 and 16 evaluation windows per corpus,
 so that the full table (fp, rtn, gptq, boa, turboboa, aespa at w4g128, w3, w2g64) fits in about two hours on 2 CPU
@@ -174,7 +175,8 @@ def main() -> None:
     parser.add_argument("--nsamples", type=int, default=32, help="calibration windows (shared by every method)")
     parser.add_argument("--seqlen", type=int, default=512, help="tokens per calibration window")
     parser.add_argument("--calib-seed", type=int, default=0,
-                        help="seed of the calibration windows' offsets: rerun with 1, 2, ... to see a difference's noise")
+                        help="seed of the calibration windows' offsets: rerun with 1, 2, ... to see a difference's "
+                             "noise")
     parser.add_argument("--eval-windows", type=int, default=16, help="evaluation windows of 512 tokens per corpus")
     parser.add_argument("--threads", type=int, help="torch.set_num_threads (default: torch's own)")
     parser.add_argument("--json", required=True, help="results file, rewritten after every finished row")

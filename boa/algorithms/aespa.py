@@ -150,9 +150,7 @@ class Aespa(Method):
             check_number(self, name, 0)
 
     def needs(self) -> Needs:
-        init = self.init.needs()
-        return Needs(hessian=True, attention=True, v_row_factor=init.v_row_factor, dx=init.dx,
-                     dx_windows=init.dx_windows)
+        return dataclasses.replace(self.init.needs(), hessian=True, attention=True)
 
     def to_dict(self) -> dict:
         return {"method": self.name, "init": self.init.to_dict(), "rounding_iters": self.rounding_iters,

@@ -4,6 +4,7 @@ row factors from the attention) and the defaults: GPTQ's paper (min-max grids), 
 α = 0.25, one scale-refinement sweep) and what was measured here (TurboBoA in act-order: README, issue 23)."""
 from __future__ import annotations
 
+import dataclasses
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -93,8 +94,7 @@ class BoA(GPTQ):
             raise BoaError(f"v_row_factor={self.v_row_factor!r}: use one of {', '.join(V_ROW_FACTORS)}")
 
     def needs(self) -> Needs:
-        return Needs(hessian=True, attention=True, v_row_factor=self.v_row_factor, dx=self.dx_alpha > 0,
-                     dx_windows=self.dx_windows)
+        return dataclasses.replace(super().needs(), attention=True, v_row_factor=self.v_row_factor)
 
     def _solver_knobs(self) -> dict:
         return {**super()._solver_knobs(), "rows_per_step": self.rows_per_step, "row_order": self.row_order}

@@ -42,8 +42,9 @@ class AttentionRecorder:
     """Accumulates one attention layer's statistics over a statistics pass (sums; `finish` turns them to means).
 
     values: also the per-head v_proj input Hessians and, when `reference` holds the FP pass's attention call for the
-    current batch (None for a batch the FP pass did not run), their dX terms. stop: raise StopForward after recording, once nothing after attention is needed.
-    On the FP pass (which="fp") a recorder only keeps each call's (query, key, mask, scaling) in `kept`.
+    current batch (None for a batch the FP pass did not run), their dX terms. stop: raise StopForward after recording,
+    once nothing after attention is needed. On the FP pass (which="fp") a recorder only keeps each call's (query,
+    key, mask, scaling) in `kept`.
     """
 
     def __init__(self, values: bool, dtype: torch.dtype = torch.float32, stop: bool = False):

@@ -194,8 +194,8 @@ def collect_statistics(
 ) -> dict[str, HessianAccumulator]:
     """Runs `block` on every batch and returns each layer's accumulator (layers fed the same tensor, like q/k/v or
     gate/up, share one). With `fp`, each accumulator also gets the dX term against the FP pass's inputs, and the
-    recorder (if any) the attention's, on the batches the FP pass ran on (the first ones). A pass stops as soon as everything it needs has been seen (layers are listed
-    in call order)."""
+    recorder (if any) the attention's, on the batches the FP pass ran on (the first ones). A pass stops as soon as
+    everything it needs has been seen (layers are listed in call order)."""
     modules = dict(block.named_modules())
     fp_inputs: dict[str, torch.Tensor] = {}
 

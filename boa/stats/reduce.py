@@ -22,17 +22,20 @@ def _count(value: int, device, ranks: Ranks) -> int:
     return int(ranks.sum_(torch.tensor([value], dtype=torch.float64, device=device), "token counts").item())
 
 
+def _mean_over_ranks(mean: torch.Tensor, n: int, what: str, ranks: Ranks) -> int:
+    """`mean` over this rank's n tokens becomes, in place, the mean over every rank's: n_r·mean_r summed is the sum
+    over all tokens. Returns their count (0: no rank had any, and the mean is left alone — an expert no rank's tokens
+    reached stays empty, and the pooled fallback takes over)."""
+    total = _count(n, mean.device, ranks)
+    if total:
+        ranks.sum_(mean.mul_(n), what).div_(total)
+    return total
+
+
 def _reduce_mean(acc: HessianAccumulator, ranks: Ranks) -> None:
-    total = _count(acc.n, acc.H.device, ranks)
-    if total == 0:  # an expert no rank's tokens reached: stays empty (the pooled fallback takes over)
-        return
-    # means over this rank's tokens: n_r·mean_r summed is the sum over all tokens
-    ranks.sum_(acc.H.mul_(acc.n), "input Hessians").div_(total)
-    acc.n = total
-    if acc.D is not None:
-        total_dx = _count(acc.n_dx, acc.D.device, ranks)
-        ranks.sum_(acc.D.mul_(acc.n_dx), "dX terms").div_(max(total_dx, 1))
-        acc.n_dx = total_dx
+    acc.n = _mean_over_ranks(acc.H, acc.n, "input Hessians", ranks)
+    if acc.D is not None:  # over the tokens that came with the FP path's inputs
+        acc.n_dx = _mean_over_ranks(acc.D, acc.n_dx, "dX terms", ranks)
 
 
 def reduce_recorder(recorder: AttentionRecorder, ranks: Ranks) -> None:
